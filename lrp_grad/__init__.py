@@ -1,0 +1,30 @@
+"""lrp_grad: Layer-wise Relevance Propagation for tf-keras image classifiers.
+
+Each supported layer is re-expressed as a function wrapped in ``tf.custom_gradient`` whose
+backward pass is an LRP rule; one ``tf.GradientTape`` pass over the rewritten model yields the
+relevance of every input element for a whole batch.
+
+>>> import lrp_grad                                            # doctest: +SKIP
+>>> R = lrp_grad.explain(model, x, target=y, rule=lrp_grad.Epsilon(1e-6))   # doctest: +SKIP
+"""
+from .errors import (
+    InvalidInputError,
+    InvalidRuleError,
+    InvalidTargetError,
+    LRPError,
+    UnsupportedLayerError,
+    UnsupportedModelError,
+)
+from .explain import DEFAULT_RULE, Explainer, RelevanceReport, explain
+from .handlers import Handler, register_handler, supported_layers, unregister_handler
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE",
+    "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma",
+    "Handler", "register_handler", "unregister_handler", "supported_layers",
+    "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
+    "InvalidTargetError", "InvalidRuleError",
+]

@@ -1,0 +1,35 @@
+"""Exception types raised by lrp_grad; every message names the offending thing and the fix."""
+
+
+class LRPError(Exception):
+    """Base class of every error lrp_grad raises on purpose."""
+
+
+class UnsupportedModelError(LRPError, TypeError):
+    """The model is not a single-input, single-output tf-keras Sequential/Functional model."""
+
+
+class UnsupportedLayerError(LRPError, TypeError):
+    """One or more layers have no LRP handler.
+
+    Attributes
+    ----------
+    layers : list of tuple
+        ``(layer_name, class_name, reason)`` for every offending layer.
+    """
+
+    def __init__(self, message, layers=()):
+        super().__init__(message)
+        self.layers = list(layers)
+
+
+class InvalidInputError(LRPError, ValueError):
+    """The input batch ``x`` has the wrong rank, shape, dtype or non-finite values."""
+
+
+class InvalidTargetError(LRPError, ValueError):
+    """``target`` or ``initial`` does not fit the model output or the batch."""
+
+
+class InvalidRuleError(LRPError, ValueError):
+    """A rule was constructed with parameters outside its valid range."""

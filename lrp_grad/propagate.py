@@ -1,0 +1,196 @@
+"""The one place that touches ``tf.custom_gradient``: LRP backward passes for linear layers.
+
+Every weighted layer is expressed as a :class:`LinearOp` (a forward op ``F(x, W)`` that is linear
+in ``x`` and in ``W``, and its transpose ``T(s, W) = dF/dx^T s``). :func:`linear` returns the
+layer's pre-activation ``z = F(x, W) + b`` wrapped in ``tf.custom_gradient`` so that the
+"gradient" arriving at ``z`` is the relevance ``R_j`` and the one leaving towards ``x`` is the
+rule's ``R_i``. One ``GradientTape`` pass over the rewritten model then computes LRP.
+
+Cost, counted in units of one forward op (a plain gradient pass costs 2 per layer: F and T):
+Epsilon/Z reuse the forward ``z`` and need one T (2 units, as the gradient); z+ needs one more F
+with ``W+`` (3 units); alpha-beta derives ``z-`` as ``z - z+`` and runs both transposed ops as one
+T on output-channel-concatenated weights (4 units). Inputs not known to be non-negative double
+the extra F (``x+`` and ``x-`` concatenated along the input channels) and add one T with ``W``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import tensorflow as tf
+
+from .rules import STABILIZER, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox
+
+__all__ = ["LinearOp", "linear", "passthrough", "stabilize"]
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """A linear map ``F(x, W)`` with kernel layout ``(..., in_channels, out_channels)``.
+
+    Attributes
+    ----------
+    forward : callable
+        ``forward(x, W) -> F(x, W)`` without bias, exactly as the Keras layer computes it.
+    transpose : callable
+        ``transpose(s, W, x) -> T(s, W)``, the vector-Jacobian product of ``forward`` w.r.t. ``x``
+        (``x`` only provides the output shape).
+    """
+
+    forward: Callable
+    transpose: Callable
+
+
+def stabilize(z, eps):
+    """``z + eps * sign(z)`` with ``sign(0) = +1`` (the reference convention)."""
+    return z + tf.where(z >= 0, tf.constant(eps, z.dtype), tf.constant(-eps, z.dtype))
+
+
+def _split(t):
+    """Return the positive and negative parts of ``t``."""
+    pos = tf.nn.relu(t)
+    return pos, t - pos
+
+
+def _positive_forward(op, x, w_pos, w_neg, x_nonneg):
+    """``sum_i (x_i w_ij)^+``: ``F(x, W+)`` or, for signed inputs, ``F(x+, W+) + F(x-, W-)`` as one op."""
+    if x_nonneg:
+        return op.forward(x, w_pos)
+    x_pos, x_neg = _split(x)
+    return op.forward(tf.concat([x_pos, x_neg], axis=-1), tf.concat([w_pos, w_neg], axis=-2))
+
+
+def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w_neg, w, x_nonneg, q=None):
+    """Relevance ``x+ (W+^T s+ + W-^T s-) + x- (W-^T s+ + W+^T s-)`` with at most two T calls.
+
+    ``P = W+^T s+ + W-^T s-`` is one call on output-channel-concatenated weights; for signed
+    inputs ``W-^T s+ + W+^T s- = W^T (s+ + s-) - P`` and ``x+ P + x- (Q - P) = |x| P + x- Q``.
+    ``q`` is ``Q`` when the caller already has it.
+    """
+    if s_neg is None:
+        p = op.transpose(s_pos, w_pos, x)
+    else:
+        p = op.transpose(tf.concat([s_pos, s_neg], axis=-1), tf.concat([w_pos, w_neg], axis=-1), x)
+    if x_nonneg:
+        return x * p
+    if q is None:
+        q = op.transpose(s_pos if s_neg is None else s_pos + s_neg, w, x)
+    return tf.abs(x) * p + tf.minimum(x, 0) * q
+
+
+def _ones_forward(op, x, w):
+    """``F(1, W)`` for one sample: the denominators of the input-independent rules."""
+    return op.forward(tf.ones_like(x[:1]), w)
+
+
+def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
+    """Return a function mapping the relevance ``R`` at ``z`` to the relevance at ``x``."""
+    dtype = z.dtype
+    if isinstance(rule, Z):
+        return lambda r: x * op.transpose(tf.math.divide_no_nan(r, z), w, x)
+
+    if isinstance(rule, Epsilon):
+        denom = stabilize(z if rule.bias else z_nobias, rule.epsilon)
+        return lambda r: x * op.transpose(r / denom, w, x)
+
+    if isinstance(rule, AlphaBeta):
+        w_pos, w_neg = _split(w)
+        zp_nobias = _positive_forward(op, x, w_pos, w_neg, x_nonneg)
+        zp, zn = zp_nobias, z_nobias - zp_nobias
+        if rule.bias and b is not None:
+            b_pos, b_neg = _split(b)
+            zp, zn = zp + b_pos, zn + b_neg
+        inv_p = tf.constant(rule.alpha, dtype) / stabilize(zp, STABILIZER)
+        inv_n = tf.constant(-rule.beta, dtype) / stabilize(zn, STABILIZER) if rule.beta else None
+
+        def ab(r):
+            return _signed_pair_transpose(
+                op, x, r * inv_p, None if inv_n is None else r * inv_n, w_pos, w_neg, w, x_nonneg
+            )
+
+        return ab
+
+    if isinstance(rule, Flat):
+        # All out channels share one receptive field: run F and T on a single ones channel.
+        ones_w = tf.ones(tf.concat([tf.shape(w)[:-1], [1]], 0), dtype)
+        denom = stabilize(_ones_forward(op, x, ones_w), STABILIZER)
+        return lambda r: op.transpose(tf.reduce_sum(r, -1, keepdims=True) / denom, ones_w, x)
+
+    if isinstance(rule, WSquare):
+        w2 = tf.square(w)
+        denom = stabilize(_ones_forward(op, x, w2), STABILIZER)
+        return lambda r: op.transpose(r / denom, w2, x)
+
+    if isinstance(rule, ZBox):
+        w_pos, w_neg = _split(w)
+        shape = tf.shape(x[:1])
+        low = tf.broadcast_to(tf.constant(rule.low, dtype), shape)
+        high = tf.broadcast_to(tf.constant(rule.high, dtype), shape)
+        denom = stabilize(z - op.forward(low, w_pos) - op.forward(high, w_neg), STABILIZER)
+
+        def zbox(r):
+            s = r / denom
+            c_all = op.transpose(s, w, x)
+            c_pos = op.transpose(s, w_pos, x)
+            return x * c_all - low * c_pos - high * (c_all - c_pos)
+
+        return zbox
+
+    if isinstance(rule, Gamma):
+        w_pos, w_neg = _split(w)
+        gamma = tf.constant(rule.gamma, dtype)
+        zp = _positive_forward(op, x, w_pos, w_neg, x_nonneg)
+        zn = z_nobias - zp
+        if b is not None:
+            b_pos, b_neg = _split(b)
+            zp, zn = zp + b_pos, zn + b_neg
+        zero = tf.zeros_like(z)
+        inv_p = tf.where(z > 0, 1 / stabilize(z + gamma * zp, STABILIZER), zero)
+        inv_n = tf.where(z < 0, 1 / stabilize(z + gamma * zn, STABILIZER), zero)
+
+        def gamma_rule(r):
+            s_pos, s_neg = r * inv_p, r * inv_n
+            q = op.transpose(s_pos + s_neg, w, x)
+            pair = _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w_neg, w, x_nonneg, q=q)
+            return x * q + gamma * pair
+
+        return gamma_rule
+
+    raise TypeError(f"no LRP backward pass for rule {rule!r} ({type(rule).__name__})")
+
+
+def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False):
+    """Return ``z = F(x, W) + b`` whose gradient w.r.t. ``x`` is the ``rule``'s relevance.
+
+    Parameters
+    ----------
+    x : tf.Tensor
+        Layer input.
+    op : LinearOp
+        The layer's linear map.
+    w, b : tf.Tensor or None
+        Kernel (already read from the variable; no gradient flows to it) and bias or ``None``.
+    rule : Rule
+        The LRP rule of this layer.
+    x_nonneg : bool
+        Whether ``x >= 0`` is guaranteed (it follows a ReLU); skips the ``x-`` half of the
+        sign-split rules. Must only be ``True`` when it is true.
+    """
+
+    @tf.custom_gradient
+    def lrp_linear(x):
+        z_nobias = op.forward(x, w)
+        z = z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
+        return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg)
+
+    return lrp_linear(x)
+
+
+def passthrough(fn: Callable, x):
+    """Apply the elementwise ``fn`` in the forward pass; relevance passes through unchanged."""
+
+    @tf.custom_gradient
+    def lrp_passthrough(x):
+        return fn(x), lambda r: r
+
+    return lrp_passthrough(x)
