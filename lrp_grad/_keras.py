@@ -16,12 +16,19 @@ __all__ = ["keras", "Node", "Graph", "walk", "activation_name", "layer_label"]
 
 @dataclass(frozen=True)
 class Node:
-    """One call of a layer in the model graph: which tensors it reads and writes (by id)."""
+    """One call of a layer in the model graph: which tensors it reads and writes (by id).
+
+    ``handler`` and ``params`` are empty after the walk; canonizers set them to replace the
+    layer's handler or its weights without touching the layer.
+    """
 
     layer: object
     inputs: tuple
     outputs: tuple
-    label: str  # the layer name, with '#k' for the k-th call of a shared layer
+    label: str  # 'outer/inner' path of the layer name, with '#k' for the k-th call of a shared layer
+    input_shapes: tuple = ()
+    handler: object = None
+    params: object = None
 
 
 @dataclass(frozen=True)
@@ -98,25 +105,52 @@ def check_model(model) -> None:
         )
 
 
-def walk(model) -> Graph:
-    """Return the model's layer calls in execution order (after :func:`check_model`)."""
-    check_model(model)
-    nodes, seen = [], {}
+def _is_graph_model(layer) -> bool:
+    return isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
+
+
+def _inline(model, input_ids, output_ids, prefix, label_prefix, nodes, calls):
+    """Append ``model``'s layer calls to ``nodes``, nested graph models inlined recursively.
+
+    Tensor ids get the call path as prefix so that a model used twice stays distinct; the inner
+    model's inputs and outputs are renamed to the outer tensors they stand for.
+    """
+    rename = {str(id(t)): outer for t, outer in zip(model.inputs, input_ids)}
+    rename.update({str(id(t)): outer for t, outer in zip(model.outputs, output_ids)})
+
+    def tensor(t_id):
+        return rename.get(t_id, prefix + t_id)
+
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             if node.is_input:
                 continue
             layer = node.layer
-            calls = seen[id(layer)] = seen.get(id(layer), 0) + 1
-            label = layer.name if calls == 1 else f"{layer.name}#{calls}"
-            nodes.append(Node(layer, tuple(node.flat_input_ids), tuple(node.flat_output_ids), label))
+            key = label_prefix + layer.name
+            calls[key] = calls.get(key, 0) + 1
+            label = key if calls[key] == 1 else f"{key}#{calls[key]}"
+            ins = tuple(tensor(t) for t in node.flat_input_ids)
+            outs = tuple(tensor(t) for t in node.flat_output_ids)
+            if _is_graph_model(layer):
+                _inline(layer, ins, outs, f"{prefix}{label}/", f"{label}/", nodes, calls)
+                continue
+            shapes = tuple(t.shape for t in node.keras_inputs)
+            nodes.append(Node(layer, ins, outs, label, shapes))
+
+
+def walk(model) -> Graph:
+    """Return the model's layer calls in execution order (after :func:`check_model`)."""
+    check_model(model)
     inp, out = model.inputs[0], model.outputs[0]
+    input_id, output_id = str(id(inp)), str(id(out))
+    nodes = []
+    _inline(model, [input_id], [output_id], "", "", nodes, {})
     last = out.shape[-1] if out.shape.rank else None
     return Graph(
         model=model,
         nodes=tuple(nodes),
-        input_id=str(id(inp)),
-        output_id=str(id(out)),
+        input_id=input_id,
+        output_id=output_id,
         input_shape=tuple(inp.shape[1:]),
         dtype=inp.dtype.name if hasattr(inp.dtype, "name") else str(inp.dtype),
         n_outputs=int(last) if last is not None else None,

@@ -9,8 +9,10 @@ import tensorflow as tf
 
 from . import rewrite
 from ._keras import check_model
-from .errors import InvalidInputError, InvalidRuleError, InvalidTargetError, UnsupportedModelError
-from .rules import AlphaBeta, Rule
+from .canonizers import Canonizer
+from .composites import as_composite
+from .errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
+from .rules import AlphaBeta
 
 __all__ = ["Explainer", "explain", "RelevanceReport", "DEFAULT_RULE"]
 
@@ -78,8 +80,12 @@ class Explainer:
         Single-input, single-output Sequential or Functional classifier with output
         ``(batch, classes)``. A final softmax (layer or activation) is skipped: the logits are
         explained. The model is never modified.
-    rule : Rule, optional
-        Rule for every weighted layer; default ``AlphaBeta(2, 1)`` (the seed report's a/b rule).
+    rule : Rule, Composite or str, optional
+        A rule for every rule-taking layer, a :class:`~lrp_grad.Composite`, or a preset name
+        (see :mod:`lrp_grad.presets`); default ``AlphaBeta(2, 1)`` (the seed report's a/b rule).
+    canonizers : sequence of Canonizer, optional
+        Forward-preserving rewrites applied first; default folds BatchNorm into the preceding
+        Dense/Conv layer (:class:`~lrp_grad.canonizers.FoldBatchNorm`). ``[]`` disables them.
     jit_compile : bool or None
         Compile with XLA. ``None`` chooses per device: off on CPU (measured slower there), on for
         GPU/TPU.
@@ -91,21 +97,22 @@ class Explainer:
     >>> R, report = ex(x, target=y, return_layers=True)               # doctest: +SKIP
     """
 
-    def __init__(self, model, rule: Rule | None = None, *, jit_compile: bool | None = None):
-        rule = DEFAULT_RULE if rule is None else rule
-        if not isinstance(rule, Rule):
-            raise InvalidRuleError(
-                f"rule must be an lrp_grad rule such as lrp_grad.Epsilon(1e-6) or "
-                f"lrp_grad.AlphaBeta(2, 1), got {rule!r} ({type(rule).__name__})."
-            )
+    def __init__(self, model, rule=None, *, canonizers=None, jit_compile: bool | None = None):
+        rule = as_composite(DEFAULT_RULE if rule is None else rule)
         if jit_compile not in (None, True, False):
             raise ValueError(f"jit_compile must be True, False or None, got {jit_compile!r}.")
+        if canonizers is not None:
+            canonizers = tuple(canonizers)
+            for c in canonizers:
+                if not isinstance(c, Canonizer):
+                    raise TypeError(f"canonizers must be lrp_grad.canonizers.Canonizer objects, got {c!r}.")
         check_model(model)
         self.model = model
         self.rule = rule
+        self.canonizers = canonizers
         self.jit_compile = _default_jit() if jit_compile is None else jit_compile
-        # Plans for signed and for non-negative inputs; both checked now so errors come early.
-        self._plans = {False: rewrite.build_plan(model, rule, input_nonneg=False)}
+        # Plans for signed and for non-negative inputs; the first now so errors come early.
+        self._plans = {False: rewrite.build_plan(model, rule, input_nonneg=False, canonizers=canonizers)}
         graph = self._plans[False].graph
         out_shape = model.outputs[0].shape
         if out_shape.rank != 2 or graph.n_outputs is None:
@@ -122,11 +129,11 @@ class Explainer:
         self.trace_count = 0
 
     def __repr__(self):
-        return f"Explainer(model={self.model.name!r}, rule={self.rule!r}, jit_compile={self.jit_compile})"
+        return f"Explainer(model={self.model.name!r}, rule={self.rule.name}, jit_compile={self.jit_compile})"
 
     @property
-    def rules(self) -> dict:
-        """Layer name -> rule, for every weighted layer (what will happen, printable)."""
+    def rules(self):
+        """:class:`~lrp_grad.composites.RuleMap` layer -> rule (what will happen; printable)."""
         return self._plans[False].rules
 
     # -----------------------------------------------------------------------------------------
@@ -233,7 +240,9 @@ class Explainer:
 
     def _plan(self, input_nonneg: bool):
         if input_nonneg not in self._plans:
-            self._plans[input_nonneg] = rewrite.build_plan(self.model, self.rule, input_nonneg=input_nonneg)
+            self._plans[input_nonneg] = rewrite.build_plan(
+                self.model, self.rule, input_nonneg=input_nonneg, canonizers=self.canonizers
+            )
         return self._plans[input_nonneg]
 
     def _function(self, input_nonneg: bool, mode, return_layers: bool):
@@ -330,8 +339,8 @@ class Explainer:
         return out.numpy()
 
 
-def explain(model, x, target=None, *, rule: Rule | None = None, initial="logit", return_layers: bool = False,
-            batch_size: int | None = None, jit_compile: bool | None = None):
+def explain(model, x, target=None, *, rule=None, initial="logit", return_layers: bool = False,
+            batch_size: int | None = None, canonizers=None, jit_compile: bool | None = None):
     """Explain ``model``'s decision on the batch ``x`` with LRP; one call, no state kept.
 
     See :class:`Explainer` (which caches the compiled pass across calls) for the parameters.
@@ -341,5 +350,5 @@ def explain(model, x, target=None, *, rule: Rule | None = None, initial="logit",
     >>> R = lrp_grad.explain(model, x)                                    # doctest: +SKIP
     >>> R = lrp_grad.explain(model, x, target=3, rule=lrp_grad.ZPlus())  # doctest: +SKIP
     """
-    ex = Explainer(model, rule=rule, jit_compile=jit_compile)
+    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile)
     return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)

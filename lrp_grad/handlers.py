@@ -1,38 +1,48 @@
 """The registry of supported layers: which Keras layer class is propagated how.
 
 Handlers are matched by the layer's exact class (a subclass may override ``call`` and would be
-mishandled silently), so the table below is also the coverage ledger: a class that is not in it
-is reported as unsupported, with every offending layer listed at once. Users add their own
-classes with :func:`register_handler`.
+mishandled silently), so the table at the end of this module is also the coverage ledger: a class
+that is not in it is reported as unsupported, with every offending layer listed at once. Users add
+their own classes with :func:`register_handler`.
 
-Four kinds of handler exist:
+Handler kinds:
 
 ``linear``
-    A weighted layer ``z = F(x, W) + b``; the active rule decides the relevance (Dense, Conv2D).
+    ``z = F(x, W) + b``, linear in ``x``; the layer's rule decides the relevance. Families:
+    ``dense``, ``conv`` (layers with weights), ``pool`` (average pooling), ``norm`` (an unfolded
+    BatchNormalization: an elementwise affine layer) and ``merge`` (Add: a sum with unit weights).
 ``passthrough``
-    An elementwise layer; relevance passes through unchanged (ReLU, Activation).
+    Relevance passes through unchanged (elementwise activations, preprocessing, LayerNorm).
 ``gradient``
-    A layer whose plain gradient already is the LRP redistribution: reshapes (relevance is
-    reshaped back) and max pooling (winner takes all).
+    The plain gradient already is the LRP redistribution: reshapes, padding, cropping,
+    concatenation, nearest upsampling (relevance is moved back) and max pooling (winner takes all).
 ``identity``
-    A layer that is the identity at inference (Dropout).
+    The identity at inference (Dropout and friends).
+``gate``
+    Multiply: all relevance goes to the gated signal, none to the gate.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from . import propagate
 from ._keras import activation_name, keras
 
-__all__ = ["Context", "Handler", "register_handler", "handler_for", "supported_layers", "unregister_handler"]
+__all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",
+           "KINDS", "FAMILIES"]
+
+KINDS = ("linear", "passthrough", "gradient", "identity", "gate")
+#: Families of linear layers; composites map rules to them.
+FAMILIES = ("dense", "conv", "pool", "norm", "merge")
 
 #: Elementwise activations: relevance passes through them unchanged.
 ELEMENTWISE = frozenset(
     "linear relu relu6 elu selu tanh sigmoid hard_sigmoid softplus softsign swish silu gelu "
-    "exponential leaky_relu mish".split()
+    "exponential leaky_relu mish hard_swish hard_silu".split()
 )
 #: Activations whose output is never negative: the next layer may skip the ``x-`` half.
 NONNEG = frozenset("relu relu6 sigmoid hard_sigmoid softplus exponential".split())
@@ -45,20 +55,31 @@ class Context:
     Attributes
     ----------
     rule : Rule or None
-        The LRP rule for a ``linear`` layer (``None`` for the others).
+        The LRP rule of a ``linear`` layer (``None`` for the others).
     nonneg : tuple of bool
         Per input tensor: whether it is guaranteed to be non-negative.
     is_output : bool
         Whether this call produces the model output (a final softmax is then skipped).
+    params : callable or None
+        ``params() -> (kernel, bias)`` replacing the layer's own weights (set by canonizers,
+        e.g. a folded BatchNorm).
+    input_shapes : tuple
+        Static shapes of the inputs (``tf.TensorShape``).
     """
 
     rule: object = None
     nonneg: tuple = ()
     is_output: bool = False
+    params: Callable | None = None
+    input_shapes: tuple = ()
 
 
-def _no_problem(layer, is_output):
+def _no_problem(layer, ctx):
     return None
+
+
+def _never_nonneg(layer, flags):
+    return False
 
 
 def _keeps_sign(layer, flags):
@@ -72,34 +93,45 @@ class Handler:
     Attributes
     ----------
     kind : str
-        ``'linear'``, ``'passthrough'``, ``'gradient'`` or ``'identity'`` (see module docs).
+        One of :data:`KINDS` (see module docs).
     apply : callable
         ``apply(layer, inputs, ctx) -> tensor``: the layer's forward computation, built from
         :mod:`lrp_grad.propagate` primitives so that its gradient is the relevance.
     check : callable
-        ``check(layer, is_output) -> str or None``: why this layer's configuration is not
-        supported, or ``None``.
+        ``check(layer, ctx) -> str or None``: why this configuration is not supported (``ctx``
+        is a :class:`Context` with ``is_output`` and ``input_shapes`` set).
     nonneg : callable
         ``nonneg(layer, input_flags) -> bool``: whether the output is guaranteed ``>= 0``.
+    family : str or None
+        For ``linear`` handlers, one of :data:`FAMILIES` (composites map rules to families).
+    weights : callable or None
+        ``weights(layer) -> (kernel, bias)``: the tensors a canonizer may replace (bias may be
+        ``None``); the handler reads them through ``ctx.params`` when a canonizer did.
+    fold : callable or None
+        For layers a following BatchNorm can be folded into:
+        ``fold(layer, kernel, bias, scale, shift) -> (kernel, bias)`` for ``y * scale + shift``.
     """
 
     kind: str
     apply: Callable
     check: Callable = _no_problem
-    nonneg: Callable = field(default=lambda layer, flags: False)
+    nonneg: Callable = field(default=_never_nonneg)
+    family: str | None = None
+    weights: Callable | None = None
+    fold: Callable | None = None
 
     def __post_init__(self):
-        if self.kind not in ("linear", "passthrough", "gradient", "identity"):
-            raise ValueError(
-                f"Handler kind must be 'linear', 'passthrough', 'gradient' or 'identity', got {self.kind!r}."
-            )
+        if self.kind not in KINDS:
+            raise ValueError(f"Handler kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.kind == "linear" and self.family not in FAMILIES:
+            raise ValueError(f"a linear Handler needs family in {FAMILIES}, got {self.family!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Activations (fused into weighted layers, or as layers of their own)
 
 
-def _activation_problem(layer, fn, is_output):
+def _activation_problem(fn, is_output):
     name = activation_name(fn)
     if name in ELEMENTWISE or (name == "softmax" and is_output):
         return None
@@ -111,19 +143,34 @@ def _activation_problem(layer, fn, is_output):
     )
 
 
-def _activate(layer, fn, z, ctx):
+def _activate(fn, z, ctx):
     name = activation_name(fn)
     if name == "linear" or (name == "softmax" and ctx.is_output):
         return z  # a final softmax is skipped: the logits are explained
     return propagate.passthrough(fn, z)
 
 
-def _activation_nonneg(layer, fn):
-    return activation_name(fn) in NONNEG
+def _fused_nonneg(layer, flags):
+    return activation_name(layer.activation) in NONNEG
+
+
+def _channels_last(layer, ctx=None):
+    fmt = getattr(layer, "data_format", "channels_last")
+    if fmt != "channels_last":
+        return f"data_format={fmt!r}; only 'channels_last' is supported"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear layers
+# Linear ops
+
+
+def _vjp(f, x, s):
+    """``T(s) = (dF/dx)^T s`` of a fixed linear map ``f`` (its forward is pruned from the graph)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = f(x)
+    return tape.gradient(y, x, output_gradients=s)
 
 
 def _dense_forward(x, w):
@@ -144,64 +191,243 @@ DENSE_OP = propagate.LinearOp(_dense_forward, _dense_transpose)
 def _dilate_kernel(w, rates):
     """Insert ``rate - 1`` zeros between kernel taps (CPU transposed convs lack dilation)."""
     for axis, rate in enumerate(rates):
-        if rate == 1:
+        if rate == 1 or w.shape[axis] == 1:
             continue
-        k = w.shape[axis]
         taps = tf.unstack(w, axis=axis)
         zero = tf.zeros_like(taps[0])
-        spread = []
-        for i, tap in enumerate(taps):
-            spread.append(tap)
-            if i < k - 1:
-                spread.extend([zero] * (rate - 1))
+        spread = [taps[0]]
+        for tap in taps[1:]:
+            spread.extend([zero] * (rate - 1) + [tap])
         w = tf.stack(spread, axis=axis)
     return w
 
 
-def conv2d_op(layer) -> propagate.LinearOp:
-    """The :class:`LinearOp` of a channels-last ``Conv2D`` layer."""
+def _conv_op(layer) -> propagate.LinearOp:
+    """Conv1D / Conv2D (channels last), with causal padding folded into the op."""
+    rank = len(layer.kernel_size)
     strides = list(layer.strides)
-    padding = layer.padding.upper()
     dilations = list(layer.dilation_rate)
+    causal = layer.padding == "causal"
+    padding = "VALID" if causal else layer.padding.upper()
+    left = (layer.kernel_size[0] - 1) * dilations[0] if causal else 0
 
     def forward(x, w):
-        return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations, data_format="NHWC")
+        if causal:  # padding inside the op: pad zeros are not inputs (matters for Flat, WSquare)
+            x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
+        return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations)
 
     def transpose(s, w, x):
-        return tf.nn.conv2d_transpose(
-            s, _dilate_kernel(w, dilations), tf.shape(x), strides=strides, padding=padding
-        )
+        shape = tf.shape(x)
+        if causal:
+            shape = shape + tf.constant([0, left, 0])
+        w = _dilate_kernel(w, dilations)
+        if rank == 1:
+            out = tf.nn.conv1d_transpose(s, w, shape, strides, padding)
+        else:
+            out = tf.nn.conv2d_transpose(s, w, shape, strides, padding)
+        return out[:, left:] if causal else out
 
     return propagate.LinearOp(forward, transpose)
 
 
-def _weighted(op_for):
-    """Handler ``apply`` for a layer with ``kernel``, optional ``bias`` and ``activation``."""
+def _conv_transpose_op(layer) -> propagate.LinearOp:
+    """Conv2DTranspose: forward is ``conv2d_transpose``, its transpose a plain ``conv2d``."""
+    strides = list(layer.strides)
+    padding = layer.padding.upper()
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
+
+    def out_len(n, k, s):
+        return n * s if padding == "SAME" else n * s + max(k - s, 0)
+
+    def forward(x, w):
+        shape = tf.shape(x)
+        out = tf.stack([shape[0], out_len(shape[1], kh, sh), out_len(shape[2], kw, sw), tf.shape(w)[2]])
+        return tf.nn.conv2d_transpose(x, w, out, strides, padding)
+
+    def transpose(s, w, x):
+        return tf.nn.conv2d(s, w, strides, padding)
+
+    return propagate.LinearOp(forward, transpose, in_axis=-1, out_axis=-2)
+
+
+def _depthwise_op(layer) -> propagate.LinearOp:
+    strides = [1] + list(layer.strides) + [1]
+    padding = layer.padding.upper()
+    dilations = list(layer.dilation_rate)
+
+    def forward(x, w):
+        return tf.nn.depthwise_conv2d(x, w, strides, padding, dilations=dilations)
+
+    def transpose(s, w, x):
+        return tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), _dilate_kernel(w, dilations), s, strides, padding)
+
+    return propagate.LinearOp(forward, transpose, in_axis=None, out_axis=None)
+
+
+def _fixed_op(fn) -> propagate.LinearOp:
+    """A weight-free linear map ``fn`` as ``F(x, w) = fn(x) * w`` with a scalar weight ``w = 1``."""
+
+    def forward(x, w):
+        return fn(x) * w
+
+    def transpose(s, w, x):
+        return _vjp(fn, x, s * w)
+
+    return propagate.LinearOp(forward, transpose, in_axis=None, out_axis=None)
+
+
+def _diagonal_forward(x, w):
+    return x * w
+
+
+def _diagonal_transpose(s, w, x):
+    return s * w
+
+
+DIAGONAL_OP = propagate.LinearOp(_diagonal_forward, _diagonal_transpose, in_axis=None, out_axis=None)
+
+
+def _sum_forward(x, w):  # x: inputs stacked on a new last axis, w: (k,) unit weights
+    return tf.reduce_sum(x * w, -1)
+
+
+def _sum_transpose(s, w, x):
+    return s[..., None] * w
+
+
+SUM_OP = propagate.LinearOp(_sum_forward, _sum_transpose, in_axis=None, out_axis=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear handlers
+
+
+def _reader(kernel_attr="kernel"):
+    """``weights(layer) -> (kernel, bias)`` reading the layer's variables as tensors."""
+
+    def weights(layer):
+        b = tf.convert_to_tensor(layer.bias) if layer.use_bias else None
+        return tf.convert_to_tensor(getattr(layer, kernel_attr)), b
+
+    return weights
+
+
+def _weighted(op_for, kernel_attr="kernel"):
+    """``apply`` of a layer with a kernel, an optional bias and a fused activation."""
+    read = _reader(kernel_attr)
 
     def apply(layer, inputs, ctx):
         (x,) = inputs
-        w = tf.convert_to_tensor(layer.kernel)
-        b = tf.convert_to_tensor(layer.bias) if layer.use_bias else None
+        w, b = ctx.params() if ctx.params is not None else read(layer)
         z = propagate.linear(x, op_for(layer), w, b, ctx.rule, x_nonneg=ctx.nonneg[0])
-        return _activate(layer, layer.activation, z, ctx)
+        return _activate(layer.activation, z, ctx)
 
     return apply
 
 
-def _conv_problem(layer, is_output):
-    if layer.data_format != "channels_last":
-        return f"data_format={layer.data_format!r}; only 'channels_last' is supported"
+def _separable(layer, inputs, ctx):
+    """SeparableConv2D: a depthwise then a pointwise linear layer, both under the layer's rule."""
+    (x,) = inputs
+    pointwise, b = ctx.params() if ctx.params is not None else _reader("pointwise_kernel")(layer)
+    depthwise = tf.convert_to_tensor(layer.depthwise_kernel)
+    h = propagate.linear(x, _depthwise_op(layer), depthwise, None, ctx.rule, x_nonneg=ctx.nonneg[0])
+    z = propagate.linear(h, POINTWISE_OP, pointwise, b, ctx.rule, x_nonneg=False)
+    return _activate(layer.activation, z, ctx)
+
+
+def _pointwise_forward(x, w):
+    return tf.nn.conv2d(x, w, 1, "VALID")
+
+
+def _pointwise_transpose(s, w, x):
+    return tf.nn.conv2d_transpose(s, w, tf.shape(x), 1, "VALID")
+
+
+POINTWISE_OP = propagate.LinearOp(_pointwise_forward, _pointwise_transpose)
+
+
+def _fold_last(layer, w, b, scale, shift):
+    """Fold ``y * scale + shift`` into a kernel whose output channels are its last axis."""
+    b = shift if b is None else b * scale + shift
+    return w * scale, b
+
+
+def _fold_depthwise(layer, w, b, scale, shift):
+    channels, multiplier = w.shape[-2], w.shape[-1]
+    b = shift if b is None else b * scale + shift
+    return w * tf.reshape(scale, [channels, multiplier]), b
+
+
+def _fold_conv_transpose(layer, w, b, scale, shift):
+    b = shift if b is None else b * scale + shift
+    return w * scale[:, None], b
+
+
+def _conv_problem(layer, ctx):
+    problem = _channels_last(layer)
+    if problem:
+        return problem
     if getattr(layer, "groups", 1) != 1:
         return f"groups={layer.groups}; grouped convolutions are not supported yet"
-    return _activation_problem(layer, layer.activation, is_output)
+    return _activation_problem(layer.activation, ctx.is_output)
 
 
-def _dense_problem(layer, is_output):
-    return _activation_problem(layer, layer.activation, is_output)
+def _conv_transpose_problem(layer, ctx):
+    if layer.output_padding is not None:
+        return f"output_padding={layer.output_padding}; only output_padding=None is supported"
+    if tuple(layer.dilation_rate) != (1, 1):
+        return f"dilation_rate={layer.dilation_rate}; only 1 is supported for Conv2DTranspose"
+    return _conv_problem(layer, ctx)
 
 
-def _weighted_nonneg(layer, flags):
-    return _activation_nonneg(layer, layer.activation)
+def _dense_problem(layer, ctx):
+    return _activation_problem(layer.activation, ctx.is_output)
+
+
+def _avg_pool_2d(layer, inputs, ctx):
+    (x,) = inputs
+    size, strides, padding = list(layer.pool_size), list(layer.strides), layer.padding.upper()
+    op = _fixed_op(lambda t: tf.nn.avg_pool2d(t, size, strides, padding))
+    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, x_nonneg=ctx.nonneg[0])
+
+
+def _global_avg_pool(layer, inputs, ctx):
+    (x,) = inputs
+    axes = list(range(1, x.shape.rank - 1))
+    keepdims = bool(getattr(layer, "keepdims", False))
+    op = _fixed_op(lambda t: tf.reduce_mean(t, axes, keepdims=keepdims))
+    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, x_nonneg=ctx.nonneg[0])
+
+
+def batch_norm_affine(layer, dtype):
+    """``(scale, shift)`` of a BatchNormalization at inference: ``y = x * scale + shift``."""
+    inv = tf.math.rsqrt(tf.cast(layer.moving_variance, dtype) + tf.constant(layer.epsilon, dtype))
+    if layer.scale:
+        inv = inv * tf.cast(layer.gamma, dtype)
+    shift = -tf.cast(layer.moving_mean, dtype) * inv
+    if layer.center:
+        shift = shift + tf.cast(layer.beta, dtype)
+    return inv, shift
+
+
+def _batch_norm(layer, inputs, ctx):
+    (x,) = inputs
+    scale, shift = batch_norm_affine(layer, x.dtype)
+    return propagate.linear(x, DIAGONAL_OP, scale, shift, ctx.rule, x_nonneg=ctx.nonneg[0])
+
+
+def _batch_norm_problem(layer, ctx):
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    rank = ctx.input_shapes[0].rank if ctx.input_shapes else None
+    if len(axis) != 1 or (rank is not None and axis[0] not in (-1, rank - 1)):
+        return f"axis={layer.axis}; only the last (channels) axis is supported"
+    return None
+
+
+def _add(layer, inputs, ctx):
+    stacked = tf.stack(inputs, axis=-1)
+    w = tf.ones([len(inputs)], stacked.dtype)
+    return propagate.linear(stacked, SUM_OP, w, None, ctx.rule, x_nonneg=all(ctx.nonneg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,12 +437,6 @@ def _weighted_nonneg(layer, flags):
 def _max_pool_2d(layer, inputs, ctx):
     (x,) = inputs
     return tf.nn.max_pool2d(x, list(layer.pool_size), list(layer.strides), layer.padding.upper())
-
-
-def _pool_problem(layer, is_output):
-    if layer.data_format != "channels_last":
-        return f"data_format={layer.data_format!r}; only 'channels_last' is supported"
-    return None
 
 
 def _flatten(layer, inputs, ctx):
@@ -229,6 +449,11 @@ def _reshape(layer, inputs, ctx):
     return tf.reshape(x, tf.concat([tf.shape(x)[:1], list(layer.target_shape)], 0))
 
 
+def _call(layer, inputs, ctx):
+    """The layer's own (weight-free, deterministic) computation; its gradient routes relevance."""
+    return layer.call(inputs if len(inputs) > 1 else inputs[0])
+
+
 def _identity(layer, inputs, ctx):
     (x,) = inputs
     return tf.identity(x)
@@ -236,7 +461,7 @@ def _identity(layer, inputs, ctx):
 
 def _activation_layer(layer, inputs, ctx):
     (x,) = inputs
-    return _activate(layer, layer.activation, x, ctx)
+    return _activate(layer.activation, x, ctx)
 
 
 def _elementwise_layer(layer, inputs, ctx):
@@ -248,20 +473,52 @@ def _relu_nonneg(layer, flags):
     return float(layer.negative_slope) == 0.0 and float(layer.threshold) >= 0.0
 
 
-def _softmax_layer(layer, inputs, ctx):
-    (x,) = inputs
-    return tf.identity(x)
-
-
-def _softmax_problem(layer, is_output):
-    if is_output:
+def _softmax_problem(layer, ctx):
+    if ctx.is_output:
         return None
     return "softmax is only supported as the model's last operation (it is then skipped)"
 
 
-def _flatten_problem(layer, is_output):
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        return f"data_format={layer.data_format!r}; only 'channels_last' is supported"
+def _upsampling_problem(layer, ctx):
+    if layer.interpolation != "nearest":
+        return (f"interpolation={layer.interpolation!r}; only 'nearest' is supported (its gradient "
+                "moves relevance back to the copied pixel)")
+    return _channels_last(layer)
+
+
+def _size(shape):
+    dims = list(shape)[1:]
+    return None if any(d is None for d in dims) else int(np.prod(dims))
+
+
+def _gate_index(shapes):
+    """Index of the gate input of a Multiply (the broadcast one), or None when ambiguous."""
+    if len(shapes) != 2:
+        return None
+    a, b = (_size(s) for s in shapes)
+    if a is None or b is None or a == b:
+        return None
+    return 0 if a < b else 1
+
+
+def _multiply(layer, inputs, ctx):
+    gate = _gate_index(ctx.input_shapes)
+    signal = 1 - gate
+
+    @tf.custom_gradient
+    def gated(x_signal, x_gate):
+        def grad(r):  # all relevance to the gated signal, none to the gate
+            return r, tf.zeros_like(x_gate)
+
+        return x_signal * x_gate, grad
+
+    return gated(inputs[signal], inputs[gate])
+
+
+def _multiply_problem(layer, ctx):
+    if _gate_index(ctx.input_shapes) is None:
+        return ("Multiply is supported as gating (one input broadcast against the other, e.g. "
+                "squeeze-and-excitation); cannot tell the gate from the signal here")
     return None
 
 
@@ -269,29 +526,75 @@ def _flatten_problem(layer, is_output):
 # The registry
 
 _L = keras.layers
+_CONV = dict(check=_conv_problem, nonneg=_fused_nonneg, family="conv", weights=_reader())
+IDENTITY = Handler("identity", _identity, nonneg=_keeps_sign)
+_PASS = Handler("passthrough", _elementwise_layer)
+_ROUTE = Handler("gradient", _call, _channels_last, _keeps_sign)
+
 _BUILTIN = {
-    _L.Dense: Handler("linear", _weighted(lambda layer: DENSE_OP), _dense_problem, _weighted_nonneg),
-    _L.Conv2D: Handler("linear", _weighted(conv2d_op), _conv_problem, _weighted_nonneg),
-    _L.MaxPooling2D: Handler("gradient", _max_pool_2d, _pool_problem, _keeps_sign),
-    _L.Flatten: Handler("gradient", _flatten, _flatten_problem, _keeps_sign),
+    # weighted layers
+    _L.Dense: Handler("linear", _weighted(lambda layer: DENSE_OP), _dense_problem, _fused_nonneg, "dense",
+                      _reader(), _fold_last),
+    _L.Conv1D: Handler("linear", _weighted(_conv_op), fold=_fold_last, **_CONV),
+    _L.Conv2D: Handler("linear", _weighted(_conv_op), fold=_fold_last, **_CONV),
+    _L.Conv2DTranspose: Handler("linear", _weighted(_conv_transpose_op), fold=_fold_conv_transpose,
+                                **{**_CONV, "check": _conv_transpose_problem}),
+    _L.DepthwiseConv2D: Handler("linear", _weighted(_depthwise_op, "depthwise_kernel"), fold=_fold_depthwise,
+                                **{**_CONV, "weights": _reader("depthwise_kernel")}),
+    _L.SeparableConv2D: Handler("linear", _separable, fold=_fold_last,
+                                **{**_CONV, "weights": _reader("pointwise_kernel")}),
+    # weight-free linear layers
+    _L.AveragePooling2D: Handler("linear", _avg_pool_2d, _channels_last, _keeps_sign, "pool"),
+    _L.GlobalAveragePooling2D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool"),
+    _L.GlobalAveragePooling1D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool"),
+    _L.BatchNormalization: Handler("linear", _batch_norm, _batch_norm_problem, family="norm"),
+    _L.Add: Handler("linear", _add, nonneg=_keeps_sign, family="merge"),
+    # routing layers: the plain gradient moves relevance back
+    _L.MaxPooling2D: Handler("gradient", _max_pool_2d, _channels_last, _keeps_sign),
+    _L.MaxPooling1D: _ROUTE,
+    _L.GlobalMaxPooling2D: _ROUTE,
+    _L.GlobalMaxPooling1D: _ROUTE,
+    _L.Flatten: Handler("gradient", _flatten, _channels_last, _keeps_sign),
     _L.Reshape: Handler("gradient", _reshape, nonneg=_keeps_sign),
-    _L.Dropout: Handler("identity", _identity, nonneg=_keeps_sign),
+    _L.Concatenate: Handler("gradient", _call, nonneg=_keeps_sign),
+    _L.ZeroPadding2D: _ROUTE,
+    _L.ZeroPadding1D: _ROUTE,
+    _L.Cropping2D: _ROUTE,
+    _L.Cropping1D: _ROUTE,
+    _L.UpSampling2D: Handler("gradient", _call, _upsampling_problem, _keeps_sign),
+    _L.Multiply: Handler("gate", _multiply, _multiply_problem),
+    # identity at inference
+    _L.Dropout: IDENTITY,
+    _L.SpatialDropout1D: IDENTITY,
+    _L.SpatialDropout2D: IDENTITY,
+    _L.GaussianDropout: IDENTITY,
+    _L.GaussianNoise: IDENTITY,
+    _L.AlphaDropout: IDENTITY,
+    _L.ActivityRegularization: IDENTITY,
+    # relevance passes through
     _L.Activation: Handler(
         "passthrough",
         _activation_layer,
-        lambda layer, o: _activation_problem(layer, layer.activation, o),
-        lambda layer, flags: _activation_nonneg(layer, layer.activation),
+        lambda layer, ctx: _activation_problem(layer.activation, ctx.is_output),
+        lambda layer, flags: activation_name(layer.activation) in NONNEG,
     ),
     _L.ReLU: Handler("passthrough", _elementwise_layer, nonneg=_relu_nonneg),
-    _L.Softmax: Handler("identity", _softmax_layer, _softmax_problem),
+    _L.LeakyReLU: _PASS,
+    _L.ELU: _PASS,
+    _L.PReLU: _PASS,
+    _L.ThresholdedReLU: Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True),
+    _L.Softmax: Handler("identity", _identity, _softmax_problem),
+    _L.Rescaling: _PASS,
+    _L.Normalization: _PASS,
+    _L.LayerNormalization: _PASS,
 }
 
 _USER: dict = {}
 
 _SHORTCUTS = {
-    "passthrough": Handler("passthrough", _elementwise_layer),
-    "gradient": Handler("gradient", lambda layer, inputs, ctx: layer.call(*inputs)),
-    "identity": Handler("identity", _identity, nonneg=_keeps_sign),
+    "passthrough": _PASS,
+    "gradient": Handler("gradient", _call),
+    "identity": IDENTITY,
 }
 
 

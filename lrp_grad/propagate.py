@@ -26,7 +26,7 @@ __all__ = ["LinearOp", "linear", "passthrough", "stabilize"]
 
 @dataclass(frozen=True)
 class LinearOp:
-    """A linear map ``F(x, W)`` with kernel layout ``(..., in_channels, out_channels)``.
+    """A map ``F(x, W)`` linear in ``x`` and in ``W``; ``W`` is any tensor of weights.
 
     Attributes
     ----------
@@ -35,10 +35,28 @@ class LinearOp:
     transpose : callable
         ``transpose(s, W, x) -> T(s, W)``, the vector-Jacobian product of ``forward`` w.r.t. ``x``
         (``x`` only provides the output shape).
+    in_axis, out_axis : int or None
+        Kernel axes of the input and output channels when every output sums over all input
+        channels (Dense, Conv): then two ops ``F(x1, W1) + F(x2, W2)`` run as one call on
+        channel-concatenated operands. ``None`` (depthwise, pooling, diagonal layers) runs two calls.
     """
 
     forward: Callable
     transpose: Callable
+    in_axis: int | None = -2
+    out_axis: int | None = -1
+
+    def forward2(self, x1, w1, x2, w2):
+        """``F(x1, W1) + F(x2, W2)``, as one call where the layout allows."""
+        if self.in_axis is None:
+            return self.forward(x1, w1) + self.forward(x2, w2)
+        return self.forward(tf.concat([x1, x2], axis=-1), tf.concat([w1, w2], axis=self.in_axis))
+
+    def transpose2(self, s1, w1, s2, w2, x):
+        """``T(s1, W1) + T(s2, W2)``, as one call where the layout allows."""
+        if self.out_axis is None:
+            return self.transpose(s1, w1, x) + self.transpose(s2, w2, x)
+        return self.transpose(tf.concat([s1, s2], axis=-1), tf.concat([w1, w2], axis=self.out_axis), x)
 
 
 def stabilize(z, eps):
@@ -57,7 +75,7 @@ def _positive_forward(op, x, w_pos, w_neg, x_nonneg):
     if x_nonneg:
         return op.forward(x, w_pos)
     x_pos, x_neg = _split(x)
-    return op.forward(tf.concat([x_pos, x_neg], axis=-1), tf.concat([w_pos, w_neg], axis=-2))
+    return op.forward2(x_pos, w_pos, x_neg, w_neg)
 
 
 def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w_neg, w, x_nonneg, q=None):
@@ -70,7 +88,7 @@ def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w_neg, w, x_nonneg, q=Non
     if s_neg is None:
         p = op.transpose(s_pos, w_pos, x)
     else:
-        p = op.transpose(tf.concat([s_pos, s_neg], axis=-1), tf.concat([w_pos, w_neg], axis=-1), x)
+        p = op.transpose2(s_pos, w_pos, s_neg, w_neg, x)
     if x_nonneg:
         return x * p
     if q is None:
@@ -111,10 +129,9 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
         return ab
 
     if isinstance(rule, Flat):
-        # All out channels share one receptive field: run F and T on a single ones channel.
-        ones_w = tf.ones(tf.concat([tf.shape(w)[:-1], [1]], 0), dtype)
+        ones_w = tf.ones_like(w)
         denom = stabilize(_ones_forward(op, x, ones_w), STABILIZER)
-        return lambda r: op.transpose(tf.reduce_sum(r, -1, keepdims=True) / denom, ones_w, x)
+        return lambda r: op.transpose(r / denom, ones_w, x)
 
     if isinstance(rule, WSquare):
         w2 = tf.square(w)
@@ -126,7 +143,8 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
         shape = tf.shape(x[:1])
         low = tf.broadcast_to(tf.constant(rule.low, dtype), shape)
         high = tf.broadcast_to(tf.constant(rule.high, dtype), shape)
-        denom = stabilize(z - op.forward(low, w_pos) - op.forward(high, w_neg), STABILIZER)
+        z_box = (z if rule.bias else z_nobias) - op.forward(low, w_pos) - op.forward(high, w_neg)
+        denom = stabilize(z_box, STABILIZER)
 
         def zbox(r):
             s = r / denom

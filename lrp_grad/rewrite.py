@@ -1,12 +1,13 @@
 """Turns a Keras model into an LRP forward pass: a plan (checked up front) and its execution."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import handlers
-from ._keras import Graph, Node, layer_label, walk
+from ._keras import Graph, Node, keras, layer_label, walk
+from .canonizers import DEFAULT_CANONIZERS, canonize
+from .composites import RuleMap, as_composite
 from .errors import UnsupportedLayerError
-from .rules import Rule
 
 __all__ = ["Step", "Plan", "build_plan", "run"]
 
@@ -22,15 +23,18 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
-    """The whole rewritten model: its graph and one :class:`Step` per layer call."""
+    """The whole rewritten model: its (canonized) graph and one :class:`Step` per layer call."""
 
     graph: Graph
     steps: tuple
 
     @property
-    def rules(self) -> dict:
-        """Layer label -> rule, for the layers a rule applies to (in forward order)."""
-        return {s.node.label: s.context.rule for s in self.steps if s.handler.kind == "linear"}
+    def rules(self) -> RuleMap:
+        """Layer label -> rule for the rule-taking layers, in forward order (printable)."""
+        return RuleMap(
+            (s.node.label, type(s.node.layer).__name__, s.handler.family, s.context.rule)
+            for s in self.steps if s.handler.kind == "linear"
+        )
 
 
 def _unsupported(graph, problems):
@@ -44,17 +48,19 @@ def _unsupported(graph, problems):
     )
 
 
-def build_plan(model, rule: Rule, input_nonneg: bool = False) -> Plan:
+def build_plan(model, rule, input_nonneg: bool = False, canonizers=None) -> Plan:
     """Check the whole model and decide, per layer call, the handler, rule and input signs.
 
     Parameters
     ----------
     model : tf_keras.Model
         Single-input, single-output Sequential or Functional model.
-    rule : Rule
-        The rule applied to every weighted (``linear``) layer.
+    rule : Rule, Composite or str
+        A rule for every rule-taking layer, a composite, or a preset name.
     input_nonneg : bool
         Whether the model input is known to be ``>= 0``.
+    canonizers : sequence of Canonizer, optional
+        Forward-preserving rewrites; default :data:`~lrp_grad.canonizers.DEFAULT_CANONIZERS`.
 
     Raises
     ------
@@ -62,31 +68,43 @@ def build_plan(model, rule: Rule, input_nonneg: bool = False) -> Plan:
         For Keras 3, subclassed or multi-input/output models.
     UnsupportedLayerError
         Listing every layer without a handler or with an unsupported configuration.
+    InvalidRuleError
+        When the composite leaves a layer without a rule.
     """
-    # 1. Walk the layer graph (this also rejects unsupported model kinds).
+    composite = as_composite(rule)
+
+    # 1. Walk the layer graph (this also rejects unsupported model kinds) and canonize it.
     graph = walk(model)
+    graph = canonize(graph, DEFAULT_CANONIZERS if canonizers is None else canonizers)
 
     # 2. Find every layer's handler; collect all problems so the user sees them at once.
     problems, found = [], []
     for node in graph.nodes:
-        handler = handlers.handler_for(node.layer)
-        is_output = graph.output_id in node.outputs
+        handler = node.handler or handlers.handler_for(node.layer)
+        ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
+                               input_shapes=node.input_shapes)
         if handler is None:
-            problems.append((node.layer, "no handler for this layer class"))
+            hint = " (a subclassed model used as a layer)" if isinstance(node.layer, keras.Model) else ""
+            problems.append((node.layer, f"no handler for this layer class{hint}"))
         else:
-            why = handler.check(node.layer, is_output)
+            why = handler.check(node.layer, ctx)
             if why:
                 problems.append((node.layer, why))
-        found.append((node, handler, is_output))
+        found.append((node, handler, ctx))
     if problems:
         raise _unsupported(graph, problems)
 
-    # 3. Propagate the sign knowledge and attach the rule to the weighted layers.
+    # 3. Give every rule-taking layer its rule.
+    linear = [(node.label, node.layer, h.family) for node, h, _ in found if h.kind == "linear"]
+    rules = iter(composite.assign(linear))
+
+    # 4. Propagate the sign knowledge (lets the split rules skip the x- half).
     nonneg = {graph.input_id: bool(input_nonneg)}
     steps = []
-    for node, handler, is_output in found:
+    for node, handler, ctx in found:
         flags = tuple(nonneg.get(t, False) for t in node.inputs)
-        ctx = handlers.Context(rule if handler.kind == "linear" else None, flags, is_output)
+        rule_here = next(rules) if handler.kind == "linear" else None
+        ctx = replace(ctx, rule=rule_here, nonneg=flags)
         out_flag = bool(handler.nonneg(node.layer, flags))
         for t in node.outputs:
             nonneg[t] = out_flag

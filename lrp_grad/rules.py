@@ -158,18 +158,23 @@ class WSquare(Rule):
 class ZBox(Rule):
     """z^B rule (Montavon et al. 2017) for inputs bounded in ``[low, high]``.
 
-    ``q_ij = x_i w_ij - l_i w_ij^+ - h_i w_ij^-``, ``R_i = sum_j q_ij / stab(sum_i q_ij + b_j) R_j``,
-    as Zennit defines it. Meant for the first layer.
+    ``q_ij = x_i w_ij - l_i w_ij^+ - h_i w_ij^-``, ``R_i = sum_j q_ij / stab(sum_i q_ij) R_j``
+    (deep Taylor decomposition's root point in the box; as Zennit 0.5 computes it). Meant for the
+    first layer.
 
     Parameters
     ----------
     low, high : float or array_like
         Lowest and highest possible input values; scalars or arrays broadcastable to one input
         sample (for example per-channel bounds of shape ``(channels,)``). ``low < high``.
+    bias : bool
+        Add the bias to the denominator (newer Zennit releases do); default ``False``, the
+        textbook rule.
     """
 
     low: Any = 0.0
     high: Any = 1.0
+    bias: bool = False
 
     def __post_init__(self):
         low = np.asarray(self.low, dtype=np.float64)
@@ -188,16 +193,18 @@ class ZBox(Rule):
             )
         object.__setattr__(self, "low", float(low) if low.ndim == 0 else low)
         object.__setattr__(self, "high", float(high) if high.ndim == 0 else high)
+        object.__setattr__(self, "bias", _flag("ZBox", "bias", self.bias))
 
     def __eq__(self, other):
         return (
             type(other) is ZBox
             and np.array_equal(self.low, other.low)
             and np.array_equal(self.high, other.high)
+            and self.bias == other.bias
         )
 
     def __hash__(self):
-        return hash((ZBox, np.asarray(self.low).tobytes(), np.asarray(self.high).tobytes()))
+        return hash((ZBox, np.asarray(self.low).tobytes(), np.asarray(self.high).tobytes(), self.bias))
 
 
 @dataclass(frozen=True)

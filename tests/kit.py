@@ -94,7 +94,7 @@ def npref_rule(rule):
     if isinstance(rule, lg.WSquare):
         return {"name": "wsquare"}
     if isinstance(rule, lg.ZBox):
-        return {"name": "zbox", "low": rule.low, "high": rule.high}
+        return {"name": "zbox", "low": rule.low, "high": rule.high, "bias": rule.bias}
     if isinstance(rule, lg.Gamma):
         return {"name": "gamma", "gamma": rule.gamma}
     raise ValueError(f"kit.npref_rule: unknown rule {rule!r}")

@@ -32,21 +32,23 @@ def x_ok(n=2):
 def test_unsupported_layers_are_all_listed_with_the_fix():
     inp = keras.Input((8, 8, 3))
     h = L.Conv2D(4, 3, name="conv")(inp)
-    h = L.BatchNormalization(name="bn")(h)
+    h = L.Permute((2, 1, 3), name="perm")(h)
+    h = L.Lambda(lambda t: t * 2.0, name="lam")(h)
+    h = L.UpSampling2D(interpolation="bilinear", name="up")(h)
     h = L.Flatten()(h)
-    h = L.LayerNormalization(name="ln")(h)
     h = L.Dense(5, activation="softmax", name="hidden_softmax")(h)
     out = L.Dense(3, name="head")(h)
     model = keras.Model(inp, out)
     with pytest.raises(UnsupportedLayerError) as info:
         lrp_grad.explain(model, np.zeros((1, 8, 8, 3)))
     msg = str(info.value)
-    assert "3 layer(s)" in msg
-    assert "'bn' (BatchNormalization): no handler for this layer class" in msg
-    assert "'ln' (LayerNormalization)" in msg
+    assert "4 layer(s)" in msg
+    assert "'perm' (Permute): no handler for this layer class" in msg
+    assert "'lam' (Lambda): no handler" in msg
+    assert "'up' (UpSampling2D): interpolation='bilinear'; only 'nearest' is supported" in msg
     assert "'hidden_softmax' (Dense): softmax is only supported as the model's last operation" in msg
     assert "lrp_grad.register_handler(LayerClass" in msg and "Supported layer classes: " in msg
-    assert [name for name, _, _ in info.value.layers] == ["bn", "ln", "hidden_softmax"]
+    assert [name for name, _, _ in info.value.layers] == ["perm", "lam", "up", "hidden_softmax"]
 
 
 def test_unknown_activation_and_channels_first():
@@ -246,5 +248,7 @@ def test_rule_validation_messages():
 
 
 def test_rule_argument_must_be_a_rule(model):
-    with pytest.raises(InvalidRuleError, match=r"rule must be an lrp_grad rule .* got 'eps'"):
+    with pytest.raises(InvalidRuleError, match=r"unknown rule or preset name 'eps'; valid names: epsilon_plus, "):
         lrp_grad.explain(model, x_ok(), rule="eps")
+    with pytest.raises(InvalidRuleError, match=r"rule must be an lrp_grad rule .* got 3 \(int\)"):
+        lrp_grad.explain(model, x_ok(), rule=3)

@@ -314,3 +314,586 @@ def test_unknown_names_raise_valueerror():
         npref.lrp(layers, x, np.ones((1, 1)), {"name": "z"}, first_rule={"name": "nope"})
     with pytest.raises(ValueError, match="epsilon"):
         npref.lrp(layers, x, np.ones((1, 1)), {"name": "epsilon"})
+
+
+# =================================================== DAG models, new layers ==
+
+def bn(rng, C, bias=True):
+    """Batch-norm dict with random statistics; ``bias=False`` makes ``c = 0``."""
+    gamma, mean = rng.normal(size=C), rng.normal(size=C)
+    var, eps = rng.random(C) + 0.5, 1e-3
+    beta = rng.normal(size=C) if bias else mean * gamma / np.sqrt(var + eps)
+    return {"type": "batchnorm", "gamma": gamma, "beta": beta, "mean": mean, "var": var,
+            "eps": eps}
+
+
+def fd_gradient(layers, x, G, h=1e-6):
+    """Central finite differences of ``sum(G * a_L)`` w.r.t. ``x``."""
+    fd = np.zeros(x.size)
+    for i in range(x.size):
+        e = np.zeros(x.size)
+        e[i] = h
+        e = e.reshape(x.shape)
+        diff = npref.forward(layers, x + e)[-1] - npref.forward(layers, x - e)[-1]
+        fd[i] = np.sum(G * diff) / (2 * h)
+    return fd.reshape(x.shape)
+
+
+def tf_pads(size, k, s, d, padding):
+    """(output length, pad before, pad after) of one axis, written out independently."""
+    ke = (k - 1) * d + 1
+    if padding == "valid":
+        return (size - ke) // s + 1, 0, 0
+    if padding == "causal":
+        return int(np.ceil(size / s)), ke - 1, 0
+    o = int(np.ceil(size / s))
+    tot = max((o - 1) * s + ke - size, 0)
+    return o, tot // 2, tot - tot // 2
+
+
+# ------------------------------------------------------------- new forwards --
+
+def loop_conv1d(x, W, b, s, padding, d):
+    n, L, _ = x.shape
+    k, _, co = W.shape
+    o, before, after = tf_pads(L, k, s, d, padding)
+    xp = np.pad(x, ((0, 0), (before, after), (0, 0)))
+    out = np.zeros((n, o, co))
+    for i in range(o):
+        for a in range(k):
+            out[:, i, :] += xp[:, i * s + a * d, :] @ W[a]
+    return out + (0 if b is None else b)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same", "causal"])
+@pytest.mark.parametrize("s,d", [(1, 1), (2, 1), (1, 2), (2, 3), (3, 1)])
+@pytest.mark.parametrize("L,k", [(9, 3), (10, 2)])
+def test_conv1d_forward_matches_loop(padding, s, d, L, k):
+    rng = np.random.default_rng(RNG_SEED)
+    x = rng.normal(size=(2, L, 3))
+    W, b = rng.normal(size=(k, 3, 4)), rng.normal(size=4)
+    layer = {"type": "conv1d", "W": W, "b": b, "strides": s, "padding": padding,
+             "dilation": d, "act": "linear"}
+    out = npref.forward([layer], x)[-1]
+    ref = loop_conv1d(x, W, b, s, padding, d)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    if padding == "causal":                 # output i never reads inputs after i*s
+        x2 = x.copy()
+        x2[:, 2 * s] += 1.0                 # read by output 2 (last tap), not by 0, 1
+        changed = np.any(npref.forward([layer], x2)[-1] != out, axis=(0, 2))
+        np.testing.assert_array_equal(changed[:3], [False, False, True])
+
+
+def test_conv1d_causal_by_hand():
+    # out[t] = 10 x[t-1] + 1 x[t] (x[-1] is padding)
+    layer = {"type": "conv1d", "W": np.array([10.0, 1.0]).reshape(2, 1, 1), "b": None,
+             "padding": "causal"}
+    out = npref.forward([layer], np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1))[-1]
+    np.testing.assert_array_equal(out[0, :, 0], [1, 12, 23])
+    layer["dilation"] = 2                   # out[t] = 10 x[t-2] + x[t]
+    out = npref.forward([layer], np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1))[-1]
+    np.testing.assert_array_equal(out[0, :, 0], [1, 2, 13])
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("strides,dilation", [((1, 1), (1, 1)), ((2, 2), (1, 1)),
+                                              ((2, 1), (1, 1)), ((1, 1), (2, 2))])
+def test_depthwise_forward_matches_loop(padding, strides, dilation):
+    rng = np.random.default_rng(RNG_SEED)
+    x = rng.normal(size=(2, 7, 6, 3))
+    W, b = rng.normal(size=(3, 2, 3, 2)), rng.normal(size=6)      # M = 2
+    layer = {"type": "depthwise", "W": W, "b": b, "strides": strides, "padding": padding,
+             "dilation": dilation}
+    out = npref.forward([layer], x)[-1]
+    ref = np.concatenate([loop_conv(x[..., c:c + 1], W[:, :, c:c + 1, m:m + 1], None,
+                                    strides, padding, dilation)
+                          for c in range(3) for m in range(2)], axis=-1) + b
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def tconv(W, b=None, strides=(1, 1), padding="valid", act="linear"):
+    return {"type": "conv2d_transpose", "W": W, "b": b, "strides": strides,
+            "padding": padding, "act": act}
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1), (3, 3)])
+@pytest.mark.parametrize("hw,k", [((3, 4), (3, 3)), ((4, 3), (4, 4)), ((3, 3), (2, 3)),
+                                  ((2, 5), (1, 2))])
+def test_conv2d_transpose_is_adjoint_of_conv2d(padding, strides, hw, k):
+    # <conv2d(z, W), y> == <z, conv2d_transpose(y, W)>, conv2d = the direct loop_conv
+    rng = np.random.default_rng(RNG_SEED)
+    W = rng.normal(size=k + (2, 3))            # (kh, kw, c_out, c_in)
+    y = rng.normal(size=(2,) + hw + (3,))
+    out = npref.forward([tconv(W, None, strides, padding)], y)[-1]
+    keras = [n * s + (max(kk - s, 0) if padding == "valid" else 0)
+             for n, kk, s in zip(hw, k, strides)]
+    assert out.shape == (2, keras[0], keras[1], 2)
+    z = rng.normal(size=out.shape)
+    cz = loop_conv(z, W, None, strides, padding, (1, 1))
+    assert cz.shape == y.shape
+    np.testing.assert_allclose(np.sum(cz * y), np.sum(z * out), rtol=1e-12)
+    b = rng.normal(size=2)                      # the bias is added everywhere
+    np.testing.assert_allclose(npref.forward([tconv(W, b, strides, padding)], y)[-1],
+                               out + b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_transpose_by_hand():
+    # 1 x 2 input [1, 2], kernel row w = [1, 10, 100], stride 2: input p adds x_p w_k at 2p + k
+    W = np.array([1.0, 10.0, 100.0]).reshape(1, 3, 1, 1)
+    x = np.array([1.0, 2.0]).reshape(1, 1, 2, 1)
+    out = npref.forward([tconv(W, strides=(1, 2))], x)[-1]
+    np.testing.assert_array_equal(out[0, 0, :, 0], [1, 10, 102, 20, 200])
+    out = npref.forward([tconv(W, strides=(1, 2), padding="same")], x)[-1]   # pad 0 / 1
+    np.testing.assert_array_equal(out[0, 0, :, 0], [1, 10, 102, 20])
+    W = np.array([1.0, 10.0, 100.0, 1000.0]).reshape(1, 4, 1, 1)             # pad 1 / 1
+    out = npref.forward([tconv(W, strides=(1, 2), padding="same")], x)[-1]
+    np.testing.assert_array_equal(out[0, 0, :, 0], [10, 102, 1020, 200])
+
+
+def loop_avgpool(x, pool, strides, padding):
+    n, H, W, C = x.shape
+    (oh, pt, _), (ow, pl, _) = [tf_pads(sz, k, s, 1, padding)
+                                for sz, k, s in zip((H, W), pool, strides)]
+    out = np.zeros((n, oh, ow, C))
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * strides[0] - pt, j * strides[1] - pl
+            win = x[:, max(r0, 0):r0 + pool[0], max(c0, 0):c0 + pool[1], :]
+            out[:, i, j, :] = win.sum((1, 2)) / (win.shape[1] * win.shape[2])
+    return out
+
+
+@pytest.mark.parametrize("hw,pool,strides,padding", [
+    ((5, 6), (3, 3), (2, 2), "same"), ((5, 5), (2, 2), (2, 2), "same"),
+    ((6, 5), (3, 2), (1, 1), "valid"), ((4, 7), (2, 2), (1, 2), "same"),
+    ((6, 6), (2, 2), (2, 2), "valid")])
+def test_avgpool_forward_matches_loop(hw, pool, strides, padding):
+    x = np.random.default_rng(RNG_SEED).normal(size=(2,) + hw + (3,))
+    layer = {"type": "avgpool", "pool": pool, "strides": strides, "padding": padding}
+    out = npref.forward([layer], x)[-1]
+    ref = loop_avgpool(x, pool, strides, padding)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(npref.forward([{"type": "global_avgpool"}], x)[-1],
+                               x.mean(axis=(1, 2)), rtol=1e-12)
+
+
+def test_avgpool_same_divides_by_valid_count_by_hand():
+    x = np.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+    layer = {"type": "avgpool", "pool": (2, 2), "strides": (2, 2), "padding": "same"}
+    out = npref.forward([layer], x)[-1]
+    np.testing.assert_array_equal(out[0, :, :, 0], [[3, 4.5], [7.5, 9]])
+    assert npref.forward([{"type": "avgpool", "pool": 2}], x)[-1].shape == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3, 5)])
+def test_batchnorm_forward(shape):
+    rng = np.random.default_rng(RNG_SEED)
+    layer = bn(rng, 5)
+    x = rng.normal(size=shape)
+    ref = (x - layer["mean"]) / np.sqrt(layer["var"] + layer["eps"]) * layer["gamma"] \
+        + layer["beta"]
+    np.testing.assert_allclose(npref.forward([layer], x)[-1], ref, rtol=1e-12, atol=1e-12)
+    plain = {"type": "batchnorm", "mean": layer["mean"], "var": layer["var"]}   # eps 1e-3
+    np.testing.assert_allclose(npref.forward([plain], x)[-1],
+                               (x - layer["mean"]) / np.sqrt(layer["var"] + 1e-3), rtol=1e-12)
+
+
+def test_routing_layers_forward():
+    rng = np.random.default_rng(RNG_SEED)
+    x = rng.normal(size=(2, 3, 4, 2))
+
+    def run(layer, extra=()):
+        layers = [{"type": "identity"}] + list(extra) + [layer]   # a_1 = x
+        return npref.forward(layers, x)[-1]
+    sq = {"type": "act", "fn": "linear", "inputs": [0]}
+    np.testing.assert_array_equal(run({"type": "add", "inputs": [0, 1, 0]}), 3 * x)
+    np.testing.assert_array_equal(run({"type": "concat", "inputs": [1, 0]}),
+                                  np.concatenate([x, x], -1))
+    np.testing.assert_array_equal(run({"type": "zeropad2d", "pad": ((1, 0), (2, 1))}),
+                                  np.pad(x, ((0, 0), (1, 0), (2, 1), (0, 0))))
+    np.testing.assert_array_equal(run({"type": "zeropad2d", "pad": 1}),
+                                  np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+    np.testing.assert_array_equal(run({"type": "crop2d", "crop": ((1, 0), (1, 2))}),
+                                  x[:, 1:, 1:2, :])
+    up = run({"type": "upsample2d", "size": (2, 3)})
+    assert up.shape == (2, 6, 12, 2)
+    np.testing.assert_array_equal(up[:, 3, 7], x[:, 1, 2])
+    np.testing.assert_array_equal(run({"type": "global_maxpool"}), x.max(axis=(1, 2)))
+    # multiply: a_1 = x, a_2 = x (2nd path), gate broadcast from a global pool
+    gate = [sq, {"type": "global_avgpool", "inputs": [0]}, {"type": "reshape", "shape": (1, 1, 2)}]
+    np.testing.assert_allclose(run({"type": "multiply", "inputs": [1, 4]}, gate),
+                               x * x.mean((1, 2), keepdims=True), rtol=1e-12)
+
+
+def test_global_maxpool_ties_go_to_first_maximum():
+    x = np.array([[1.0, 5.0], [5.0, 2.0], [5.0, 0.0]]).reshape(1, 3, 2, 1)
+    x = np.concatenate([x, -x], axis=-1)                  # channel 1: tie of -0 / 0
+    R, _ = npref.lrp([{"type": "global_maxpool"}], x, np.array([[2.0, 3.0]]), {"name": "z"})
+    np.testing.assert_array_equal(R[0, :, :, 0], [[0, 2], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(R[0, :, :, 1], [[0, 0], [0, 0], [0, 3]])
+    g = npref.gradient([{"type": "global_maxpool"}], x, np.ones((1, 2)))
+    np.testing.assert_array_equal(g, R / np.array([2.0, 3.0]))
+
+
+def test_activation_values():
+    z = np.array([[-2.0, -1.0, 0.0, 1.0, 7.0]])
+    s = 1 / (1 + np.exp(-z))
+    expect = {"relu": np.maximum(z, 0), "linear": z, "relu6": np.clip(z, 0, 6),
+              "tanh": np.tanh(z), "sigmoid": s, "swish": z * s, "silu": z * s,
+              "leaky_relu": np.where(z > 0, z, 0.3 * z), "softplus": np.log1p(np.exp(z)),
+              "elu": np.where(z > 0, z, np.exp(z) - 1)}
+    for fn, ref in expect.items():
+        out = npref.forward([{"type": "act", "fn": fn}], z)[-1]
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-15, err_msg=fn)
+        fused = npref.forward([dense(np.eye(5), act=fn)], z)[-1]
+        np.testing.assert_allclose(fused, ref, rtol=1e-12, atol=1e-15, err_msg=fn)
+    for fn, alpha, ref in (("leaky_relu", 0.1, np.where(z > 0, z, 0.1 * z)),
+                           ("elu", 2.0, np.where(z > 0, z, 2 * (np.exp(z) - 1)))):
+        out = npref.forward([{"type": "act", "fn": fn, "alpha": alpha}], z)[-1]
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(npref.forward([{"type": "relu"}], z)[-1], np.maximum(z, 0))
+
+
+@pytest.mark.parametrize("fn", ["relu6", "tanh", "sigmoid", "swish", "leaky_relu", "elu",
+                                "softplus"])
+def test_activation_gradients_and_lrp_pass_through(fn):
+    rng = np.random.default_rng(RNG_SEED)
+    z = rng.normal(size=(2, 7)) * 3
+    z[0, 0] = 6.5                                   # relu6 saturated region
+    layers = [dense(rng.normal(size=(7, 7)), act="linear"), {"type": "act", "fn": fn},
+              dense(rng.normal(size=(7, 3)), act=fn)]
+    G = rng.normal(size=(2, 3))
+    np.testing.assert_allclose(npref.gradient(layers, z, G), fd_gradient(layers, z, G),
+                               rtol=1e-5, atol=1e-7)
+    R = rng.normal(size=(2, 7))
+    _, per = npref.lrp([{"type": "act", "fn": fn}], z, R, {"name": "z"})
+    np.testing.assert_array_equal(per[0], R)
+
+
+# ------------------------------------- LRP-0 == gradient x input on ReLU DAGs --
+
+def image_dag(rng, bias=True):
+    """ReLU DAG over (n, 6, 6, 2) using every new image layer type."""
+    def bb(k):
+        return rng.normal(size=k) * 0.1 if bias else None
+    return [
+        conv(rng.normal(size=(3, 3, 2, 4)) * 0.5, bb(4), padding="same", act="relu"),  # a1
+        {"type": "depthwise", "W": rng.normal(size=(3, 3, 4, 2)) * 0.5, "b": bb(8),
+         "padding": "same", "act": "relu"},                                            # a2 6x6x8
+        {"type": "avgpool", "pool": (3, 3), "strides": (2, 2), "padding": "same"},     # a3 3x3x8
+        bn(rng, 8, bias),                                                              # a4
+        tconv(rng.normal(size=(3, 3, 4, 8)) * 0.3, bb(4), (2, 2), "same", act="relu"),  # a5 6x6x4
+        {"type": "add", "inputs": [5, 1], "act": "relu"},                              # a6
+        {"type": "zeropad2d", "pad": ((1, 0), (0, 1))},                                # a7 7x7x4
+        {"type": "crop2d", "crop": ((0, 1), (1, 0))},                                  # a8 6x6x4
+        {"type": "maxpool", "pool": (2, 2), "strides": (2, 2)},                        # a9 3x3x4
+        {"type": "upsample2d", "size": (2, 2), "inputs": [4]},                         # a10 6x6x8
+        {"type": "maxpool", "pool": (2, 2), "strides": (2, 2)},                        # a11 3x3x8
+        {"type": "concat", "inputs": [9, 11]},                                         # a12 3x3x12
+        {"type": "global_avgpool"},                                                    # a13 (12,)
+        {"type": "global_maxpool", "inputs": [6]},                                     # a14 (4,)
+        {"type": "concat", "inputs": [13, 14]},                                        # a15 (16,)
+        dense(rng.normal(size=(16, 5)), bb(5), act="relu"),                            # a16
+        {"type": "identity"},                                                          # a17
+        dense(rng.normal(size=(5, 3)), bb(3)),                                         # a18
+    ]
+
+
+def sequence_dag(rng, bias=True):
+    """ReLU DAG over (n, 10, 3): conv1d (causal, dilated, strided), batchnorm, adds."""
+    def bb(k):
+        return rng.normal(size=k) * 0.1 if bias else None
+    return [
+        {"type": "conv1d", "W": rng.normal(size=(3, 3, 4)), "b": bb(4), "padding": "causal",
+         "dilation": 2, "act": "relu"},                                                # a1 10x4
+        {"type": "conv1d", "W": rng.normal(size=(3, 4, 4)) * 0.5, "b": bb(4),
+         "padding": "same"},                                                           # a2
+        bn(rng, 4, bias),                                                              # a3
+        {"type": "add", "inputs": [3, 1], "act": "relu"},                              # a4
+        {"type": "conv1d", "W": rng.normal(size=(2, 4, 3)) * 0.5, "b": bb(3), "strides": 2,
+         "act": "relu"},                                                               # a5 5x3
+        {"type": "add", "inputs": [5, 5, 5]},                                          # a6
+        {"type": "act", "fn": "relu"},                                                 # a7
+        {"type": "flatten"},                                                           # a8 (15,)
+        bn(rng, 15, bias),                                                             # a9
+        dense(rng.normal(size=(15, 2)), bb(2)),                                        # a10
+    ]
+
+
+@pytest.mark.parametrize("dag,shape", [(image_dag, (3, 6, 6, 2)), (sequence_dag, (3, 10, 3))])
+def test_lrp0_equals_gradient_times_input_on_dags(dag, shape):
+    rng = np.random.default_rng(RNG_SEED + 7)
+    layers = dag(rng, bias=True)
+    x = rng.normal(size=shape)
+    acts = npref.forward(layers, x)
+    G = rng.normal(size=acts[-1].shape)
+    R, per = npref.lrp(layers, x, acts[-1] * G, {"name": "z"})
+    g, gper = npref.gradient(layers, x, G, per_layer=True)
+    assert len(per) == len(gper) == len(layers) + 1
+    assert all(p.shape == a.shape == q.shape for p, a, q in zip(per, acts, gper))
+    np.testing.assert_allclose(R, x * g, rtol=1e-9, atol=1e-12)
+    for k in range(len(acts)):
+        np.testing.assert_allclose(per[k], acts[k] * gper[k], rtol=1e-9, atol=1e-12,
+                                   err_msg=f"activation {k}")
+        assert np.abs(per[k]).sum() > 0, k
+    np.testing.assert_allclose(g[:1], fd_gradient(layers, x[:1], G[:1]), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------- new linear layers == unrolled dense LRP ----
+
+def affine_map(layers, in_shape):
+    """(W, b) with ``a_L = x W + b`` of an affine network, probed with basis vectors."""
+    D = int(np.prod(in_shape))
+    basis = np.concatenate([np.zeros((1, D)), np.eye(D)]).reshape((D + 1,) + in_shape)
+    out = npref.forward(layers, basis)[-1].reshape(D + 1, -1)
+    return out[1:] - out[0], out[0]
+
+
+def linear_cases(rng, bias=True):
+    """(name, layers, input shape): one new linear layer (maybe behind routing crops)."""
+    def bb(k):
+        return rng.normal(size=k) if bias else None
+    return [
+        ("depthwise", [{"type": "depthwise", "W": rng.normal(size=(3, 3, 3, 2)), "b": bb(6),
+                        "strides": (2, 2), "padding": "same"}], (6, 5, 3)),
+        ("depthwise_dil", [{"type": "depthwise", "W": rng.normal(size=(2, 2, 3, 1)),
+                            "b": bb(3), "dilation": (2, 2)}], (5, 5, 3)),
+        ("conv1d_causal", [{"type": "conv1d", "W": rng.normal(size=(3, 3, 4)), "b": bb(4),
+                            "padding": "causal", "dilation": 2}], (9, 3)),
+        ("conv1d_same_s2", [{"type": "conv1d", "W": rng.normal(size=(4, 3, 2)), "b": bb(2),
+                             "padding": "same", "strides": 2}], (9, 3)),
+        ("tconv_same_s2", [tconv(rng.normal(size=(3, 3, 2, 3)), bb(2), (2, 2), "same")],
+         (3, 4, 3)),
+        ("tconv_valid_s2", [tconv(rng.normal(size=(3, 2, 2, 3)), bb(2), (2, 2), "valid")],
+         (3, 3, 3)),
+        ("tconv_valid_k<s", [tconv(rng.normal(size=(2, 2, 2, 3)), bb(2), (3, 3), "valid")],
+         (2, 3, 3)),
+        ("avgpool_same", [{"type": "avgpool", "pool": (3, 3), "strides": (2, 2),
+                           "padding": "same"}], (5, 6, 3)),
+        ("avgpool_valid", [{"type": "avgpool", "pool": (2, 2), "strides": (1, 1)}],
+         (4, 4, 3)),
+        ("global_avgpool", [{"type": "global_avgpool"}], (3, 4, 3)),
+        ("batchnorm", [bn(rng, 3, bias)], (4, 2, 3)),
+        ("add", [{"type": "crop2d", "crop": ((0, 3), (0, 0))},
+                 {"type": "crop2d", "crop": ((3, 0), (0, 0)), "inputs": [0]},
+                 {"type": "add", "inputs": [1, 2]}], (6, 2, 3)),
+    ]
+
+
+UNROLL_RULES = [
+    {"name": "z"}, {"name": "epsilon", "epsilon": 0.3},
+    {"name": "epsilon", "epsilon": 0.3, "bias": False},
+    {"name": "alphabeta", "alpha": 2.0, "beta": 1.0}, {"name": "zplus"},
+    {"name": "alphabeta", "alpha": 1.5, "beta": 0.5, "bias": False},
+    {"name": "wsquare"}, {"name": "gamma", "gamma": 0.25},
+    {"name": "zbox", "low": np.array([-1.0, -0.5, 0.0]), "high": np.array([1.0, 2.0, 0.5])},
+    {"name": "flat"},
+]
+CASE_NAMES = [c[0] for c in linear_cases(np.random.default_rng(0))]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("rule", UNROLL_RULES, ids=lambda r: r["name"])
+def test_new_linear_layers_lrp_equals_unrolled_dense(case, rule):
+    rng = np.random.default_rng(RNG_SEED + 8)
+    _, layers, in_shape = next(c for c in linear_cases(rng) if c[0] == case)
+    x = rng.normal(size=(2,) + in_shape)
+    out = npref.forward(layers, x)[-1]
+    R_out = rng.normal(size=out.shape)
+    R, _ = npref.lrp(layers, x, R_out, rule)
+    Wd, bd = affine_map(layers, in_shape)
+    np.testing.assert_allclose(npref.forward(layers, x)[-1].reshape(2, -1),
+                               x.reshape(2, -1) @ Wd + bd, rtol=1e-10, atol=1e-12)
+    if rule["name"] == "flat":      # uniform over the *connected* real inputs only
+        M = (Wd != 0).astype(float)
+        Rd = R_out.reshape(2, -1) @ (M / (M.sum(0) + E)).T
+    else:
+        drule = dict(rule)
+        if rule["name"] == "zbox":  # per-channel bounds -> per flat input
+            for k in ("low", "high"):
+                drule[k] = np.broadcast_to(rule[k], in_shape).reshape(-1)
+        Rd, _ = npref.lrp([dense(Wd, bd)], x.reshape(2, -1), R_out.reshape(2, -1), drule)
+    np.testing.assert_allclose(R, Rd.reshape(R.shape), rtol=1e-9, atol=1e-12)
+    assert np.abs(R).sum() > 0
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("rule,tol", [({"name": "z"}, 1e-10),
+                                      ({"name": "epsilon", "epsilon": 1e-9}, 1e-6)])
+def test_new_linear_layers_conserve_without_bias(case, rule, tol):
+    rng = np.random.default_rng(RNG_SEED + 9)
+    _, layers, in_shape = next(c for c in linear_cases(rng, bias=False) if c[0] == case)
+    x = rng.random(size=(3,) + in_shape) + 0.1
+    out = npref.forward(layers, x)[-1]
+    R_out = rng.random(size=out.shape) + 0.1
+    if case == "tconv_valid_k<s":       # outputs no input reaches (= 0) keep no relevance
+        R_out = R_out * (out != 0)
+    _, per = npref.lrp(layers, x, R_out, rule)
+    np.testing.assert_allclose(per[0].reshape(3, -1).sum(1), R_out.reshape(3, -1).sum(1),
+                               rtol=tol)
+
+
+def test_residual_dag_conserves_at_every_cut():
+    rng = np.random.default_rng(RNG_SEED + 10)
+    layers = [
+        conv(rng.normal(size=(3, 3, 2, 3)), padding="same", act="relu"),     # a1
+        conv(rng.normal(size=(3, 3, 3, 3)), padding="same", act="relu"),     # a2
+        conv(rng.normal(size=(3, 3, 3, 3)), padding="same"),                 # a3
+        {"type": "identity", "inputs": [1]},                                 # a4 = skip
+        {"type": "add", "inputs": [3, 4]},                                   # a5
+        {"type": "flatten"},                                                 # a6
+        dense(rng.normal(size=(75, 3))),                                     # a7
+    ]
+    x = rng.random(size=(3, 5, 5, 2))
+    R_out = rng.random(size=(3, 3)) + 0.1
+    _, per = npref.lrp(layers, x, R_out, {"name": "z"})
+    total = R_out.sum(1)
+    for cut in ([7], [6], [5], [3, 4], [2, 4], [1], [0]):
+        s = sum(per[k].reshape(3, -1).sum(1) for k in cut)
+        np.testing.assert_allclose(s, total, rtol=1e-10, err_msg=str(cut))
+    assert not np.allclose(per[4].reshape(3, -1).sum(1), total)     # both paths matter
+    # the same net with the skip read directly by the add
+    direct = layers[:3] + [{"type": "add", "inputs": [3, 1]}] + layers[5:]
+    R2, per2 = npref.lrp(direct, x, R_out, {"name": "z"})
+    np.testing.assert_allclose(R2, per[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(per2[1], per[1], rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------- gradients of the DAGs --
+
+def test_gradient_matches_finite_differences_gated_dag():
+    """add + concat + multiply (sigmoid gate, broadcast) + batchnorm + depthwise."""
+    rng = np.random.default_rng(RNG_SEED + 11)
+    layers = [
+        {"type": "depthwise", "W": rng.normal(size=(3, 3, 2, 2)), "b": rng.normal(size=4),
+         "padding": "same", "act": "swish"},                                   # a1 5x5x4
+        bn(rng, 4),                                                            # a2
+        {"type": "global_avgpool", "inputs": [2]},                             # a3 (4,)
+        {"type": "reshape", "shape": (1, 1, 4)},                               # a4
+        {"type": "act", "fn": "sigmoid"},                                      # a5 gate
+        {"type": "multiply", "inputs": [5, 2], "signal": 1},                   # a6 5x5x4
+        conv(rng.normal(size=(1, 1, 2, 4)), rng.normal(size=4), act="tanh") | {"inputs": [0]},
+        {"type": "add", "inputs": [6, 7]},                                     # a8
+        {"type": "concat", "inputs": [8, 1]},                                  # a9 5x5x8
+        {"type": "act", "fn": "elu"},                                          # a10
+        {"type": "flatten"},
+        dense(rng.normal(size=(200, 3)) * 0.2, rng.normal(size=3)),
+    ]
+    x = rng.normal(size=(1, 5, 5, 2))
+    G = rng.normal(size=(1, 3))
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_matches_finite_differences_other_layers():
+    """conv2d_transpose, avgpool, pad/crop/upsample, maxpools, conv1d, other activations."""
+    rng = np.random.default_rng(RNG_SEED + 12)
+    layers = [
+        tconv(rng.normal(size=(3, 3, 3, 2)), rng.normal(size=3), (2, 2), "same",
+              act="softplus"),                                                 # a1 8x6x3
+        {"type": "avgpool", "pool": (3, 3), "strides": (2, 2), "padding": "same"},  # a2 4x3x3
+        {"type": "zeropad2d", "pad": ((1, 1), (0, 1))},                        # a3 6x4x3
+        {"type": "crop2d", "crop": ((0, 2), (1, 0))},                          # a4 4x3x3
+        {"type": "upsample2d", "size": (1, 2)},                                # a5 4x6x3
+        {"type": "maxpool", "pool": (2, 2), "strides": (2, 2), "padding": "same"},  # a6 2x3x3
+        {"type": "act", "fn": "leaky_relu", "alpha": 0.2},                     # a7
+        {"type": "reshape", "shape": (6, 3)},                                  # a8
+        {"type": "conv1d", "W": rng.normal(size=(3, 3, 4)), "b": rng.normal(size=4),
+         "padding": "causal", "dilation": 2, "act": "elu"},                    # a9 6x4
+        {"type": "conv1d", "W": rng.normal(size=(2, 4, 2)) * 3, "strides": 2,
+         "padding": "same", "act": "relu6"},                                   # a10 3x2
+        {"type": "identity"},                                                  # a11
+        {"type": "global_maxpool"},                                            # a12 (2,)
+        tconv(rng.normal(size=(2, 2, 2, 3)), None, (3, 3), "valid", act="tanh")
+        | {"inputs": [7]},                                                     # a13 6x9x2
+        {"type": "global_avgpool"},                                            # a14 (2,)
+        {"type": "global_avgpool", "inputs": [9]},                             # a15 (4,)
+        {"type": "concat", "inputs": [12, 14, 15]},                            # a16 (8,)
+        dense(rng.normal(size=(8, 2)), act="leaky_relu"),
+    ]
+    x = rng.normal(size=(1, 4, 3, 2))
+    G = rng.normal(size=(1, 2))
+    acts = npref.forward(layers, x)
+    assert ((acts[10] > 0) & (acts[10] < 6)).any() and (acts[10] == 6).any()
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G),
+                               rtol=1e-5, atol=1e-7)
+
+
+# -------------------------------------------------- DAG relevance plumbing ----
+
+@pytest.mark.parametrize("signal", [0, 1])
+def test_multiply_gives_all_relevance_to_signal(signal):
+    rng = np.random.default_rng(RNG_SEED + 13)
+    gate_chain = [{"type": "global_avgpool", "inputs": [1]},                   # a2
+                  {"type": "reshape", "shape": (1, 1, 3)},                     # a3
+                  {"type": "act", "fn": "sigmoid"}]                            # a4
+    ins = [1, 4] if signal == 0 else [4, 1]
+    layers = [conv(rng.normal(size=(2, 2, 2, 3)), padding="same")] + gate_chain + [
+        {"type": "multiply", "inputs": ins, "signal": signal}]                 # a5
+    x = rng.normal(size=(2, 4, 4, 2))
+    acts = npref.forward(layers, x)
+    np.testing.assert_allclose(acts[5], acts[1] * acts[4], rtol=1e-12)
+    R_out = rng.normal(size=acts[5].shape)
+    R, per = npref.lrp(layers, x, R_out, {"name": "z"})
+    np.testing.assert_array_equal(per[1], R_out)            # R_signal = R, gate gets 0
+    for k in (2, 3, 4):
+        np.testing.assert_array_equal(per[k], 0.0)
+    np.testing.assert_allclose(R.sum((1, 2, 3)), R_out.sum((1, 2, 3)), rtol=1e-9)
+    # the gradient still flows through the gate
+    G = rng.normal(size=acts[5].shape)
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_shared_activation_accumulates():
+    x = np.array([[1.0, -2.0, 3.0]])
+    R_out = np.array([[4.0, 5.0, 6.0]])
+    twice = [{"type": "add", "inputs": [0, 0]}]
+    R, _ = npref.lrp(twice, x, R_out, {"name": "z"})      # x / 2x * R, received twice
+    np.testing.assert_allclose(R, R_out, rtol=1e-15)
+    np.testing.assert_array_equal(npref.gradient(twice, x, R_out), 2 * R_out)
+    # a dead branch (a_1, read by nobody) gets zero relevance / gradient
+    layers = [dense(np.ones((3, 2))), {"type": "concat", "inputs": [0, 0]}]
+    R, per = npref.lrp(layers, x, np.arange(6.0)[None], {"name": "z"})
+    np.testing.assert_array_equal(per[1], 0.0)
+    np.testing.assert_array_equal(R, [[0 + 3, 1 + 4, 2 + 5]])
+    g, gper = npref.gradient(layers, x, np.ones((1, 6)), per_layer=True)
+    np.testing.assert_array_equal(gper[1], 0.0)
+    np.testing.assert_array_equal(g, [[2, 2, 2]])
+
+
+def test_first_rule_applies_to_first_new_linear_layer():
+    rng = np.random.default_rng(RNG_SEED + 14)
+    layers = [{"type": "global_avgpool"}, dense(rng.normal(size=(3, 2)), rng.normal(size=2))]
+    x = rng.normal(size=(2, 3, 4, 3))
+    R_out = rng.normal(size=(2, 2))
+    _, per_z = npref.lrp(layers, x, R_out, {"name": "z"})
+    R_f, per_f = npref.lrp(layers, x, R_out, {"name": "z"}, first_rule={"name": "flat"})
+    np.testing.assert_array_equal(per_f[1], per_z[1])
+    expected = np.broadcast_to(per_z[1][:, None, None, :] / (12 + E), x.shape)
+    np.testing.assert_allclose(R_f, expected, rtol=1e-12)
+
+
+def test_dag_validation_errors():
+    x = np.ones((1, 4, 4, 2))
+    bad = [
+        ([{"type": "identity", "inputs": [1]}], "activation index"),          # future
+        ([{"type": "add"}], "inputs"),                                         # one input
+        ([{"type": "multiply", "inputs": [0, 0], "signal": 2}], "signal"),
+        ([{"type": "act", "fn": "gelu_nope"}], "activation"),
+        ([{"type": "act"}], "missing"),
+        ([conv(np.ones((2, 2, 2, 1)), padding="causal")], "causal"),
+        ([{"type": "batchnorm", "gamma": np.ones(2)}], "layer type"),
+        ([{"type": "bogus"}], "layer type"),
+        ([{"type": "flatten"}, dense(np.ones((32, 1)), act="softmax2")], "activation"),
+        ([{"type": "add", "inputs": [0, 1]}, ], "activation index"),
+        ([{"type": "identity"}, {"type": "flatten"}, {"type": "add", "inputs": [0, 2]}],
+         "equal shapes"),
+    ]
+    for layers, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            npref.forward(layers, x)

@@ -21,6 +21,7 @@ RULES = [
     lrp_grad.Flat(),
     lrp_grad.WSquare(),
     lrp_grad.ZBox(-1.0, 1.0),
+    lrp_grad.ZBox(-1.0, 1.0, bias=True),
     lrp_grad.Gamma(0.25),
 ]
 RULE_IDS = [repr(r) for r in RULES]

@@ -13,9 +13,14 @@ from kit import rel_err, to_float64
 MODELS = {"mnist_cnn": "x_mnist", "tiny_mlp": "x_mnist", "strided_same": "x_strided"}
 
 
-def rule_for(method):
+def rule_for(method, model_name=None):
     """(rule, float32 tolerance) for a reference key, or None when we do not offer it."""
     parts = method.split("_")
+    if method == "composite_epsilon_gamma_box":
+        low, high = (-1.0, 1.0) if model_name == "strided_same" else (0.0, 1.0)  # the input ranges
+        return lrp_grad.presets.epsilon_gamma_box(low, high), 1e-4
+    if method.startswith("composite_"):
+        return method[len("composite_"):], 1e-4  # a preset by name
     if method.startswith("innvestigate_"):
         inner = method[len("innvestigate_"):]
         if inner == "alpha2beta1_ignorebias":
@@ -62,10 +67,8 @@ def load(name):
 
 @pytest.mark.parametrize("model_name,method", cases())
 def test_matches_reference(reference, model_name, method):
-    found = rule_for(method)
+    found = rule_for(method, model_name)
     if found is None:
-        if method.startswith("composite_"):
-            pytest.skip("composites are built in the architectures issue")
         pytest.skip(f"{method}: a convention lrp_grad does not offer (see reference README)")
     rule, tol = found
     model = load(model_name)

@@ -1,0 +1,214 @@
+"""Composites: which rule each layer of a model gets, as printable data.
+
+A :class:`Composite` is an ordered list of ``(matcher, rule)`` entries (the first match wins), an
+optional special rule for the first weighted layer, and overrides by layer name that take
+precedence over both. A matcher is a layer family (``'dense'``, ``'conv'``, ``'pool'``, ``'norm'``,
+``'merge'``; ``'weighted'`` = dense or conv; ``'linear'`` = every layer that takes a rule), a
+tf-keras layer class or tuple of classes, or a predicate ``layer -> bool``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidRuleError
+from .handlers import FAMILIES
+from .rules import Rule
+
+__all__ = ["Composite", "RuleMap", "as_composite"]
+
+GROUPS = {"weighted": ("dense", "conv"), "linear": FAMILIES}
+
+
+def _check_matcher(matcher, where):
+    if isinstance(matcher, str):
+        if matcher not in FAMILIES and matcher not in GROUPS:
+            raise InvalidRuleError(
+                f"Composite {where}: unknown layer family {matcher!r}; use one of "
+                f"{list(FAMILIES) + list(GROUPS)}, a tf_keras layer class or a predicate."
+            )
+        return
+    if isinstance(matcher, type) or (isinstance(matcher, tuple) and all(isinstance(m, type) for m in matcher)):
+        return
+    if callable(matcher):
+        return
+    raise InvalidRuleError(
+        f"Composite {where}: matcher {matcher!r} must be a family name, a layer class (or tuple of "
+        "classes) or a predicate layer -> bool."
+    )
+
+
+def _check_rule(rule, where):
+    if not isinstance(rule, Rule):
+        raise InvalidRuleError(f"Composite {where}: {rule!r} is not an lrp_grad rule (e.g. lrp_grad.Epsilon(1e-6)).")
+
+
+def _matches(matcher, layer, family) -> bool:
+    if isinstance(matcher, str):
+        return family in GROUPS.get(matcher, (matcher,))
+    if isinstance(matcher, (type, tuple)):
+        return isinstance(layer, matcher)
+    return bool(matcher(layer))
+
+
+def _describe(matcher) -> str:
+    if isinstance(matcher, str):
+        return repr(matcher)
+    if isinstance(matcher, type):
+        return matcher.__name__
+    if isinstance(matcher, tuple):
+        return "(" + ", ".join(m.__name__ for m in matcher) + ")"
+    return getattr(matcher, "__name__", repr(matcher))
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Rules per layer.
+
+    Parameters
+    ----------
+    rules : sequence of (matcher, Rule)
+        Ordered entries; a layer gets the rule of the first entry whose matcher matches it.
+    first : Rule or (matcher, Rule), optional
+        Rule for the first layer (in forward order) matching ``matcher`` (default
+        ``'weighted'``: the first Dense or Conv layer).
+    overrides : mapping of str to Rule, optional
+        Layer name (or nested path ``'block/conv'``) -> rule; takes precedence over everything.
+    default : Rule, optional
+        Rule for layers no entry matches; without it such layers are an error.
+    name : str
+        Shown when printing.
+
+    Examples
+    --------
+    >>> c = Composite([("conv", ZPlus()), ("dense", Epsilon(1e-6))], first=Flat(),
+    ...               overrides={"predictions": Epsilon(0.25)})          # doctest: +SKIP
+    >>> print(c.resolve(model))                                          # doctest: +SKIP
+    """
+
+    rules: tuple = ()
+    first: Any = None
+    overrides: Any = field(default_factory=dict)
+    default: Rule | None = None
+    name: str = "composite"
+
+    def __post_init__(self):
+        entries = []
+        for k, entry in enumerate(self.rules):
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise InvalidRuleError(f"Composite rules[{k}] must be a (matcher, rule) pair, got {entry!r}.")
+            _check_matcher(entry[0], f"rules[{k}]")
+            _check_rule(entry[1], f"rules[{k}]")
+            entries.append((entry[0], entry[1]))
+        object.__setattr__(self, "rules", tuple(entries))
+        first = self.first
+        if first is not None:
+            if isinstance(first, Rule):
+                first = ("weighted", first)
+            if not (isinstance(first, (tuple, list)) and len(first) == 2):
+                raise InvalidRuleError(f"Composite first must be a rule or a (matcher, rule) pair, got {first!r}.")
+            _check_matcher(first[0], "first")
+            _check_rule(first[1], "first")
+            first = (first[0], first[1])
+        object.__setattr__(self, "first", first)
+        if not isinstance(self.overrides, Mapping):
+            raise InvalidRuleError(f"Composite overrides must map layer names to rules, got {self.overrides!r}.")
+        for key, rule in self.overrides.items():
+            _check_rule(rule, f"overrides[{key!r}]")
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        if self.default is not None:
+            _check_rule(self.default, "default")
+
+    def __hash__(self):
+        return hash((self.name, self.rules, self.first, tuple(self.overrides.items()), self.default))
+
+    def __str__(self):
+        lines = [f"Composite {self.name!r}:"]
+        lines += [f"  {name!r} -> {rule!r}  (override)" for name, rule in self.overrides.items()]
+        if self.first:
+            lines.append(f"  first {_describe(self.first[0])} layer -> {self.first[1]!r}")
+        lines += [f"  {_describe(m)} -> {rule!r}" for m, rule in self.rules]
+        if self.default is not None:
+            lines.append(f"  anything else -> {self.default!r}")
+        return "\n".join(lines)
+
+    def assign(self, layers) -> list:
+        """Rules for ``layers``, a list of ``(label, layer, family)`` of every rule-taking layer.
+
+        Raises :class:`InvalidRuleError` for layers no entry matches (when there is no default)
+        and for override names that are not in the model.
+        """
+        names = {label for label, _, _ in layers} | {layer.name for _, layer, _ in layers}
+        unknown = [k for k in self.overrides if k not in names]
+        if unknown:
+            raise InvalidRuleError(
+                f"Composite {self.name!r} overrides layers {unknown} that are not rule-taking layers of "
+                f"this model; its rule-taking layers are: {[label for label, _, _ in layers]}."
+            )
+        first_done = self.first is None
+        out, missing = [], []
+        for label, layer, family in layers:
+            rule = None
+            if not first_done and _matches(self.first[0], layer, family):
+                rule, first_done = self.first[1], True
+            if rule is None:
+                rule = next((r for m, r in self.rules if _matches(m, layer, family)), self.default)
+            rule = self.overrides.get(label, self.overrides.get(layer.name, rule))
+            if rule is None:
+                missing.append(f"'{label}' ({type(layer).__name__}, family {family!r})")
+            out.append(rule)
+        if missing:
+            raise InvalidRuleError(
+                f"Composite {self.name!r} has no rule for {len(missing)} layer(s): {', '.join(missing)}. "
+                "Add an entry such as ('pool', lrp_grad.Epsilon(1e-6)), or a default=."
+            )
+        return out
+
+    def resolve(self, model, canonizers=None) -> "RuleMap":
+        """The layer -> rule map this composite gives ``model`` (after canonization)."""
+        from .rewrite import build_plan  # late import: rewrite depends on this module
+
+        return build_plan(model, self, canonizers=canonizers).rules
+
+
+class RuleMap(Mapping):
+    """Read-only ``layer label -> rule`` map, printable as a table (what will happen, per layer)."""
+
+    def __init__(self, rows):
+        self._rows = list(rows)  # (label, class name, family, rule)
+        self._rules = {label: rule for label, _, _, rule in self._rows}
+
+    def __getitem__(self, key):
+        return self._rules[key]
+
+    def __iter__(self):
+        return iter(self._rules)
+
+    def __len__(self):
+        return len(self._rules)
+
+    def __str__(self):
+        if not self._rows:
+            return "(no rule-taking layers)"
+        w = max(len(f"{label} ({cls})") for label, cls, _, _ in self._rows)
+        return "\n".join(f"{f'{label} ({cls})'.ljust(w)}  {family:6s}  {rule!r}" for label, cls, family, rule in self._rows)
+
+    def __repr__(self):
+        return f"RuleMap(\n{self}\n)"
+
+
+def as_composite(rule) -> Composite:
+    """A composite from what ``explain(rule=...)`` accepts: a Rule, a Composite or a preset name."""
+    from . import presets
+
+    if isinstance(rule, Composite):
+        return rule
+    if isinstance(rule, Rule):
+        return Composite([("linear", rule)], name=repr(rule))
+    if isinstance(rule, str):
+        return presets.get(rule)
+    raise InvalidRuleError(
+        f"rule must be an lrp_grad rule (e.g. lrp_grad.Epsilon(1e-6)), a lrp_grad.Composite or a "
+        f"preset name ({', '.join(presets.NAMES)}), got {rule!r} ({type(rule).__name__})."
+    )
