@@ -209,6 +209,11 @@ def passthrough(fn: Callable, x):
 
     @tf.custom_gradient
     def lrp_passthrough(x):
-        return fn(x), lambda r: r
+        def grad(r, variables=None):  # a layer's own variables (e.g. LayerNorm) get nothing
+            if variables:
+                return r, [None] * len(variables)
+            return r
+
+        return fn(x), grad
 
     return lrp_passthrough(x)

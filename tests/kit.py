@@ -30,7 +30,14 @@ def randomize(model, seed=0, bias_scale=0.3):
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         ws = layer.get_weights()
-        if ws:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = (w.shape for w in ws)
+            new = [rng.uniform(0.5, 1.5, gamma) * rng.choice([-1, 1], gamma), rng.normal(0, 0.3, beta),
+                   rng.normal(0, 0.3, mean), rng.uniform(0.5, 2.0, var)]
+            layer.set_weights([n.astype(w.dtype) for n, w in zip(new, ws)])
+        elif isinstance(layer, keras.Model):
+            randomize(layer, seed + 1, bias_scale)
+        elif ws:
             new = [rng.normal(0, 0.5, w.shape) if w.ndim > 1 else rng.normal(0, bias_scale, w.shape) for w in ws]
             layer.set_weights([n.astype(w.dtype) for n, w in zip(new, ws)])
     return model
@@ -127,3 +134,115 @@ def mlp(d_in=7, bias=True, act="relu", dtype="float32", classes=4, seed=0):
         L.Dense(classes, **kw),
     ])
     return randomize(model, seed)
+
+
+def _act_name(fn):
+    name = keras.activations.serialize(fn)
+    return "swish" if name == "silu" else name
+
+
+def _np(v):
+    return v.numpy().astype(np.float64)
+
+
+def _weighted_dict(kind, layer, W, **extra):
+    return {"type": kind, "W": _np(W), "b": _np(layer.bias) if layer.use_bias else None,
+            "act": _act_name(layer.activation), **extra}
+
+
+def to_npref_graph(model):
+    """Describe a Functional/Sequential model (nested models inlined) as npref DAG layer dicts.
+
+    Uses the raw layer graph (no canonizers), so BatchNorm stays a layer of its own.
+    """
+    from lrp_grad._keras import walk
+
+    graph = walk(model)
+    index = {graph.input_id: 0}
+    out = []
+
+    def add(entry, inputs, output_id):
+        entry["inputs"] = [index[t] for t in inputs] if isinstance(inputs[0], str) else inputs
+        out.append(entry)
+        index[output_id] = len(out)
+
+    for node in graph.nodes:
+        layer, name = node.layer, type(node.layer).__name__
+        ins, (oid,) = node.inputs, node.outputs
+        if name == "Dense":
+            add(_weighted_dict("dense", layer, layer.kernel), ins, oid)
+        elif name == "Conv2D":
+            add(_weighted_dict("conv2d", layer, layer.kernel, strides=tuple(layer.strides), padding=layer.padding,
+                               dilation=tuple(layer.dilation_rate)), ins, oid)
+        elif name == "Conv1D":
+            add(_weighted_dict("conv1d", layer, layer.kernel, strides=layer.strides[0], padding=layer.padding,
+                               dilation=layer.dilation_rate[0]), ins, oid)
+        elif name == "DepthwiseConv2D":
+            add(_weighted_dict("depthwise", layer, layer.depthwise_kernel, strides=tuple(layer.strides),
+                               padding=layer.padding, dilation=tuple(layer.dilation_rate)), ins, oid)
+        elif name == "SeparableConv2D":
+            out.append({"type": "depthwise", "W": _np(layer.depthwise_kernel), "b": None, "act": "linear",
+                        "strides": tuple(layer.strides), "padding": layer.padding,
+                        "dilation": tuple(layer.dilation_rate), "inputs": [index[ins[0]]]})
+            add(_weighted_dict("conv2d", layer, layer.pointwise_kernel), [len(out)], oid)
+        elif name == "Conv2DTranspose":
+            add(_weighted_dict("conv2d_transpose", layer, layer.kernel, strides=tuple(layer.strides),
+                               padding=layer.padding), ins, oid)
+        elif name == "AveragePooling2D":
+            add({"type": "avgpool", "pool": tuple(layer.pool_size), "strides": tuple(layer.strides),
+                 "padding": layer.padding}, ins, oid)
+        elif name in ("GlobalAveragePooling2D", "GlobalAveragePooling1D"):
+            add({"type": "global_avgpool"}, ins, oid)
+        elif name == "BatchNormalization":
+            add({"type": "batchnorm", "gamma": _np(layer.gamma), "beta": _np(layer.beta),
+                 "mean": _np(layer.moving_mean), "var": _np(layer.moving_variance), "eps": layer.epsilon}, ins, oid)
+        elif name == "Add":
+            add({"type": "add"}, ins, oid)
+        elif name == "Concatenate":
+            add({"type": "concat"}, ins, oid)
+        elif name == "Multiply":
+            sizes = [int(np.prod([d for d in s[1:]])) for s in node.input_shapes]
+            add({"type": "multiply", "signal": int(np.argmax(sizes))}, ins, oid)
+        elif name == "MaxPooling2D":
+            add({"type": "maxpool", "pool": tuple(layer.pool_size), "strides": tuple(layer.strides),
+                 "padding": layer.padding}, ins, oid)
+        elif name == "GlobalMaxPooling2D":
+            add({"type": "global_maxpool"}, ins, oid)
+        elif name == "ZeroPadding2D":
+            add({"type": "zeropad2d", "pad": tuple(tuple(p) for p in layer.padding)}, ins, oid)
+        elif name == "Cropping2D":
+            add({"type": "crop2d", "crop": tuple(tuple(c) for c in layer.cropping)}, ins, oid)
+        elif name == "UpSampling2D":
+            add({"type": "upsample2d", "size": tuple(layer.size)}, ins, oid)
+        elif name == "Flatten":
+            add({"type": "flatten"}, ins, oid)
+        elif name == "Reshape":
+            add({"type": "reshape", "shape": tuple(layer.target_shape)}, ins, oid)
+        elif name in ("Dropout", "SpatialDropout2D"):
+            add({"type": "identity"}, ins, oid)
+        elif name == "Activation":
+            add({"type": "act", "fn": _act_name(layer.activation)}, ins, oid)
+        elif name == "ReLU" and layer.max_value is None and float(layer.negative_slope) == 0:
+            add({"type": "relu"}, ins, oid)
+        elif name == "ReLU" and float(layer.max_value) == 6.0:
+            add({"type": "act", "fn": "relu6"}, ins, oid)
+        elif name == "LeakyReLU":
+            add({"type": "act", "fn": "leaky_relu", "alpha": float(layer.alpha)}, ins, oid)
+        elif name == "ELU":
+            add({"type": "act", "fn": "elu", "alpha": float(layer.alpha)}, ins, oid)
+        else:
+            raise ValueError(f"kit.to_npref_graph: no reference for layer class {name}")
+    return out
+
+
+def npref_explain(model, x, target, rule):
+    """float64 reference relevance of ``model`` on ``x`` for ``target`` (initial = target logit)."""
+    import npref
+
+    layers = to_npref_graph(model)
+    x = np.asarray(x, np.float64)
+    logits = npref.forward(layers, x)[-1]
+    r_out = np.zeros_like(logits)
+    rows = np.arange(len(x))
+    r_out[rows, target] = logits[rows, target]
+    return npref.lrp(layers, x, r_out, npref_rule(rule))[0]
