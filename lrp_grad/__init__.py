@@ -15,7 +15,7 @@ from .errors import (
     UnsupportedLayerError,
     UnsupportedModelError,
 )
-from . import canonizers, presets
+from . import canonizers, datasets, presets
 from .composites import Composite, RuleMap
 from .explain import DEFAULT_RULE, Explainer, RelevanceReport, explain
 from .handlers import Handler, register_handler, supported_layers, unregister_handler
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE",
     "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma",
-    "Composite", "RuleMap", "presets", "canonizers",
+    "Composite", "RuleMap", "presets", "canonizers", "datasets",
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
     "InvalidTargetError", "InvalidRuleError",

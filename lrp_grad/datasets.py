@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mnist_digits"]
+__all__ = ["mnist_digits", "cifar10_samples", "cifar10_model", "CIFAR10_CLASSES"]
 
 
 def mnist_digits(n_train: int = 4000, seed: int = 0):
@@ -29,3 +29,50 @@ def mnist_digits(n_train: int = 4000, seed: int = 0):
     x = (x[order].reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
     y = y[order].astype(np.int64)
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+#: CIFAR-10 class names, in label order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _package_dir(package: str, why: str):
+    """The folder of an installed package, found without importing it."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"{why} needs the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')} (only its data files are used; "
+            "--no-deps avoids its pinned dependencies)."
+        )
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def cifar10_samples():
+    """The 20 real CIFAR-10 test images shipped inside the PyPI package ``foolbox``.
+
+    Read with PIL from ``foolbox/data/cifar10_NN_L.png`` (L = label) without importing foolbox.
+    Returns ``(x, y)``: uint8 images ``(20, 32, 32, 3)`` with raw 0-255 values and int labels.
+    """
+    from PIL import Image
+
+    folder = _package_dir("foolbox", "lrp_grad.datasets.cifar10_samples") / "data"
+    files = sorted(folder.glob("cifar10_*_*.png"))
+    if not files:
+        raise FileNotFoundError(f"no cifar10_*.png images in {folder}; reinstall foolbox.")
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    y = np.array([int(f.stem.rsplit("_", 1)[1]) for f in files], dtype=np.int64)
+    return x, y
+
+
+def cifar10_model():
+    """The trained CIFAR-10 CNN inside the PyPI package ``cifar-10-model`` (tf-keras, loaded
+    without compiling). It expects raw 0-255 pixels and contains BatchNorm and Dropout."""
+    from ._keras import keras
+
+    path = _package_dir("cifar_10_model", "lrp_grad.datasets.cifar10_model") / "trained_models" / "cnn_model.h5"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall cifar-10-model (pip install --no-deps cifar-10-model).")
+    return keras.models.load_model(path, compile=False)
