@@ -1,0 +1,166 @@
+"""The ``lrp-grad`` command line: ``demo``, ``explain`` and ``bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+__all__ = ["main", "parse_rule"]
+
+
+def parse_rule(text: str):
+    """A rule or preset from the command line: a preset name (``epsilon_plus_flat``, ``seed_ab``,
+    ...), ``z``, ``zplus``, ``flat``, ``wsquare``, ``epsilon[:EPS]``, ``alphabeta:A,B``,
+    ``gamma[:G]`` or ``zbox:LOW,HIGH``."""
+    from . import presets, rules
+
+    name, _, arg = text.partition(":")
+    values = [float(v) for v in arg.split(",")] if arg else []
+    simple = {"z": rules.Z, "zplus": rules.ZPlus, "flat": rules.Flat, "wsquare": rules.WSquare}
+    try:
+        if name in simple and not values:
+            return simple[name]()
+        if name == "epsilon":
+            return rules.Epsilon(*values)
+        if name == "alphabeta" and len(values) == 2:
+            return rules.AlphaBeta(*values)
+        if name == "gamma":
+            return rules.Gamma(*values)
+        if name == "zbox" and len(values) == 2:
+            return rules.ZBox(*values)
+        if name in presets.NAMES and not values:
+            return name
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"--rule {text!r}: {e}") from None
+    raise argparse.ArgumentTypeError(
+        f"--rule {text!r} is not known; use a preset ({', '.join(presets.NAMES)}) or z, zplus, flat, wsquare, "
+        "epsilon[:EPS], alphabeta:A,B, gamma[:G], zbox:LOW,HIGH."
+    )
+
+
+def _progress(iterable, total, enabled, desc):
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(iterable, total=total, desc=desc)
+        except ImportError:
+            pass
+    return iterable
+
+
+def _load_images(paths, shape, resize):
+    """Read image files as a batch shaped like the model input ``shape`` (H, W, C)."""
+    import numpy as np
+    from PIL import Image
+
+    height, width, channels = shape
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise SystemExit(f"lrp-grad explain: the model takes {channels} channels; only 1 (gray) or 3 (RGB) images "
+                         "can be read from files.")
+    batch = []
+    for path in paths:
+        try:
+            img = Image.open(path).convert(mode)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"lrp-grad explain: cannot read image {path}: {e}") from None
+        if img.size != (width, height):
+            if not resize:
+                raise SystemExit(f"lrp-grad explain: image {path} is {img.size[0]}x{img.size[1]} but the model takes "
+                                 f"{width}x{height}; pass --resize to resize it.")
+            img = img.resize((width, height), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32)
+        batch.append(arr[..., None] if channels == 1 else arr)
+    return np.stack(batch)
+
+
+def _explain(args) -> int:
+    import numpy as np
+
+    from . import heatmap
+    from ._keras import keras
+    from .explain import Explainer
+
+    try:
+        model = keras.models.load_model(args.model, compile=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"lrp-grad explain: cannot load model {args.model}: {e}") from None
+    shape = tuple(model.input_shape[1:])
+    if len(shape) != 3 or None in shape:
+        raise SystemExit(f"lrp-grad explain: the model input {model.input_shape} is not a fixed-size image (H, W, C).")
+    x = _load_images(args.images, shape, args.resize) * args.scale
+    ex = Explainer(model, rule=args.rule)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logits = ex.forward(x)
+    targets = logits.argmax(1) if args.target is None else np.full(len(x), args.target)
+    relevance = np.zeros_like(x)
+    for i in _progress(range(len(x)), len(x), not args.no_progress, "explaining"):
+        relevance[i] = ex(x[i:i + 1], target=targets[i:i + 1])[0]
+        stem = pathlib.Path(args.images[i]).stem
+        heatmap.save_png(relevance[i], out / f"{stem}_heatmap.png", scheme=args.scheme)
+        heatmap.save_png(relevance[i], out / f"{stem}_overlay.png", scheme=args.scheme, image=x[i])
+    np.save(out / "relevance.npy", relevance)
+    (out / "targets.json").write_text(json.dumps(
+        {pathlib.Path(p).name: int(t) for p, t in zip(args.images, targets)}, indent=2))
+    print(f"wrote {len(x)} heatmaps and relevance.npy {relevance.shape} to {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from . import demo
+
+    res = demo.run(args.out, quick=args.quick, progress=not args.no_progress, lime=not args.no_lime)
+    flip = res["pixel_flipping"]
+    print(f"wrote the study to {args.out}/report.md: MNIST test accuracy {res['mnist']['test_accuracy']:.3f}; "
+          f"flipping the 10 most relevant pixels lowered p(true) in {flip['highest']['worse']:.0%} of the digits, "
+          f"the 10 least relevant raised it in {flip['lowest']['improved']:.0%}")
+    return 0
+
+
+def _bench(args, rest) -> int:
+    from . import bench
+
+    return bench.main(rest)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = argparse.ArgumentParser(prog="lrp-grad", description="Layer-wise Relevance Propagation for tf-keras models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="regenerate the seed study on real MNIST and CIFAR-10 data")
+    demo.add_argument("--out", default="lrp_grad_demo", help="output folder (default: lrp_grad_demo)")
+    demo.add_argument("--quick", action="store_true", help="small, fast run (CI)")
+    demo.add_argument("--no-lime", action="store_true", help="leave LIME out of the comparison")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("explain", help="heatmaps and relevance.npy for your own model and images")
+    exp.add_argument("--model", required=True, help="a tf-keras model file (.keras or .h5)")
+    exp.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
+    exp.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
+    exp.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat",
+                     help="preset or rule (default: epsilon_plus_flat); e.g. alphabeta:2,1, epsilon:0.01")
+    exp.add_argument("--scale", type=float, default=1 / 255,
+                     help="multiply pixel values (0-255) by this before the model (default 1/255; use 1 for models "
+                          "that take raw 0-255 pixels)")
+    exp.add_argument("--resize", action="store_true", help="resize images to the model input size")
+    exp.add_argument("--scheme", choices=["lrp", "seed"], default="lrp",
+                     help="colours: lrp = red positive (default), seed = blue positive")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("bench", help="throughput benchmark (see lrp-grad bench --help)", add_help=False)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(None, argv[1:])
+    args = parser.parse_args(argv)
+    return {"demo": _demo, "explain": _explain}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
