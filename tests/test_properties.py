@@ -185,3 +185,32 @@ def test_functional_model_with_dropout_and_reshape():
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 2)).astype(np.float32)
     R = lrp_grad.explain(model, x, target=[0, 2], rule=lrp_grad.Z())
     assert_close(R, grad_x_input(model, x, np.array([0, 2])), 1e-5, "functional LRP-0")
+
+
+def test_several_targets_per_image_in_one_call():
+    model = cnn((8, 8, 1), "same", dtype="float64")
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1))
+    x = np.random.default_rng(0).uniform(0, 1, (3, 8, 8, 1))
+    everything = ex(x, target="all")
+    assert everything.shape == (3, 5, 8, 8, 1)
+    for t in range(5):
+        np.testing.assert_allclose(everything[:, t], ex(x, target=t), rtol=1e-12)
+    pairs, report = ex(x, target=np.array([[0, 4], [1, 1], [3, 2]]), return_layers=True)
+    np.testing.assert_allclose(pairs[2, 0], ex(x[2:3], target=3)[0], rtol=1e-12)
+    assert report.output.shape == (3, 2)
+    with pytest.raises(lrp_grad.InvalidTargetError, match=r"target\[.\] = 7 is out of range"):
+        ex(x, target=np.array([[0, 7], [1, 1], [3, 2]]))
+    with pytest.raises(lrp_grad.InvalidTargetError, match=r"must be \(n, k\) with n = 3"):
+        ex(x, target=np.zeros((2, 2), int))
+    with pytest.raises(lrp_grad.InvalidTargetError, match="target='every' is not known"):
+        ex(x, target="every")
+
+
+def test_xla_buckets_batch_sizes():
+    ex = lrp_grad.Explainer(cnn((8, 8, 1), "same"), rule=lrp_grad.Epsilon(), jit_compile=True)
+    rng = np.random.default_rng(0)
+    plain = lrp_grad.Explainer(ex.model, rule=lrp_grad.Epsilon(), jit_compile=False)
+    for n in (3, 5, 7, 8, 2, 6):
+        x = rng.uniform(0, 1, (n, 8, 8, 1)).astype(np.float32)
+        assert_close(ex(x, target=1), plain(x, target=1), 1e-5, f"n={n}")
+    assert ex.trace_count == 1 and ex.compiled_batch_sizes == {2, 4, 8}
