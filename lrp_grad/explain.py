@@ -390,6 +390,50 @@ class Explainer:
         self._check_target(t.reshape(-1), t.size)  # dtype and range, with the usual messages
         return t.astype(np.int32)
 
+    def _explain_with_logits(self, x, target):
+        """``(relevance, logits)`` of one checked batch; ``target`` ``None`` = predicted."""
+        x = self._check_x(x)
+        t = self._check_target(target, len(x))
+        fn, _ = self._function(bool(np.all(x >= 0)), "logit", False)
+        xb, tb = (_pad_to_bucket(x), _pad_to_bucket(t)) if self.jit_compile else (x, t)
+        R, logits, _ = fn(tf.constant(xb), tf.constant(tb))
+        return R.numpy()[:len(x)], logits.numpy()[:len(x)]
+
+    def explain_dataset(self, data, target="label", *, batch_size: int = 256, out=None, resume: bool = False,
+                        progress: bool = True, length: int | None = None):
+        """Explain a whole dataset in batches, with constant memory when writing to disk.
+
+        Parameters
+        ----------
+        data : tf.data.Dataset, numpy array or iterable
+            Images, or ``(image, label)`` pairs; elements may be single images or batches. The
+            order is preserved.
+        target : 'label', 'predicted', None or int
+            Explain the label of each element, the predicted class (``None`` too) or one class.
+        batch_size : int
+            Images per compiled call (a last partial batch does not recompile).
+        out : path, optional
+            ``None``: return the relevance in memory. ``'file.npy'``: fill a memmap batch by batch
+            (needs the length). ``'folder'``: one ``shard_*.npy`` per batch. Progress is recorded
+            in a manifest after each batch is safely written.
+        resume : bool
+            Continue a run that stopped, skipping the images already written. Refuses when the
+            output was written by another model or rule.
+        progress : bool
+            Show a progress bar (tqdm, if installed).
+        length : int, optional
+            Number of images, when it cannot be read from ``data``.
+
+        Returns
+        -------
+        lrp_grad.stream.DatasetResult
+            ``relevance`` and per-image ``summaries`` (predicted class, target, target logit,
+            relevance sum, conservation error).
+        """
+        from .stream import explain_dataset
+
+        return explain_dataset(self, data, target, batch_size, out, resume, progress, length)
+
     def forward(self, x) -> np.ndarray:
         """The rewritten model's output on ``x`` (the logits; a final softmax is skipped)."""
         x = self._check_x(x)

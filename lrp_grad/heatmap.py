@@ -1,0 +1,556 @@
+"""Rendering of relevance maps as heatmaps, overlays, figure grids and PNG files.
+
+A relevance map has the shape of one model input: ``(H, W)`` or ``(H, W, C)``; channels are
+summed (:func:`to_2d`) because a pixel's relevance is the total over its colour channels. Batches
+``(n, H, W, C)`` are rendered by :func:`grid`; every other function takes one sample.
+
+Every map is normalised on its own and symmetrically (:func:`normalize`): it is divided by its
+largest ``|R|`` so that values lie in ``[-1, 1]`` and ``0`` stays ``0``. Zero relevance is
+therefore always white, whatever the sign balance of the map, and colour bars run from ``-m`` to
+``+m`` with ``m = max |R|``.
+
+Colour schemes (``scheme=``):
+
+``"lrp"`` (default)
+    The LRP community convention (Bach et al. 2015; Montavon et al. 2018): **red = positive**
+    relevance (evidence for the explained class), **blue = negative** (evidence against),
+    white = 0. It is matplotlib's ``"bwr"`` diverging map with positive values at the red end.
+``"seed"``
+    The convention of the seed report's figures: **blue = positive**, **red = negative**,
+    white = 0 (the ``"lrp"`` scheme with its two ends swapped).
+
+Colours are computed with numpy alone (:func:`colorize`, :func:`overlay`), so those functions
+need neither TensorFlow nor matplotlib. Plotting (:func:`plot`, :func:`grid`) imports matplotlib
+only when called; :func:`save_png` writes through Pillow, or matplotlib if Pillow is missing. This
+module never imports TensorFlow, so rendering saved relevance maps does not pay its start-up cost.
+
+>>> from lrp_grad import heatmap                                  # doctest: +SKIP
+>>> heatmap.save_png(R[0], "digit.png")                           # doctest: +SKIP
+>>> fig = heatmap.grid(x[:4], R[:4], titles=["0", "1", "2", "3"])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["SCHEMES", "to_2d", "normalize", "colorize", "overlay", "plot", "grid", "save_png"]
+
+#: Colour of the (positive end, negative end) of each scheme; zero is always white.
+_ENDS = {
+    "lrp": ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
+    "seed": ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)),
+}
+
+#: The valid values of every ``scheme=`` argument.
+SCHEMES = tuple(_ENDS)
+
+#: ITU-R BT.601 luma weights: an RGB input is shown in gray by its perceived brightness.
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+#: Size of one grid cell in inches; the width leaves room for the cell's colour bar labels.
+_CELL_W, _CELL_H = 2.6, 2.2
+
+#: Resolution of saved figures; together with the cell size it fixes the PNG size in pixels.
+_DPI = 100
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+def _as_float(name: str, value: Any) -> np.ndarray:
+    """Return ``value`` as a finite float64 array or raise a ValueError naming ``name``."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{name} must be a numeric array, got {type(value).__name__}: {err}"
+        ) from None
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape}); there is nothing to render.")
+    bad = np.count_nonzero(~np.isfinite(array))
+    if bad:
+        raise ValueError(
+            f"{name} has {bad} non-finite value(s) (NaN or inf) in an array of shape {array.shape}; "
+            "a heatmap of it would be meaningless."
+        )
+    return array
+
+
+def _check_scheme(scheme: Any) -> tuple:
+    """Return the (positive, negative) end colours of ``scheme`` or raise a ValueError."""
+    if not isinstance(scheme, str) or scheme not in _ENDS:
+        raise ValueError(
+            f"scheme must be one of {', '.join(repr(s) for s in SCHEMES)}, got {scheme!r} "
+            "('lrp': red = positive, blue = negative; 'seed': blue = positive, red = negative)."
+        )
+    return _ENDS[scheme]
+
+
+def _pyplot():
+    """Import matplotlib.pyplot on first use, with an ImportError that says how to install it."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError(
+            "lrp_grad.heatmap plotting needs matplotlib, which is not installed: "
+            "pip install matplotlib"
+        ) from err
+    return plt
+
+
+# ----------------------------------------------------------------------------- numbers -> colours
+
+def to_2d(relevance: Any) -> np.ndarray:
+    """Reduce one relevance map to a 2-D array by summing its channels.
+
+    Parameters
+    ----------
+    relevance : array_like
+        Relevance of one input, shaped ``(H, W)`` or ``(H, W, C)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64 array ``(H, W)``; an ``(H, W, C)`` map is summed over ``C``, which keeps the
+        total relevance of every pixel (and of the whole map) unchanged.
+
+    Raises
+    ------
+    ValueError
+        If the array is not 2-D or 3-D (the message gives its shape), is empty or not finite.
+    """
+    array = _as_float("relevance", relevance)
+    if array.ndim == 2:
+        return array
+    if array.ndim == 3:
+        return array.sum(axis=-1)
+    hint = " (a batch: pass one sample such as relevance[0], or use heatmap.grid)" if array.ndim == 4 else ""
+    raise ValueError(
+        f"relevance must have shape (H, W) or (H, W, C) for one image, got shape {array.shape}{hint}."
+    )
+
+
+def normalize(relevance: Any, percentile: float | None = None) -> np.ndarray:
+    """Scale a relevance map symmetrically into ``[-1, 1]``, keeping ``0`` at ``0``.
+
+    Parameters
+    ----------
+    relevance : array_like
+        Relevance of any shape; all of it is scaled by one factor (normalise samples of a batch
+        one by one to compare their patterns rather than their magnitudes).
+    percentile : float, optional
+        If given, in ``(0, 100]``: divide by this percentile of ``|R|`` instead of its maximum
+        and clip to ``[-1, 1]``, so a few extreme pixels do not wash out the rest. Should that
+        percentile be 0 (a mostly-zero map), the maximum is used instead.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64 array of the input's shape with values in ``[-1, 1]``. Signs are preserved and a
+        map that is all zero stays all zero (never NaN).
+
+    Raises
+    ------
+    ValueError
+        If ``percentile`` is outside ``(0, 100]`` or the map is empty or not finite.
+    """
+    array = _as_float("relevance", relevance)
+    magnitude = np.abs(array)
+    peak = float(magnitude.max())
+    if peak == 0.0:
+        return np.zeros_like(array)
+    if percentile is None:
+        return array / peak
+    if (isinstance(percentile, bool) or not isinstance(percentile, numbers.Real)
+            or not 0.0 < float(percentile) <= 100.0):
+        raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}.")
+    scale = float(np.percentile(magnitude, float(percentile)))
+    # A sparse map can have a zero percentile; dividing by it would only give +-inf.
+    if scale == 0.0:
+        scale = peak
+    return np.clip(array / scale, -1.0, 1.0)
+
+
+def _colours(values: np.ndarray, ends: tuple) -> np.ndarray:
+    """Map values in ``[-1, 1]`` linearly from white (0) to the positive or negative end colour."""
+    positive, negative = np.asarray(ends[0]), np.asarray(ends[1])
+    strength = np.abs(values)[..., None]
+    end = np.where(values[..., None] >= 0.0, positive, negative)
+    # Blend towards the end colour from white (1, 1, 1) in proportion to |value|.
+    return 1.0 - strength * (1.0 - end)
+
+
+def colorize(relevance: Any, scheme: str = "lrp", *, percentile: float | None = None) -> np.ndarray:
+    """Turn one relevance map into an RGB image.
+
+    Parameters
+    ----------
+    relevance : array_like
+        Relevance ``(H, W)`` or ``(H, W, C)``; channels are summed (:func:`to_2d`).
+    scheme : str
+        ``"lrp"`` (red = positive, blue = negative) or ``"seed"`` (blue = positive,
+        red = negative); zero is white in both.
+    percentile : float, optional
+        Passed to :func:`normalize`; by default the largest ``|R|`` gets the saturated colour.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64 RGB image ``(H, W, 3)`` in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``scheme`` (the message lists the valid ones) or a bad map.
+    """
+    ends = _check_scheme(scheme)
+    return _colours(normalize(to_2d(relevance), percentile), ends)
+
+
+def _display_image(name: str, image: Any) -> np.ndarray:
+    """Return an input image as ``(H, W)`` gray or ``(H, W, 3)`` RGB rescaled to ``[0, 1]``."""
+    array = _as_float(name, image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    elif array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # the alpha channel carries no content
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
+        raise ValueError(
+            f"{name} must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+            f"got shape {np.shape(image)}."
+        )
+    low, high = float(array.min()), float(array.max())
+    if high > low:
+        # Model inputs come in any range (0..255, standardised, ...); min-max scaling shows them all.
+        return (array - low) / (high - low)
+    # A constant image has no contrast to stretch; keep its value if it is already displayable.
+    return np.clip(array, 0.0, 1.0)
+
+
+def _check_same_size(image: np.ndarray, image_shape: tuple, relevance: np.ndarray,
+                     relevance_shape: tuple, where: str = "") -> None:
+    """Raise a ValueError giving both shapes when image and relevance differ in height or width."""
+    if image.shape[:2] != relevance.shape[:2]:
+        raise ValueError(
+            f"{where}image and relevance must have the same height and width, got image shape "
+            f"{tuple(image_shape)} and relevance shape {tuple(relevance_shape)}."
+        )
+
+
+def overlay(image: Any, relevance: Any, scheme: str = "lrp", alpha: float = 0.6) -> np.ndarray:
+    """Blend a heatmap over the gray version of its input image.
+
+    Parameters
+    ----------
+    image : array_like
+        The explained input, ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` in any value range; it
+        is rescaled to ``[0, 1]`` and shown in gray (RGB by its luma) so only the heatmap is
+        coloured.
+    relevance : array_like
+        Its relevance, ``(H, W)`` or ``(H, W, C)``.
+    scheme : str
+        ``"lrp"`` or ``"seed"``, as in :func:`colorize`.
+    alpha : float
+        Opacity of the heatmap where ``|R|`` is largest, in ``[0, 1]``. The opacity of each pixel
+        is ``alpha * |R| / max |R|``: irrelevant pixels show the plain image instead of being
+        washed out by the white that stands for zero.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64 RGB image ``(H, W, 3)`` in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``scheme``, ``alpha`` outside ``[0, 1]``, a bad image shape, or image
+        and relevance of different height and width (the message gives both shapes).
+    """
+    ends = _check_scheme(scheme)
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    picture = _display_image("image", image)
+    flat = to_2d(relevance)
+    _check_same_size(picture, np.shape(image), flat, np.shape(relevance))
+    gray = picture if picture.ndim == 2 else picture @ _LUMA
+    values = normalize(flat)
+    opacity = float(alpha) * np.abs(values)[..., None]
+    return (1.0 - opacity) * gray[..., None] + opacity * _colours(values, ends)
+
+
+# ----------------------------------------------------------------------------- matplotlib figures
+
+def _colormap(scheme: str):
+    """The matplotlib colormap that shows exactly the colours of :func:`colorize`."""
+    from matplotlib.colors import ListedColormap
+
+    # An odd number of entries puts an exactly white entry at the centre, where 0 maps.
+    return ListedColormap(_colours(np.linspace(-1.0, 1.0, 257), _check_scheme(scheme)),
+                          name=f"lrp_grad_{scheme}")
+
+
+def _limit(relevance2d: np.ndarray) -> float:
+    """Half-width of the symmetric colour range; 1 for an all-zero map so the range is not empty."""
+    peak = float(np.abs(relevance2d).max())
+    return peak if peak > 0.0 else 1.0
+
+
+def _add_colorbar(ax, mappable, limit: float):
+    """Attach a colour bar from ``-limit`` to ``+limit`` right of ``ax`` without shrinking it."""
+    # An inset keeps every heatmap as large as the input image drawn above it in a grid.
+    cax = ax.inset_axes([1.04, 0.0, 0.06, 1.0])
+    bar = ax.figure.colorbar(mappable, cax=cax)
+    bar.set_ticks([-limit, 0.0, limit])
+    bar.set_ticklabels([f"-{limit:.2g}", "0", f"+{limit:.2g}"])
+    bar.ax.tick_params(labelsize=8)
+    return bar
+
+
+def plot(relevance: Any, image: Any = None, ax=None, scheme: str = "lrp", title: str | None = None,
+         colorbar: bool = True):
+    """Draw one heatmap, or its overlay on the input image, on a matplotlib Axes.
+
+    Parameters
+    ----------
+    relevance : array_like
+        Relevance ``(H, W)`` or ``(H, W, C)``; channels are summed.
+    image : array_like, optional
+        The explained input; when given, the :func:`overlay` is drawn instead of the bare map.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; a new figure is made when omitted. The colour bar is placed just right of
+        ``ax`` without resizing it, so leave some horizontal space after it.
+    scheme : str
+        ``"lrp"`` or ``"seed"``, as in :func:`colorize`.
+    title : str, optional
+        Axes title.
+    colorbar : bool
+        Whether to add a colour bar centred at 0, from ``-max |R|`` to ``+max |R|``, whose ends
+        are labelled with their signed values.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn on.
+
+    Raises
+    ------
+    ImportError
+        If matplotlib is not installed.
+    ValueError
+        For an unknown ``scheme`` or bad input shapes (see :func:`overlay`).
+    """
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    _check_scheme(scheme)
+    flat = to_2d(relevance)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(_CELL_W + 0.6, _CELL_H + 0.4))
+        fig.subplots_adjust(left=0.04, right=0.74, bottom=0.05, top=0.88)
+    limit = _limit(flat)
+    # Symmetric limits keep 0 at the white centre of the map whatever the sign balance.
+    norm = Normalize(vmin=-limit, vmax=limit)
+    cmap = _colormap(scheme)
+    if image is None:
+        mappable = ax.imshow(flat, cmap=cmap, norm=norm, interpolation="nearest")
+    else:
+        ax.imshow(overlay(image, relevance, scheme), interpolation="nearest")
+        mappable = ScalarMappable(norm=norm, cmap=cmap)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title)
+    if colorbar:
+        _add_colorbar(ax, mappable, limit)
+    return ax
+
+
+def _samples(name: str, value: Any) -> list:
+    """Split a batch ``(n, H, W[, C])`` or a sequence of maps into a list of per-sample arrays."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        array = np.asarray(value)
+        if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+            raise ValueError(
+                f"{name} has shape {array.shape}, which reads as one (H, W, C) sample rather than a "
+                f"batch (n, H, W); pass {name}[None] or a list [sample] for a single sample."
+            )
+        if array.ndim not in (3, 4):
+            raise ValueError(
+                f"{name} must be a batch (n, H, W) or (n, H, W, C) or a list of samples, "
+                f"got shape {array.shape}."
+            )
+        items = list(array)
+    if not items:
+        raise ValueError(f"{name} is empty; grid needs at least one sample.")
+    return items
+
+
+def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, scheme: str = "lrp",
+         ncols: int | None = None, path: Any = None, suptitle: str | None = None):
+    """Draw a figure with one column per sample: the input on top, its heatmap below.
+
+    Parameters
+    ----------
+    images : array_like or None
+        Inputs ``(n, H, W)``, ``(n, H, W, C)`` or a list of ``n`` images in any value range, each
+        shown rescaled to ``[0, 1]`` (gray for one channel). ``None`` draws the heatmaps only.
+    relevances : array_like
+        Relevance maps ``(n, H, W)``, ``(n, H, W, C)`` or a list of ``n`` maps. Each is
+        normalised on its own and gets its own colour bar centred at 0.
+    titles : sequence of str, optional
+        One title per sample, shown above its column.
+    scheme : str
+        ``"lrp"`` or ``"seed"``, as in :func:`colorize`.
+    ncols : int, optional
+        Samples per row of the figure; with more samples the columns wrap into further
+        (image, heatmap) row pairs. Default: all samples side by side.
+    path : str or os.PathLike, optional
+        If given, the figure is also saved there as a PNG at 100 dpi.
+    suptitle : str, optional
+        Title of the whole figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure, made through pyplot (close it with ``plt.close(fig)`` when done).
+
+    Raises
+    ------
+    ImportError
+        If matplotlib is not installed.
+    ValueError
+        For an unknown ``scheme``, bad shapes, or counts of images, relevances and titles that
+        disagree; messages name the offending sample.
+    """
+    # 1. Validate everything before a figure exists, so a bad call leaves no half-drawn figure.
+    plt = _pyplot()
+    _check_scheme(scheme)
+    maps = _samples("relevances", relevances)
+    count = len(maps)
+    flats = []
+    for i, item in enumerate(maps):
+        try:
+            flats.append(to_2d(item))
+        except ValueError as err:
+            raise ValueError(f"relevances[{i}]: {err}") from None
+    pictures = None
+    if images is not None:
+        raw = _samples("images", images)
+        if len(raw) != count:
+            raise ValueError(f"got {len(raw)} images but {count} relevance maps; pass one image per map.")
+        pictures = []
+        for i, (item, flat) in enumerate(zip(raw, flats)):
+            picture = _display_image(f"images[{i}]", item)
+            _check_same_size(picture, np.shape(item), flat, np.shape(maps[i]), where=f"sample {i}: ")
+            pictures.append(picture)
+    if titles is not None and len(titles) != count:
+        raise ValueError(f"got {len(titles)} titles for {count} samples; pass one title per sample.")
+    if ncols is None:
+        ncols = count
+    elif isinstance(ncols, bool) or not isinstance(ncols, numbers.Integral) or ncols < 1:
+        raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
+    ncols = min(int(ncols), count)
+
+    # 2. Lay out (image, heatmap) row pairs; wrapped rows repeat the pattern.
+    per_sample = 1 if pictures is None else 2
+    nrows = math.ceil(count / ncols) * per_sample
+    header = 0.35 + (0.3 if suptitle else 0.0)  # inches above the first row for the titles
+    width, height = ncols * _CELL_W, nrows * _CELL_H + header
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(width, height))
+    # Fixed margins in inches (not fractions), so the last colour bar's labels fit at any ncols.
+    fig.subplots_adjust(left=0.05 / width, right=1.0 - 0.75 / width, bottom=0.08 / height,
+                        top=1.0 - header / height, wspace=0.55, hspace=0.25)
+    for ax in axes.flat:
+        ax.set_visible(False)
+
+    # 3. Draw each sample in its column.
+    for i, flat in enumerate(flats):
+        block, col = divmod(i, ncols)
+        top = axes[block * per_sample, col]
+        if pictures is not None:
+            top.set_visible(True)
+            top.imshow(pictures[i], cmap="gray" if pictures[i].ndim == 2 else None,
+                       vmin=0.0, vmax=1.0, interpolation="nearest")
+            top.set_xticks([])
+            top.set_yticks([])
+        heat = axes[block * per_sample + per_sample - 1, col]
+        heat.set_visible(True)
+        plot(flat, ax=heat, scheme=scheme, colorbar=True)
+        if titles is not None:
+            top.set_title(str(titles[i]), fontsize=10)
+    if suptitle is not None:
+        fig.suptitle(suptitle)
+
+    # 4. Save at a fixed dpi so the PNG size follows from the figure size.
+    if path is not None:
+        fig.savefig(path, dpi=_DPI, format="png")
+    return fig
+
+
+# ----------------------------------------------------------------------------- files
+
+def _pillow_image():
+    """Return ``PIL.Image``, or None when Pillow is not installed."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
+
+
+def save_png(relevance: Any, path: Any, scheme: str = "lrp", image: Any = None, *,
+             min_width: int = 224) -> pathlib.Path:
+    """Write one heatmap (or overlay) as a PNG of its pixels, without axes or colour bar.
+
+    Parameters
+    ----------
+    relevance : array_like
+        Relevance ``(H, W)`` or ``(H, W, C)``; channels are summed.
+    path : str or os.PathLike
+        Output file; PNG is written whatever its suffix.
+    scheme : str
+        ``"lrp"`` or ``"seed"``, as in :func:`colorize`.
+    image : array_like, optional
+        The explained input; when given, the :func:`overlay` is written instead.
+    min_width : int
+        Small maps are enlarged by the smallest integer factor that makes them at least this
+        many pixels wide (a 28 x 28 map becomes 224 x 224); nearest-neighbour enlargement keeps
+        every input pixel a sharp square.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    ImportError
+        If neither Pillow nor matplotlib is installed.
+    ValueError
+        For an unknown ``scheme``, a non-positive ``min_width`` or bad input shapes.
+    """
+    if isinstance(min_width, bool) or not isinstance(min_width, numbers.Integral) or min_width < 1:
+        raise ValueError(f"min_width must be a positive integer, got {min_width!r}.")
+    rgb = colorize(relevance, scheme) if image is None else overlay(image, relevance, scheme)
+    factor = max(1, math.ceil(min_width / rgb.shape[1]))
+    rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+    pixels = np.round(rgb * 255.0).astype(np.uint8)
+    path = pathlib.Path(path)
+    Image = _pillow_image()
+    if Image is not None:
+        Image.fromarray(pixels).save(path, format="PNG")
+        return path
+    try:
+        import matplotlib.image as mimage
+    except ImportError as err:
+        raise ImportError(
+            "save_png needs Pillow or matplotlib, and neither is installed: pip install pillow"
+        ) from err
+    mimage.imsave(path, pixels, format="png")
+    return path

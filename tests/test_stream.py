@@ -1,0 +1,109 @@
+"""explain_dataset: streaming, order, summaries, on-disk output, resume after a kill, bad elements."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lrp_grad
+from lrp_grad.stream import load_shards
+from kit import cnn
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = cnn((8, 8, 1), "same")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (23, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 5, 23)
+    return lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1)), x, y
+
+
+def test_matches_per_batch_explain_for_every_input_kind(setup):
+    ex, x, y = setup
+    expected = ex(x, target=y, batch_size=5)  # the same batches: bit-identical (float32 kernels vary with batch size)
+    sources = {
+        "array+labels": tf.data.Dataset.from_tensor_slices((x, y)),
+        "batched dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(4),
+        "iterator": iter(list(zip(x, y))),
+    }
+    for name, data in sources.items():
+        res = ex.explain_dataset(data, batch_size=5, progress=False)
+        np.testing.assert_array_equal(res.relevance, expected, err_msg=name)
+        np.testing.assert_array_equal(res.summaries["target"], y)
+    plain = ex.explain_dataset(x, target="predicted", batch_size=8, progress=False)
+    np.testing.assert_array_equal(plain.relevance, ex(x, batch_size=8))
+    logits = ex.forward(x)
+    np.testing.assert_array_equal(plain.summaries["predicted"], logits.argmax(1))
+    np.testing.assert_allclose(plain.summaries["target_logit"], logits.max(1), rtol=1e-6)
+    np.testing.assert_allclose(plain.summaries["relevance_sum"], ex(x).reshape(23, -1).sum(1), rtol=1e-4)
+    assert len(plain) == 23 and ex.trace_count <= 2  # signed/non-negative plans at most; no retrace per batch
+
+
+def test_npy_and_shard_output(setup, tmp_path):
+    ex, x, y = setup
+    expected = ex(x, target=y, batch_size=6)
+    res = ex.explain_dataset(tf.data.Dataset.from_tensor_slices((x, y)), batch_size=6, out=tmp_path / "r.npy",
+                             progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), expected)
+    np.testing.assert_array_equal(res.relevance, expected)
+    res = ex.explain_dataset(zip(x, y), batch_size=6, out=tmp_path / "shards", progress=False)
+    assert res.relevance is None and len(res) == 23
+    np.testing.assert_array_equal(load_shards(tmp_path / "shards"), expected)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("shard_*.npy"))[0] == "shard_000000000.npy"
+
+
+def test_resume_after_kill(setup, tmp_path):
+    """A run killed mid-way (os._exit after 2 batches) resumes and ends identical to one run."""
+    ex, x, y = setup
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    ex.model.save(tmp_path / "m.keras")
+    script = textwrap.dedent(f"""
+        import os, sys, numpy as np, tf_keras as keras, lrp_grad
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        x, y = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'y.npy')!r})
+        ex = lrp_grad.Explainer(keras.models.load_model({str(tmp_path / 'm.keras')!r}, compile=False),
+                                rule=lrp_grad.AlphaBeta(2, 1))
+        def dying():
+            for i, item in enumerate(zip(x, y)):
+                if i == 12:
+                    os._exit(3)  # killed: no cleanup, no final manifest
+                yield item
+        ex.explain_dataset(dying(), batch_size=5, out={str(tmp_path / 'out')!r}, progress=False, length=23)
+    """)
+    for out in ("out", "out.npy"):
+        code = script.replace(str(tmp_path / "out") + "'", str(tmp_path / out) + "'")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        manifest_dir = tmp_path / (out if out == "out" else out + ".parts")
+        assert json.loads((manifest_dir / "manifest.json").read_text())["done"] == 10
+        res = ex.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / out, resume=True, progress=False, length=23)
+        relevance = load_shards(tmp_path / out) if out == "out" else np.load(tmp_path / out)
+        np.testing.assert_array_equal(relevance, ex(x, target=y, batch_size=5))
+        np.testing.assert_array_equal(res.summaries["target"], y)
+
+
+def test_resume_refuses_another_model_or_rule(setup, tmp_path):
+    ex, x, y = setup
+    ex.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", progress=False)
+    other = lrp_grad.Explainer(ex.model, rule=lrp_grad.Epsilon())
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*different model or rule \(differs in \['rule'\]\)"):
+        other.explain_dataset(zip(x, y), out=tmp_path / "o", resume=True, progress=False)
+
+
+def test_bad_elements_name_their_index(setup):
+    ex, x, y = setup
+    bad = list(x[:5]) + [np.zeros((8, 9, 1), np.float32)]
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"dataset element 5 has shape \(8, 9, 1\); the model takes \(8, 8, 1\)"):
+        ex.explain_dataset(bad, target="predicted", progress=False)
+    with pytest.raises(lrp_grad.InvalidInputError, match="dataset element 0 has dtype bool"):
+        ex.explain_dataset([np.zeros((8, 8, 1), bool)], target="predicted", progress=False)
+    with pytest.raises(lrp_grad.InvalidInputError, match="target='label' needs \\(image, label\\) elements"):
+        ex.explain_dataset(x, progress=False)
+    with pytest.raises(lrp_grad.InvalidInputError, match="needs the dataset length"):
+        ex.explain_dataset(iter(x), target=1, out="r.npy", progress=False)
