@@ -1,4 +1,4 @@
-"""The ``lrp-grad`` command line: ``demo``, ``explain`` and ``bench``."""
+"""The ``lrp-grad`` command line: ``demo``, ``explain``, ``export`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -77,20 +77,57 @@ def _load_images(paths, shape, resize):
     return np.stack(batch)
 
 
+def _load_model(path, command):
+    from ._keras import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"lrp-grad {command}: cannot load model {path}: {e}") from None
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _explain_dataset(args, model, shape) -> int:
+    """``--dataset DIR``: stream every image of a folder, constant memory, resumable."""
+    from .explain import Explainer
+
+    folder = pathlib.Path(args.dataset)
+    if not folder.is_dir():
+        raise SystemExit(f"lrp-grad explain: --dataset {folder} is not a folder.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"lrp-grad explain: no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}.")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def images():
+        for f in files:  # read lazily: memory stays flat however large the folder
+            yield _load_images([str(f)], shape, args.resize)[0] * args.scale
+
+    ex = Explainer(model, rule=args.rule)
+    target = "predicted" if args.target is None else args.target
+    res = ex.explain_dataset(images(), target=target, batch_size=args.batch_size, out=out / "relevance.npy",
+                             resume=args.resume, progress=not args.no_progress, length=len(files))
+    summary = {f.name: {k: float(v[i]) for k, v in res.summaries.items()} for i, f in enumerate(files)}
+    (out / "summaries.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote relevance.npy {tuple(res.relevance.shape)} and summaries.json for {len(files)} images to {out}")
+    return 0
+
+
 def _explain(args) -> int:
     import numpy as np
 
     from . import heatmap
-    from ._keras import keras
     from .explain import Explainer
 
-    try:
-        model = keras.models.load_model(args.model, compile=False)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"lrp-grad explain: cannot load model {args.model}: {e}") from None
+    model = _load_model(args.model, "explain")
     shape = tuple(model.input_shape[1:])
     if len(shape) != 3 or None in shape:
         raise SystemExit(f"lrp-grad explain: the model input {model.input_shape} is not a fixed-size image (H, W, C).")
+    if args.dataset is not None:
+        return _explain_dataset(args, model, shape)
     x = _load_images(args.images, shape, args.resize) * args.scale
     ex = Explainer(model, rule=args.rule)
     out = pathlib.Path(args.out)
@@ -121,6 +158,15 @@ def _demo(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .explain import Explainer
+
+    model = _load_model(args.model, "export")
+    path = Explainer(model, rule=args.rule).export(args.out)
+    print(f"wrote a SavedModel to {path} with signatures 'explain' (images, target) and 'serving_default' (images)")
+    return 0
+
+
 def _bench(args, rest) -> int:
     from . import bench
 
@@ -140,7 +186,11 @@ def main(argv=None) -> int:
 
     exp = sub.add_parser("explain", help="heatmaps and relevance.npy for your own model and images")
     exp.add_argument("--model", required=True, help="a tf-keras model file (.keras or .h5)")
-    exp.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
+    source = exp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", help="image files (PNG, JPEG, ...): heatmaps + relevance.npy")
+    source.add_argument("--dataset", help="a folder of images, streamed in batches: relevance.npy + summaries.json")
+    exp.add_argument("--batch-size", type=int, default=256, help="images per batch with --dataset (default 256)")
+    exp.add_argument("--resume", action="store_true", help="with --dataset: continue a run that stopped")
     exp.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
     exp.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat",
                      help="preset or rule (default: epsilon_plus_flat); e.g. alphabeta:2,1, epsilon:0.01")
@@ -153,13 +203,18 @@ def main(argv=None) -> int:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    exp_model = sub.add_parser("export", help="write a SavedModel that explains without lrp_grad (TF Serving)")
+    exp_model.add_argument("model", help="a tf-keras model file (.keras or .h5)")
+    exp_model.add_argument("out", help="output SavedModel folder")
+    exp_model.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help="preset or rule")
+
     sub.add_parser("bench", help="throughput benchmark (see lrp-grad bench --help)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _bench(None, argv[1:])
     args = parser.parse_args(argv)
-    return {"demo": _demo, "explain": _explain}[args.command](args)
+    return {"demo": _demo, "explain": _explain, "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

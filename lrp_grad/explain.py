@@ -434,6 +434,14 @@ class Explainer:
 
         return explain_dataset(self, data, target, batch_size, out, resume, progress, length)
 
+    def export(self, path):
+        """Write a TensorFlow SavedModel with ``explain(images, target)`` and ``serving_default(images)``
+        signatures (relevance and logits); it loads and runs without lrp_grad. See
+        :func:`lrp_grad.export.export`."""
+        from .export import export
+
+        return export(self, path)
+
     def forward(self, x) -> np.ndarray:
         """The rewritten model's output on ``x`` (the logits; a final softmax is skipped)."""
         x = self._check_x(x)

@@ -78,3 +78,25 @@ def test_quick_demo(tmp_path):
     assert flip["highest"]["worse"] >= 0.9 and flip["lowest"]["improved"] > 0.5
     aopc = results["aopc"]
     assert max(aopc["LRP a/b (2,1)"]["aopc"], aopc["LRP epsilon_plus_flat"]["aopc"]) > aopc["random"]["aopc"] + 0.3
+
+
+def test_explain_dataset_folder_and_export(tiny, tmp_path):
+    model, path, images = tiny
+    folder = tmp_path / "images"
+    folder.mkdir()
+    import shutil
+
+    for p in images[:2]:
+        shutil.copy(p, folder)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "ds"
+    assert cli.main(["explain", "--model", str(path), "--dataset", str(folder), "--out", str(out), "--batch-size", "1",
+                     "--no-progress", "--rule", "zplus"]) == 0
+    R = np.load(out / "relevance.npy")
+    summaries = json.loads((out / "summaries.json").read_text())
+    assert R.shape == (2, 8, 8, 3) and sorted(summaries) == ["img0.png", "img1.png"]
+    assert set(summaries["img0.png"]) == {"predicted", "target", "target_logit", "relevance_sum", "conservation_error"}
+    with pytest.raises(SystemExit, match="no image files"):
+        cli.main(["explain", "--model", str(path), "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "x")])
+    assert cli.main(["export", str(path), str(tmp_path / "saved"), "--rule", "zplus"]) == 0
+    assert (tmp_path / "saved" / "saved_model.pb").exists()

@@ -1,0 +1,51 @@
+"""Servable explainers: a TensorFlow SavedModel that computes relevance without lrp_grad.
+
+The exported graph holds the rewritten forward pass and its LRP backward pass as ordinary
+TensorFlow ops (the custom gradients are traced away), plus the model's variables, so
+``tf.saved_model.load`` runs it in any process with TensorFlow, and TensorFlow Serving can
+serve it.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import tensorflow as tf
+
+__all__ = ["export"]
+
+
+def export(explainer, path) -> pathlib.Path:
+    """Write ``explainer`` as a SavedModel at ``path``.
+
+    Signatures
+    ----------
+    ``explain(images, target) -> {relevance, logits}``
+        ``target`` is an int32 class per image; ``-1`` explains the predicted class.
+    ``serving_default(images) -> {relevance, logits, target}``
+        The predicted class.
+
+    The exported graph uses the signed-input form of the rules, which is exact for any input.
+    """
+    path = pathlib.Path(path)
+    fn, _ = explainer._function(False, "logit", False)
+    images = tf.TensorSpec((None,) + tuple(explainer.input_shape), explainer.dtype, name="images")
+    targets = tf.TensorSpec((None,), tf.int32, name="target")
+
+    module = tf.Module()
+    module.model = explainer.model  # tracks the variables the graph reads
+
+    @tf.function(input_signature=[images, targets])
+    def explain(images, target):
+        relevance, logits, _ = fn(images, target)
+        return {"relevance": relevance, "logits": logits}
+
+    @tf.function(input_signature=[images])
+    def serving_default(images):
+        relevance, logits, _ = fn(images, -tf.ones(tf.shape(images)[:1], tf.int32))
+        return {"relevance": relevance, "logits": logits, "target": tf.argmax(logits, -1, output_type=tf.int32)}
+
+    module.explain = explain
+    module.serving_default = serving_default
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serving_default, "explain": explain},
+                        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+    return path
