@@ -107,6 +107,9 @@ class Explainer:
     jit_compile : bool or None
         Compile with XLA. ``None`` chooses per device: off on CPU (measured slower there), on for
         GPU/TPU.
+    strategy : tf.distribute.Strategy, optional
+        Split every batch across the strategy's replicas (e.g. ``MirroredStrategy`` over several
+        GPUs or logical CPU devices) and gather the results in order.
 
     Examples
     --------
@@ -115,7 +118,7 @@ class Explainer:
     >>> R, report = ex(x, target=y, return_layers=True)               # doctest: +SKIP
     """
 
-    def __init__(self, model, rule=None, *, canonizers=None, jit_compile: bool | None = None):
+    def __init__(self, model, rule=None, *, canonizers=None, jit_compile: bool | None = None, strategy=None):
         rule = as_composite(DEFAULT_RULE if rule is None else rule)
         if jit_compile not in (None, True, False):
             raise ValueError(f"jit_compile must be True, False or None, got {jit_compile!r}.")
@@ -124,8 +127,12 @@ class Explainer:
             for c in canonizers:
                 if not isinstance(c, Canonizer):
                     raise TypeError(f"canonizers must be lrp_grad.canonizers.Canonizer objects, got {c!r}.")
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise TypeError(f"strategy must be a tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()), "
+                            f"got {strategy!r}.")
         check_model(model)
         self.model = model
+        self.strategy = strategy
         self.rule = rule
         self.canonizers = canonizers
         self.jit_compile = _default_jit() if jit_compile is None else jit_compile
@@ -147,6 +154,7 @@ class Explainer:
         self.trace_count = 0
         #: With XLA: the padded batch sizes compiled so far (powers of two; see _pad_to_bucket).
         self.compiled_batch_sizes = set()
+        self._distributed = {}
 
     def __repr__(self):
         return f"Explainer(model={self.model.name!r}, rule={self.rule.name}, jit_compile={self.jit_compile})"
@@ -362,7 +370,7 @@ class Explainer:
             if self.jit_compile:
                 xb, sb = _pad_to_bucket(xb), _pad_to_bucket(sb)
                 self.compiled_batch_sizes.add(len(xb))
-            R, _, s = fn(tf.constant(xb), tf.constant(sb))
+            R, _, s = self._run(fn, xb, sb)
             parts.append(R.numpy()[:rows])
             sums.append([v.numpy()[:rows] for v in s])
         R = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -396,11 +404,38 @@ class Explainer:
         t = self._check_target(target, len(x))
         fn, _ = self._function(bool(np.all(x >= 0)), "logit", False)
         xb, tb = (_pad_to_bucket(x), _pad_to_bucket(t)) if self.jit_compile else (x, t)
-        R, logits, _ = fn(tf.constant(xb), tf.constant(tb))
+        R, logits, _ = self._run(fn, xb, tb)
         return R.numpy()[:len(x)], logits.numpy()[:len(x)]
 
+    def _run(self, fn, x, second):
+        """Call the compiled pass on one batch, split across the strategy's replicas if any."""
+        replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+        if replicas == 1 or len(x) < replicas:
+            return fn(tf.constant(x), tf.constant(second))
+        bounds = np.linspace(0, len(x), replicas + 1).astype(int)
+
+        def shard(values):
+            return lambda ctx: tf.constant(values[bounds[ctx.replica_id_in_sync_group]:
+                                                  bounds[ctx.replica_id_in_sync_group + 1]])
+
+        xs = self.strategy.experimental_distribute_values_from_function(shard(x))
+        ss = self.strategy.experimental_distribute_values_from_function(shard(second))
+        if fn not in self._distributed:
+            strategy = self.strategy
+
+            @tf.function
+            def distributed(xs, ss):
+                # A plain callable: strategy.run re-wraps tf.functions and would bind PerReplica values.
+                return strategy.run(lambda a, b: fn(a, b), args=(xs, ss))
+
+            self._distributed[fn] = distributed
+        out = self._distributed[fn](xs, ss)
+        gather = lambda v: tf.concat(self.strategy.experimental_local_results(v), 0)  # noqa: E731 (replica order)
+        R, logits, sums = out
+        return gather(R), gather(logits), [gather(v) for v in sums]
+
     def explain_dataset(self, data, target="label", *, batch_size: int = 256, out=None, resume: bool = False,
-                        progress: bool = True, length: int | None = None):
+                        progress: bool = True, length: int | None = None, worker=None):
         """Explain a whole dataset in batches, with constant memory when writing to disk.
 
         Parameters
@@ -423,6 +458,10 @@ class Explainer:
             Show a progress bar (tqdm, if installed).
         length : int, optional
             Number of images, when it cannot be read from ``data``.
+        worker : 'auto', (index, count) or None
+            Share the work among ``count`` processes: this one explains every ``count``-th batch
+            and writes its own shards and manifest into the ``out`` folder;
+            :func:`lrp_grad.stream.load` merges them in order. ``'auto'`` reads ``TF_CONFIG``.
 
         Returns
         -------
@@ -432,7 +471,7 @@ class Explainer:
         """
         from .stream import explain_dataset
 
-        return explain_dataset(self, data, target, batch_size, out, resume, progress, length)
+        return explain_dataset(self, data, target, batch_size, out, resume, progress, length, worker)
 
     def export(self, path):
         """Write a TensorFlow SavedModel with ``explain(images, target)`` and ``serving_default(images)``

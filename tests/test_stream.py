@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import lrp_grad
-from lrp_grad.stream import load_shards
+from lrp_grad.stream import load, load_shards
 from kit import cnn
 
 
@@ -92,8 +92,10 @@ def test_resume_refuses_another_model_or_rule(setup, tmp_path):
     ex, x, y = setup
     ex.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", progress=False)
     other = lrp_grad.Explainer(ex.model, rule=lrp_grad.Epsilon())
-    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*different model or rule \(differs in \['rule'\]\)"):
-        other.explain_dataset(zip(x, y), out=tmp_path / "o", resume=True, progress=False)
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*different model, rule or batch size \(differs in \['rule'\]\)"):
+        other.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", resume=True, progress=False)
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"differs in \['batch_size'\]"):
+        ex.explain_dataset(zip(x, y), batch_size=6, out=tmp_path / "o", resume=True, progress=False)
 
 
 def test_bad_elements_name_their_index(setup):
@@ -107,3 +109,20 @@ def test_bad_elements_name_their_index(setup):
         ex.explain_dataset(x, progress=False)
     with pytest.raises(lrp_grad.InvalidInputError, match="needs the dataset length"):
         ex.explain_dataset(iter(x), target=1, out="r.npy", progress=False)
+
+
+def test_two_workers_share_the_work(setup, tmp_path):
+    ex, x, y = setup
+    for index in (1, 0):
+        part = ex.explain_dataset(zip(x, y), batch_size=4, out=tmp_path / "w", worker=(index, 2), progress=False)
+        assert len(part) == (11 if index else 12)  # batches 1, 3, 5 (4+4+3 images) and 0, 2, 4
+        if index == 1:
+            with pytest.raises(lrp_grad.InvalidInputError, match=r"images 0..3 are missing \(a worker has not finished"):
+                load(tmp_path / "w")
+    merged = load(tmp_path / "w")
+    np.testing.assert_array_equal(merged.relevance, ex(x, target=y, batch_size=4))
+    np.testing.assert_array_equal(merged.summaries["target"], y)
+    with pytest.raises(lrp_grad.InvalidInputError, match="with several workers, out= must be a folder"):
+        ex.explain_dataset(zip(x, y), worker=(0, 2), progress=False)
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"worker must be 'auto', None or \(index, count\)"):
+        ex.explain_dataset(zip(x, y), worker=(2, 2), out=tmp_path / "z", progress=False)
