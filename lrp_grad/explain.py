@@ -110,6 +110,11 @@ class Explainer:
     strategy : tf.distribute.Strategy, optional
         Split every batch across the strategy's replicas (e.g. ``MirroredStrategy`` over several
         GPUs or logical CPU devices) and gather the results in order.
+    compute_dtype : {None, 'bfloat16', 'float16'}
+        Run the convolutions and matrix products (forward and transposed) in reduced precision
+        for accelerators, on operands scaled to max |value| = 1 (no float16 overflow); divisions,
+        stabilisers and products with the input stay in float32. Its error against float32 is
+        measured in benchmarks/README.md.
 
     Examples
     --------
@@ -118,7 +123,8 @@ class Explainer:
     >>> R, report = ex(x, target=y, return_layers=True)               # doctest: +SKIP
     """
 
-    def __init__(self, model, rule=None, *, canonizers=None, jit_compile: bool | None = None, strategy=None):
+    def __init__(self, model, rule=None, *, canonizers=None, jit_compile: bool | None = None, strategy=None,
+                 compute_dtype: str | None = None):
         rule = as_composite(DEFAULT_RULE if rule is None else rule)
         if jit_compile not in (None, True, False):
             raise ValueError(f"jit_compile must be True, False or None, got {jit_compile!r}.")
@@ -130,14 +136,18 @@ class Explainer:
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"strategy must be a tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()), "
                             f"got {strategy!r}.")
+        if compute_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"compute_dtype must be None, 'bfloat16' or 'float16', got {compute_dtype!r}.")
         check_model(model)
         self.model = model
         self.strategy = strategy
+        self.compute_dtype = compute_dtype
         self.rule = rule
         self.canonizers = canonizers
         self.jit_compile = _default_jit() if jit_compile is None else jit_compile
         # Plans for signed and for non-negative inputs; the first now so errors come early.
-        self._plans = {False: rewrite.build_plan(model, rule, input_nonneg=False, canonizers=canonizers)}
+        self._plans = {False: rewrite.build_plan(model, rule, input_nonneg=False, canonizers=canonizers,
+                                                 compute_dtype=compute_dtype)}
         graph = self._plans[False].graph
         out_shape = model.outputs[0].shape
         if out_shape.rank != 2 or graph.n_outputs is None:
@@ -269,7 +279,8 @@ class Explainer:
     def _plan(self, input_nonneg: bool):
         if input_nonneg not in self._plans:
             self._plans[input_nonneg] = rewrite.build_plan(
-                self.model, self.rule, input_nonneg=input_nonneg, canonizers=self.canonizers
+                self.model, self.rule, input_nonneg=input_nonneg, canonizers=self.canonizers,
+                compute_dtype=self.compute_dtype,
             )
         return self._plans[input_nonneg]
 
@@ -489,7 +500,8 @@ class Explainer:
 
 
 def explain(model, x, target=None, *, rule=None, initial="logit", return_layers: bool = False,
-            batch_size: int | None = None, canonizers=None, jit_compile: bool | None = None):
+            batch_size: int | None = None, canonizers=None, jit_compile: bool | None = None,
+            compute_dtype: str | None = None):
     """Explain ``model``'s decision on the batch ``x`` with LRP; one call, no state kept.
 
     See :class:`Explainer` (which caches the compiled pass across calls) for the parameters.
@@ -499,5 +511,5 @@ def explain(model, x, target=None, *, rule=None, initial="logit", return_layers:
     >>> R = lrp_grad.explain(model, x)                                    # doctest: +SKIP
     >>> R = lrp_grad.explain(model, x, target=3, rule=lrp_grad.ZPlus())  # doctest: +SKIP
     """
-    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile)
+    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype)
     return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)

@@ -65,6 +65,8 @@ class Context:
         e.g. a folded BatchNorm).
     input_shapes : tuple
         Static shapes of the inputs (``tf.TensorShape``).
+    compute_dtype : str or None
+        Run the linear ops in this reduced precision (``'bfloat16'``, ``'float16'``).
     """
 
     rule: object = None
@@ -72,6 +74,7 @@ class Context:
     is_output: bool = False
     params: Callable | None = None
     input_shapes: tuple = ()
+    compute_dtype: str | None = None
 
 
 def _no_problem(layer, ctx):
@@ -319,7 +322,7 @@ def _weighted(op_for, kernel_attr="kernel"):
     def apply(layer, inputs, ctx):
         (x,) = inputs
         w, b = ctx.params() if ctx.params is not None else read(layer)
-        z = propagate.linear(x, op_for(layer), w, b, ctx.rule, x_nonneg=ctx.nonneg[0])
+        z = propagate.linear(x, op_for(layer), w, b, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
         return _activate(layer.activation, z, ctx)
 
     return apply
@@ -330,8 +333,8 @@ def _separable(layer, inputs, ctx):
     (x,) = inputs
     pointwise, b = ctx.params() if ctx.params is not None else _reader("pointwise_kernel")(layer)
     depthwise = tf.convert_to_tensor(layer.depthwise_kernel)
-    h = propagate.linear(x, _depthwise_op(layer), depthwise, None, ctx.rule, x_nonneg=ctx.nonneg[0])
-    z = propagate.linear(h, POINTWISE_OP, pointwise, b, ctx.rule, x_nonneg=False)
+    h = propagate.linear(x, _depthwise_op(layer), depthwise, None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
+    z = propagate.linear(h, POINTWISE_OP, pointwise, b, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=False)
     return _activate(layer.activation, z, ctx)
 
 
@@ -388,7 +391,7 @@ def _avg_pool_2d(layer, inputs, ctx):
     (x,) = inputs
     size, strides, padding = list(layer.pool_size), list(layer.strides), layer.padding.upper()
     op = _fixed_op(lambda t: tf.nn.avg_pool2d(t, size, strides, padding))
-    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, x_nonneg=ctx.nonneg[0])
+    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
 
 
 def _global_avg_pool(layer, inputs, ctx):
@@ -396,7 +399,7 @@ def _global_avg_pool(layer, inputs, ctx):
     axes = list(range(1, x.shape.rank - 1))
     keepdims = bool(getattr(layer, "keepdims", False))
     op = _fixed_op(lambda t: tf.reduce_mean(t, axes, keepdims=keepdims))
-    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, x_nonneg=ctx.nonneg[0])
+    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
 
 
 def batch_norm_affine(layer, dtype):
@@ -413,7 +416,7 @@ def batch_norm_affine(layer, dtype):
 def _batch_norm(layer, inputs, ctx):
     (x,) = inputs
     scale, shift = batch_norm_affine(layer, x.dtype)
-    return propagate.linear(x, DIAGONAL_OP, scale, shift, ctx.rule, x_nonneg=ctx.nonneg[0])
+    return propagate.linear(x, DIAGONAL_OP, scale, shift, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
 
 
 def _batch_norm_problem(layer, ctx):
@@ -427,7 +430,7 @@ def _batch_norm_problem(layer, ctx):
 def _add(layer, inputs, ctx):
     stacked = tf.stack(inputs, axis=-1)
     w = tf.ones([len(inputs)], stacked.dtype)
-    return propagate.linear(stacked, SUM_OP, w, None, ctx.rule, x_nonneg=all(ctx.nonneg))
+    return propagate.linear(stacked, SUM_OP, w, None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=all(ctx.nonneg))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,8 +101,44 @@ def _ones_forward(op, x, w):
     return op.forward(tf.ones_like(x[:1]), w)
 
 
-def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
-    """Return a function mapping the relevance ``R`` at ``z`` to the relevance at ``x``."""
+def _peak(t, per_sample: bool):
+    """max |t| (per sample or over the whole tensor), 1 where it is 0: a scale for reduced precision."""
+    axes = list(range(1, t.shape.rank)) if per_sample else None
+    peak = tf.reduce_max(tf.abs(t), axis=axes, keepdims=per_sample)
+    return tf.where(peak > 0, peak, tf.ones_like(peak))
+
+
+def reduced_precision(op: LinearOp, compute_dtype) -> LinearOp:
+    """``op`` computed on ``compute_dtype`` operands, its results cast back to the input dtype.
+
+    Only the heavy ops (F and T) run in reduced precision; every division, stabiliser and
+    product with the input stays in the model's dtype. F and T are linear in both operands, so
+    each operand is scaled to max |value| = 1 first (per sample for the batch operand) and the
+    result scaled back in full precision: float16 neither overflows (65504) nor underflows.
+    """
+    dtype = tf.as_dtype(compute_dtype)
+
+    def rescale(result, a_peak, w_peak):
+        shape = [-1] + [1] * (result.shape.rank - 1)
+        return tf.cast(result, a_peak.dtype) * tf.reshape(a_peak, shape) * w_peak
+
+    def forward(x, w):
+        xp, wp = _peak(x, True), _peak(w, False)
+        return rescale(op.forward(tf.cast(x / xp, dtype), tf.cast(w / wp, dtype)), xp, wp)
+
+    def transpose(s, w, x):
+        sp, wp = _peak(s, True), _peak(w, False)
+        return rescale(op.transpose(tf.cast(s / sp, dtype), tf.cast(w / wp, dtype), tf.cast(x, dtype)), sp, wp)
+
+    return LinearOp(forward, transpose, op.in_axis, op.out_axis)
+
+
+def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, reduced: bool = False):
+    """Return a function mapping the relevance ``R`` at ``z`` to the relevance at ``x``.
+
+    ``reduced``: F runs in reduced precision, where ``z- = z - z+`` would cancel catastrophically;
+    ``z-`` is then computed by its own forward op.
+    """
     dtype = z.dtype
     if isinstance(rule, Z):
         return lambda r: x * op.transpose(tf.math.divide_no_nan(r, z), w, x)
@@ -114,7 +150,11 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
     if isinstance(rule, AlphaBeta):
         w_pos, w_neg = _split(w)
         zp_nobias = _positive_forward(op, x, w_pos, w_neg, x_nonneg)
-        zp, zn = zp_nobias, z_nobias - zp_nobias
+        if reduced:
+            zn_nobias = _positive_forward(op, x, w_neg, w_pos, x_nonneg)
+        else:
+            zn_nobias = z_nobias - zp_nobias
+        zp, zn = zp_nobias, zn_nobias
         if rule.bias and b is not None:
             b_pos, b_neg = _split(b)
             zp, zn = zp + b_pos, zn + b_neg
@@ -158,7 +198,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
         w_pos, w_neg = _split(w)
         gamma = tf.constant(rule.gamma, dtype)
         zp = _positive_forward(op, x, w_pos, w_neg, x_nonneg)
-        zn = z_nobias - zp
+        zn = _positive_forward(op, x, w_neg, w_pos, x_nonneg) if reduced else z_nobias - zp
         if b is not None:
             b_pos, b_neg = _split(b)
             zp, zn = zp + b_pos, zn + b_neg
@@ -177,7 +217,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool):
     raise TypeError(f"no LRP backward pass for rule {rule!r} ({type(rule).__name__})")
 
 
-def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False):
+def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dtype=None):
     """Return ``z = F(x, W) + b`` whose gradient w.r.t. ``x`` is the ``rule``'s relevance.
 
     Parameters
@@ -193,13 +233,18 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False):
     x_nonneg : bool
         Whether ``x >= 0`` is guaranteed (it follows a ReLU); skips the ``x-`` half of the
         sign-split rules. Must only be ``True`` when it is true.
+    compute_dtype : str, optional
+        Run F and T in this precision (``'bfloat16'``, ``'float16'``); see :func:`reduced_precision`.
     """
+    reduced = compute_dtype is not None and tf.as_dtype(compute_dtype) != x.dtype
+    if reduced:
+        op = reduced_precision(op, compute_dtype)
 
     @tf.custom_gradient
     def lrp_linear(x):
         z_nobias = op.forward(x, w)
         z = z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
-        return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg)
+        return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced)
 
     return lrp_linear(x)
 

@@ -48,7 +48,7 @@ def _unsupported(graph, problems):
     )
 
 
-def build_plan(model, rule, input_nonneg: bool = False, canonizers=None) -> Plan:
+def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute_dtype=None) -> Plan:
     """Check the whole model and decide, per layer call, the handler, rule and input signs.
 
     Parameters
@@ -61,6 +61,8 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None) -> Plan
         Whether the model input is known to be ``>= 0``.
     canonizers : sequence of Canonizer, optional
         Forward-preserving rewrites; default :data:`~lrp_grad.canonizers.DEFAULT_CANONIZERS`.
+    compute_dtype : str, optional
+        Reduced precision for the linear ops (``'bfloat16'``, ``'float16'``).
 
     Raises
     ------
@@ -82,7 +84,7 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None) -> Plan
     for node in graph.nodes:
         handler = node.handler or handlers.handler_for(node.layer)
         ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
-                               input_shapes=node.input_shapes)
+                               input_shapes=node.input_shapes, compute_dtype=compute_dtype)
         if handler is None:
             hint = " (a subclassed model used as a layer)" if isinstance(node.layer, keras.Model) else ""
             problems.append((node.layer, f"no handler for this layer class{hint}"))

@@ -214,3 +214,19 @@ def test_xla_buckets_batch_sizes():
         x = rng.uniform(0, 1, (n, 8, 8, 1)).astype(np.float32)
         assert_close(ex(x, target=1), plain(x, target=1), 1e-5, f"n={n}")
     assert ex.trace_count == 1 and ex.compiled_batch_sizes == {2, 4, 8}
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
+def test_reduced_precision_stays_close_to_float32(compute_dtype):
+    model = cnn((10, 10, 3), "same")
+    x = np.random.default_rng(0).uniform(0, 255, (4, 10, 10, 3)).astype(np.float32)  # raw pixels: fp16 range matters
+    for rule in (lrp_grad.Epsilon(1e-6), lrp_grad.AlphaBeta(2, 1), "epsilon_plus_flat"):
+        full = lrp_grad.explain(model, x, target=1, rule=rule)
+        low = lrp_grad.explain(model, x, target=1, rule=rule, compute_dtype=compute_dtype)
+        assert low.dtype == np.float32 and np.all(np.isfinite(low))
+        assert_close(low, full, 0.1, f"{compute_dtype} {rule}")
+
+
+def test_bad_compute_dtype():
+    with pytest.raises(ValueError, match="compute_dtype must be None, 'bfloat16' or 'float16', got 'int8'"):
+        lrp_grad.Explainer(mlp(), compute_dtype="int8")
