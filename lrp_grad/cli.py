@@ -148,8 +148,11 @@ def _explain(args) -> int:
 
 
 def _demo(args) -> int:
+    import tensorflow as tf
+
     from . import demo
 
+    tf.get_logger().setLevel("ERROR")  # one Explainer per figure: TF's generic retracing notice is noise here
     res = demo.run(args.out, quick=args.quick, progress=not args.no_progress, lime=not args.no_lime)
     flip = res["pixel_flipping"]
     print(f"wrote the study to {args.out}/report.md: MNIST test accuracy {res['mnist']['test_accuracy']:.3f}; "

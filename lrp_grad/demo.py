@@ -134,12 +134,12 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     bar.step("figures 5-12 (MNIST)")
     _save_image(image[0], out / "fig05_input.png")
     r = {f"{name}_t{t}": ex(image, target=t)[0] for name, ex in (("ab21", ab21), ("ab32", ab32)) for t in (3, 9)}
-    _figure(out / "fig06_ab21_target3.png", [image[0]], [r["ab21_t3"]], ["true class 3, target 3, a=2 b=1"])
+    _figure(out / "fig06_ab21_target3.png", [image[0]], [r["ab21_t3"]], ["true 3, target 3\na=2 b=1"])
     _figure(out / "fig06_ab21_target3_seed_colours.png", [image[0]], [r["ab21_t3"]],
-            ["target 3, a=2 b=1 (seed colours: blue = +)"], scheme="seed")
-    _figure(out / "fig07_ab21_target9.png", [image[0]], [r["ab21_t9"]], ["true class 3, target 9, a=2 b=1"])
-    _figure(out / "fig08_ab32_target3.png", [image[0]], [r["ab32_t3"]], ["true class 3, target 3, a=3 b=2"])
-    _figure(out / "fig09_ab32_target9.png", [image[0]], [r["ab32_t9"]], ["true class 3, target 9, a=3 b=2"])
+            ["target 3, a=2 b=1\nseed colours: blue = +"], scheme="seed")
+    _figure(out / "fig07_ab21_target9.png", [image[0]], [r["ab21_t9"]], ["true 3, target 9\na=2 b=1"])
+    _figure(out / "fig08_ab32_target3.png", [image[0]], [r["ab32_t3"]], ["true 3, target 3\na=3 b=2"])
+    _figure(out / "fig09_ab32_target9.png", [image[0]], [r["ab32_t9"]], ["true 3, target 9\na=3 b=2"])
     all_targets = ab32(np.repeat(image, 10, 0), target=np.arange(10))  # ten targets, one batch
     _figure(out / "fig10_ab32_all_targets.png", None, list(all_targets), [f"target {t}" for t in range(10)],
             suptitle="true class 3, every target class, a=3 b=2", ncols=5)
@@ -196,7 +196,7 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
         cex = Explainer(cmodel, rule=AlphaBeta(3, 2))
         _save_image(cimg[0] / 255.0, out / "fig13_cifar_input.png")
         _figure(out / "fig14_cifar_ab32_automobile.png", [cimg[0] / 255.0], [cex(cimg, target=1)[0]],
-                ["true automobile, target automobile, a=3 b=2"])
+                ["target automobile\na=3 b=2"])
         call = cex(np.repeat(cimg, 10, 0), target=np.arange(10))
         _figure(out / "fig15_cifar_ab32_all_targets.png", None, list(call), list(datasets.CIFAR10_CLASSES),
                 suptitle="true class automobile, every target class, a=3 b=2", ncols=5)
@@ -324,7 +324,7 @@ def _report(res, epochs_long) -> str:
                + ("LRP beats the random ordering clearly." if lrp_best > random + 0.05 else
                   "LRP does NOT clearly beat the random ordering here."))
     verdict += (f" Gradient x input reaches {gxi:.3f}"
-                + (", as good as LRP on this small ReLU net (LRP-0 is gradient x input here)."
+                + (", as good as or better than LRP on this small ReLU net (LRP-0 is gradient x input here)."
                    if gxi >= lrp_best - 0.01 else ", below LRP."))
     if "LIME" in aopc:
         lime = aopc["LIME"]

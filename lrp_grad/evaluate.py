@@ -6,6 +6,8 @@ pixel are perturbed together. Models are called in batches; nothing loops over p
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from dataclasses import dataclass, field
 
@@ -198,8 +200,9 @@ def _lime(model, x, y, num_samples=500, seed=0):
     for i in range(len(x)):
         image = x[i] / scale
         rgb = np.repeat(image, 3, -1) if gray else image
-        exp = explainer.explain_instance(rgb.astype(np.float64), predict, labels=(int(y[i]),), top_labels=None,
-                                         hide_color=0, num_samples=num_samples, segmentation_fn=segmenter)
+        with contextlib.redirect_stderr(io.StringIO()):  # lime draws a progress bar per image
+            exp = explainer.explain_instance(rgb.astype(np.float64), predict, labels=(int(y[i]),), top_labels=None,
+                                             hide_color=0, num_samples=num_samples, segmentation_fn=segmenter)
         weights = dict(exp.local_exp[int(y[i])])
         maps[i] = np.vectorize(lambda s: weights.get(s, 0.0))(exp.segments)
     return maps[..., None].repeat(x.shape[-1], -1) / x.shape[-1]
