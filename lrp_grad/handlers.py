@@ -250,7 +250,7 @@ def _conv_transpose_op(layer) -> propagate.LinearOp:
     def transpose(s, w, x):
         return tf.nn.conv2d(s, w, strides, padding)
 
-    return propagate.LinearOp(forward, transpose, in_axis=-1, out_axis=-2)
+    return propagate.LinearOp(forward, transpose, in_axis=-1)
 
 
 def _depthwise_op(layer) -> propagate.LinearOp:
@@ -264,7 +264,7 @@ def _depthwise_op(layer) -> propagate.LinearOp:
     def transpose(s, w, x):
         return tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), _dilate_kernel(w, dilations), s, strides, padding)
 
-    return propagate.LinearOp(forward, transpose, in_axis=None, out_axis=None)
+    return propagate.LinearOp(forward, transpose, in_axis=None)
 
 
 def _fixed_op(fn) -> propagate.LinearOp:
@@ -276,7 +276,7 @@ def _fixed_op(fn) -> propagate.LinearOp:
     def transpose(s, w, x):
         return _vjp(fn, x, s * w)
 
-    return propagate.LinearOp(forward, transpose, in_axis=None, out_axis=None)
+    return propagate.LinearOp(forward, transpose, in_axis=None)
 
 
 def _diagonal_forward(x, w):
@@ -287,7 +287,7 @@ def _diagonal_transpose(s, w, x):
     return s * w
 
 
-DIAGONAL_OP = propagate.LinearOp(_diagonal_forward, _diagonal_transpose, in_axis=None, out_axis=None)
+DIAGONAL_OP = propagate.LinearOp(_diagonal_forward, _diagonal_transpose, in_axis=None)
 
 
 def _sum_forward(x, w):  # x: inputs stacked on a new last axis, w: (k,) unit weights
@@ -298,7 +298,7 @@ def _sum_transpose(s, w, x):
     return s[..., None] * w
 
 
-SUM_OP = propagate.LinearOp(_sum_forward, _sum_transpose, in_axis=None, out_axis=None)
+SUM_OP = propagate.LinearOp(_sum_forward, _sum_transpose, in_axis=None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,13 @@ rule's ``R_i``. One ``GradientTape`` pass over the rewritten model then computes
 
 Cost, counted in units of one forward op (a plain gradient pass costs 2 per layer: F and T):
 Epsilon/Z reuse the forward ``z`` and need one T (2 units, as the gradient); z+ needs one more F
-with ``W+`` (3 units); alpha-beta derives ``z-`` as ``z - z+`` and runs both transposed ops as one
-T on output-channel-concatenated weights (4 units). Inputs not known to be non-negative double
-the extra F (``x+`` and ``x-`` concatenated along the input channels) and add one T with ``W``.
+with ``W+`` (3 units); alpha-beta derives ``z-`` as ``z - z+`` and needs two transposed ops,
+``W+^T s+ + W-^T s-`` (4 units: 2x a gradient pass); one call on channel-concatenated operands
+was measured slower on this CPU, with twice the peak memory. At most one modified copy of a
+kernel exists at a time (a copy of VGG16's first Dense kernel is 400 MB). Inputs not known to be
+non-negative double the extra F (``|x|`` and ``x-`` concatenated along the input channels) and
+add one T with ``W``. Every extra op runs in the backward pass, so the forward keeps no more
+tensors alive than a gradient pass (plus ``z``).
 """
 from __future__ import annotations
 
@@ -35,28 +39,21 @@ class LinearOp:
     transpose : callable
         ``transpose(s, W, x) -> T(s, W)``, the vector-Jacobian product of ``forward`` w.r.t. ``x``
         (``x`` only provides the output shape).
-    in_axis, out_axis : int or None
-        Kernel axes of the input and output channels when every output sums over all input
-        channels (Dense, Conv): then two ops ``F(x1, W1) + F(x2, W2)`` run as one call on
-        channel-concatenated operands. ``None`` (depthwise, pooling, diagonal layers) runs two calls.
+    in_axis : int or None
+        Kernel axis of the input channels when every output sums over all input channels
+        (Dense, Conv): then ``F(x+, W+) + F(x-, W-)`` for signed inputs runs as one call on
+        channel-concatenated operands. ``None`` (depthwise, pooling, diagonal layers) runs two.
     """
 
     forward: Callable
     transpose: Callable
     in_axis: int | None = -2
-    out_axis: int | None = -1
 
     def forward2(self, x1, w1, x2, w2):
         """``F(x1, W1) + F(x2, W2)``, as one call where the layout allows."""
         if self.in_axis is None:
             return self.forward(x1, w1) + self.forward(x2, w2)
         return self.forward(tf.concat([x1, x2], axis=-1), tf.concat([w1, w2], axis=self.in_axis))
-
-    def transpose2(self, s1, w1, s2, w2, x):
-        """``T(s1, W1) + T(s2, W2)``, as one call where the layout allows."""
-        if self.out_axis is None:
-            return self.transpose(s1, w1, x) + self.transpose(s2, w2, x)
-        return self.transpose(tf.concat([s1, s2], axis=-1), tf.concat([w1, w2], axis=self.out_axis), x)
 
 
 def stabilize(z, eps):
@@ -70,25 +67,37 @@ def _split(t):
     return pos, t - pos
 
 
-def _positive_forward(op, x, w_pos, w_neg, x_nonneg):
-    """``sum_i (x_i w_ij)^+``: ``F(x, W+)`` or, for signed inputs, ``F(x+, W+) + F(x-, W-)`` as one op."""
+# At most one modified copy of a kernel exists at a time: for a large Dense kernel (VGG16's
+# first, 25088 x 4096) each copy costs 400 MB. Forward terms with W- are rewritten with W+ and W.
+
+
+def _positive_sum(op, x, w_pos, w, x_nonneg):
+    """``sum_i (x_i w_ij)^+ = F(x+, W+) + F(x-, W-) = F(|x|, W+) + F(x-, W)`` (one op for x >= 0)."""
     if x_nonneg:
         return op.forward(x, w_pos)
-    x_pos, x_neg = _split(x)
-    return op.forward2(x_pos, w_pos, x_neg, w_neg)
+    return op.forward2(tf.abs(x), w_pos, tf.minimum(x, 0), w)
 
 
-def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w_neg, w, x_nonneg, q=None):
-    """Relevance ``x+ (W+^T s+ + W-^T s-) + x- (W-^T s+ + W+^T s-)`` with at most two T calls.
+def _negative_sum(op, x, w_pos, w, x_nonneg):
+    """``sum_i (x_i w_ij)^- = F(x+, W-) + F(x-, W+) = F(x+, W) - F(|x|, W+)`` computed on its own
+    (for reduced precision, where ``z - z+`` cancels catastrophically)."""
+    if x_nonneg:
+        return op.forward(x, w) - op.forward(x, w_pos)
+    return op.forward(tf.nn.relu(x), w) - op.forward(tf.abs(x), w_pos)
 
-    ``P = W+^T s+ + W-^T s-`` is one call on output-channel-concatenated weights; for signed
-    inputs ``W-^T s+ + W+^T s- = W^T (s+ + s-) - P`` and ``x+ P + x- (Q - P) = |x| P + x- Q``.
+
+def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg, q=None):
+    """Relevance ``x+ (W+^T s+ + W-^T s-) + x- (W-^T s+ + W+^T s-)``.
+
+    ``P = W+^T s+ + W-^T s-`` in two T calls; ``W-`` is made only after the first call, when
+    ``W+`` is no longer needed, so at most one modified copy of the kernel exists at a time. For
+    signed inputs ``W-^T s+ + W+^T s- = W^T (s+ + s-) - P`` and ``x+ P + x- (Q - P) = |x| P + x- Q``;
     ``q`` is ``Q`` when the caller already has it.
     """
-    if s_neg is None:
-        p = op.transpose(s_pos, w_pos, x)
-    else:
-        p = op.transpose2(s_pos, w_pos, s_neg, w_neg, x)
+    p = op.transpose(s_pos, w_pos, x)
+    if s_neg is not None:
+        with tf.control_dependencies([p]):
+            p = p + op.transpose(s_neg, tf.minimum(w, 0), x)
     if x_nonneg:
         return x * p
     if q is None:
@@ -130,64 +139,85 @@ def reduced_precision(op: LinearOp, compute_dtype) -> LinearOp:
         sp, wp = _peak(s, True), _peak(w, False)
         return rescale(op.transpose(tf.cast(s / sp, dtype), tf.cast(w / wp, dtype), tf.cast(x, dtype)), sp, wp)
 
-    return LinearOp(forward, transpose, op.in_axis, op.out_axis)
+    return LinearOp(forward, transpose, op.in_axis)
 
 
-def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, reduced: bool = False):
+def _after_relevance(fn):
+    """Run ``fn(r)``'s ops only once ``r`` exists. Its extra forward ops (``z+``, denominators)
+    depend on forward tensors alone, so the graph executor would otherwise start them during the
+    forward pass and keep their results alive until the backward pass reaches the layer."""
+
+    def wrapped(r):
+        with tf.control_dependencies([r]):
+            return fn(r)
+
+    return wrapped
+
+
+def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, x_nonneg: bool, reduced: bool = False):
     """Return a function mapping the relevance ``R`` at ``z`` to the relevance at ``x``.
+
+    Everything the rule needs beyond ``x`` and ``z`` (``z+``, ``z-``, denominators) is computed
+    inside the returned function, during the backward pass: the forward pass keeps no more
+    tensors alive than a plain gradient pass does, which bounds peak memory. ``z`` is recomputed
+    with the forward's own ``bias_add``, so it is bit-identical.
 
     ``reduced``: F runs in reduced precision, where ``z- = z - z+`` would cancel catastrophically;
     ``z-`` is then computed by its own forward op.
     """
-    dtype = z.dtype
+    dtype = z_nobias.dtype
+
+    def full_z():
+        return z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
+
+    def split_sums(w_pos):
+        """``(z+, z-)`` without bias: sums of the positive / negative contributions."""
+        zp = _positive_sum(op, x, w_pos, w, x_nonneg)
+        zn = _negative_sum(op, x, w_pos, w, x_nonneg) if reduced else z_nobias - zp
+        return zp, zn
+
     if isinstance(rule, Z):
-        return lambda r: x * op.transpose(tf.math.divide_no_nan(r, z), w, x)
+        return lambda r: x * op.transpose(tf.math.divide_no_nan(r, full_z()), w, x)
 
     if isinstance(rule, Epsilon):
-        denom = stabilize(z if rule.bias else z_nobias, rule.epsilon)
-        return lambda r: x * op.transpose(r / denom, w, x)
+        return lambda r: x * op.transpose(r / stabilize(full_z() if rule.bias else z_nobias, rule.epsilon), w, x)
 
     if isinstance(rule, AlphaBeta):
-        w_pos, w_neg = _split(w)
-        zp_nobias = _positive_forward(op, x, w_pos, w_neg, x_nonneg)
-        if reduced:
-            zn_nobias = _positive_forward(op, x, w_neg, w_pos, x_nonneg)
-        else:
-            zn_nobias = z_nobias - zp_nobias
-        zp, zn = zp_nobias, zn_nobias
-        if rule.bias and b is not None:
-            b_pos, b_neg = _split(b)
-            zp, zn = zp + b_pos, zn + b_neg
-        inv_p = tf.constant(rule.alpha, dtype) / stabilize(zp, STABILIZER)
-        inv_n = tf.constant(-rule.beta, dtype) / stabilize(zn, STABILIZER) if rule.beta else None
 
+        @_after_relevance
         def ab(r):
-            return _signed_pair_transpose(
-                op, x, r * inv_p, None if inv_n is None else r * inv_n, w_pos, w_neg, w, x_nonneg
-            )
+            w_pos = tf.nn.relu(w)
+            b_pos, b_neg = _split(b) if rule.bias and b is not None else (0.0, 0.0)
+            zp, zn = split_sums(w_pos)
+            # z+ >= 0 and z- <= 0, so stab() is a shift by +eps, resp. -eps (where z- == 0 every
+            # negative contribution is 0 and the shift's sign does not matter).
+            eps = tf.constant(STABILIZER, dtype)
+            s_pos = r * tf.constant(rule.alpha, dtype) / (zp + (b_pos + eps))
+            s_neg = r * tf.constant(-rule.beta, dtype) / (zn + (b_neg - eps)) if rule.beta else None
+            return _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg)
 
         return ab
 
-    if isinstance(rule, Flat):
-        ones_w = tf.ones_like(w)
-        denom = stabilize(_ones_forward(op, x, ones_w), STABILIZER)
-        return lambda r: op.transpose(r / denom, ones_w, x)
+    if isinstance(rule, (Flat, WSquare)):
 
-    if isinstance(rule, WSquare):
-        w2 = tf.square(w)
-        denom = stabilize(_ones_forward(op, x, w2), STABILIZER)
-        return lambda r: op.transpose(r / denom, w2, x)
+        @_after_relevance
+        def flat(r):
+            w_mod = tf.ones_like(w) if isinstance(rule, Flat) else tf.square(w)
+            return op.transpose(r / stabilize(_ones_forward(op, x, w_mod), STABILIZER), w_mod, x)
+
+        return flat
 
     if isinstance(rule, ZBox):
-        w_pos, w_neg = _split(w)
-        shape = tf.shape(x[:1])
-        low = tf.broadcast_to(tf.constant(rule.low, dtype), shape)
-        high = tf.broadcast_to(tf.constant(rule.high, dtype), shape)
-        z_box = (z if rule.bias else z_nobias) - op.forward(low, w_pos) - op.forward(high, w_neg)
-        denom = stabilize(z_box, STABILIZER)
 
+        @_after_relevance
         def zbox(r):
-            s = r / denom
+            w_pos = tf.nn.relu(w)
+            shape = tf.shape(x[:1])
+            low = tf.broadcast_to(tf.constant(rule.low, dtype), shape)
+            high = tf.broadcast_to(tf.constant(rule.high, dtype), shape)
+            # F(l, W+) + F(h, W-) = F(l - h, W+) + F(h, W)
+            z_box = (full_z() if rule.bias else z_nobias) - op.forward(low - high, w_pos) - op.forward(high, w)
+            s = r / stabilize(z_box, STABILIZER)
             c_all = op.transpose(s, w, x)
             c_pos = op.transpose(s, w_pos, x)
             return x * c_all - low * c_pos - high * (c_all - c_pos)
@@ -195,21 +225,21 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
         return zbox
 
     if isinstance(rule, Gamma):
-        w_pos, w_neg = _split(w)
-        gamma = tf.constant(rule.gamma, dtype)
-        zp = _positive_forward(op, x, w_pos, w_neg, x_nonneg)
-        zn = _positive_forward(op, x, w_neg, w_pos, x_nonneg) if reduced else z_nobias - zp
-        if b is not None:
-            b_pos, b_neg = _split(b)
-            zp, zn = zp + b_pos, zn + b_neg
-        zero = tf.zeros_like(z)
-        inv_p = tf.where(z > 0, 1 / stabilize(z + gamma * zp, STABILIZER), zero)
-        inv_n = tf.where(z < 0, 1 / stabilize(z + gamma * zn, STABILIZER), zero)
 
+        @_after_relevance
         def gamma_rule(r):
-            s_pos, s_neg = r * inv_p, r * inv_n
+            w_pos = tf.nn.relu(w)
+            gamma = tf.constant(rule.gamma, dtype)
+            zp, zn = split_sums(w_pos)
+            if b is not None:
+                b_pos, b_neg = _split(b)
+                zp, zn = zp + b_pos, zn + b_neg
+            z = full_z()
+            zero = tf.zeros_like(z)
+            s_pos = r * tf.where(z > 0, 1 / stabilize(z + gamma * zp, STABILIZER), zero)
+            s_neg = r * tf.where(z < 0, 1 / stabilize(z + gamma * zn, STABILIZER), zero)
             q = op.transpose(s_pos + s_neg, w, x)
-            pair = _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w_neg, w, x_nonneg, q=q)
+            pair = _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg, q=q)
             return x * q + gamma * pair
 
         return gamma_rule
@@ -244,7 +274,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
     def lrp_linear(x):
         z_nobias = op.forward(x, w)
         z = z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
-        return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced)
+        return z, _backward(rule, op, x, w, b, z_nobias, x_nonneg, reduced)
 
     return lrp_linear(x)
 
