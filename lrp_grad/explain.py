@@ -319,7 +319,8 @@ class Explainer:
             sums = [tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), -1) for g in grads]
             return grads[0], logits, sums
 
-        fn = tf.function(lrp_pass, input_signature=[x_spec, second], jit_compile=self.jit_compile, reduce_retracing=True)
+        # autograph=False: the pass has no tensor-dependent Python control flow to convert.
+        fn = tf.function(lrp_pass, input_signature=[x_spec, second], jit_compile=self.jit_compile, autograph=False)
         self._functions[key] = (fn, list(plan.steps))
         return self._functions[key]
 
@@ -434,7 +435,7 @@ class Explainer:
         if fn not in self._distributed:
             strategy = self.strategy
 
-            @tf.function
+            @tf.function(autograph=False)
             def distributed(xs, ss):
                 # A plain callable: strategy.run re-wraps tf.functions and would bind PerReplica values.
                 return strategy.run(lambda a, b: fn(a, b), args=(xs, ss))

@@ -34,12 +34,12 @@ def export(explainer, path) -> pathlib.Path:
     module = tf.Module()
     module.model = explainer.model  # tracks the variables the graph reads
 
-    @tf.function(input_signature=[images, targets])
+    @tf.function(input_signature=[images, targets], autograph=False)
     def explain(images, target):
         relevance, logits, _ = fn(images, target)
         return {"relevance": relevance, "logits": logits}
 
-    @tf.function(input_signature=[images])
+    @tf.function(input_signature=[images], autograph=False)
     def serving_default(images):
         relevance, logits, _ = fn(images, -tf.ones(tf.shape(images)[:1], tf.int32))
         return {"relevance": relevance, "logits": logits, "target": tf.argmax(logits, -1, output_type=tf.int32)}

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from . import propagate
+from . import ops, propagate
 from ._keras import activation_name, keras
 
 __all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",
@@ -165,144 +165,12 @@ def _channels_last(layer, ctx=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear ops
-
-
-def _vjp(f, x, s):
-    """``T(s) = (dF/dx)^T s`` of a fixed linear map ``f`` (its forward is pruned from the graph)."""
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = f(x)
-    return tape.gradient(y, x, output_gradients=s)
-
-
-def _dense_forward(x, w):
-    if x.shape.rank == 2:
-        return tf.matmul(x, w)
-    return tf.tensordot(x, w, [[x.shape.rank - 1], [0]])
-
-
-def _dense_transpose(s, w, x):
-    if s.shape.rank == 2:
-        return tf.matmul(s, w, transpose_b=True)
-    return tf.tensordot(s, w, [[s.shape.rank - 1], [1]])
-
-
-DENSE_OP = propagate.LinearOp(_dense_forward, _dense_transpose)
-
-
-def _dilate_kernel(w, rates):
-    """Insert ``rate - 1`` zeros between kernel taps (CPU transposed convs lack dilation)."""
-    for axis, rate in enumerate(rates):
-        if rate == 1 or w.shape[axis] == 1:
-            continue
-        taps = tf.unstack(w, axis=axis)
-        zero = tf.zeros_like(taps[0])
-        spread = [taps[0]]
-        for tap in taps[1:]:
-            spread.extend([zero] * (rate - 1) + [tap])
-        w = tf.stack(spread, axis=axis)
-    return w
-
-
-def _conv_op(layer) -> propagate.LinearOp:
-    """Conv1D / Conv2D (channels last), with causal padding folded into the op."""
-    rank = len(layer.kernel_size)
-    strides = list(layer.strides)
-    dilations = list(layer.dilation_rate)
-    causal = layer.padding == "causal"
-    padding = "VALID" if causal else layer.padding.upper()
-    left = (layer.kernel_size[0] - 1) * dilations[0] if causal else 0
-
-    def forward(x, w):
-        if causal:  # padding inside the op: pad zeros are not inputs (matters for Flat, WSquare)
-            x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
-        return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations)
-
-    def transpose(s, w, x):
-        shape = tf.shape(x)
-        if causal:
-            shape = shape + tf.constant([0, left, 0])
-        w = _dilate_kernel(w, dilations)
-        if rank == 1:
-            out = tf.nn.conv1d_transpose(s, w, shape, strides, padding)
-        else:
-            out = tf.nn.conv2d_transpose(s, w, shape, strides, padding)
-        return out[:, left:] if causal else out
-
-    return propagate.LinearOp(forward, transpose)
-
-
-def _conv_transpose_op(layer) -> propagate.LinearOp:
-    """Conv2DTranspose: forward is ``conv2d_transpose``, its transpose a plain ``conv2d``."""
-    strides = list(layer.strides)
-    padding = layer.padding.upper()
-    (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
-
-    def out_len(n, k, s):
-        return n * s if padding == "SAME" else n * s + max(k - s, 0)
-
-    def forward(x, w):
-        shape = tf.shape(x)
-        out = tf.stack([shape[0], out_len(shape[1], kh, sh), out_len(shape[2], kw, sw), tf.shape(w)[2]])
-        return tf.nn.conv2d_transpose(x, w, out, strides, padding)
-
-    def transpose(s, w, x):
-        return tf.nn.conv2d(s, w, strides, padding)
-
-    return propagate.LinearOp(forward, transpose, in_axis=-1)
-
-
-def _depthwise_op(layer) -> propagate.LinearOp:
-    strides = [1] + list(layer.strides) + [1]
-    padding = layer.padding.upper()
-    dilations = list(layer.dilation_rate)
-
-    def forward(x, w):
-        return tf.nn.depthwise_conv2d(x, w, strides, padding, dilations=dilations)
-
-    def transpose(s, w, x):
-        return tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), _dilate_kernel(w, dilations), s, strides, padding)
-
-    return propagate.LinearOp(forward, transpose, in_axis=None)
-
-
-def _fixed_op(fn) -> propagate.LinearOp:
-    """A weight-free linear map ``fn`` as ``F(x, w) = fn(x) * w`` with a scalar weight ``w = 1``."""
-
-    def forward(x, w):
-        return fn(x) * w
-
-    def transpose(s, w, x):
-        return _vjp(fn, x, s * w)
-
-    return propagate.LinearOp(forward, transpose, in_axis=None)
-
-
-def _diagonal_forward(x, w):
-    return x * w
-
-
-def _diagonal_transpose(s, w, x):
-    return s * w
-
-
-DIAGONAL_OP = propagate.LinearOp(_diagonal_forward, _diagonal_transpose, in_axis=None)
-
-
-def _sum_forward(x, w):  # x: inputs stacked on a new last axis, w: (k,) unit weights
-    return tf.reduce_sum(x * w, -1)
-
-
-def _sum_transpose(s, w, x):
-    return s[..., None] * w
-
-
-SUM_OP = propagate.LinearOp(_sum_forward, _sum_transpose, in_axis=None)
-
-
-# ---------------------------------------------------------------------------------------------
 # Linear handlers
+
+
+def _linear(x, op, w, b, ctx, x_nonneg):
+    """The layer call's ``z = F(x, W) + b`` under its rule (see :func:`lrp_grad.propagate.linear`)."""
+    return propagate.linear(x, op, w, b, ctx.rule, x_nonneg=x_nonneg, compute_dtype=ctx.compute_dtype)
 
 
 def _reader(kernel_attr="kernel"):
@@ -322,7 +190,7 @@ def _weighted(op_for, kernel_attr="kernel"):
     def apply(layer, inputs, ctx):
         (x,) = inputs
         w, b = ctx.params() if ctx.params is not None else read(layer)
-        z = propagate.linear(x, op_for(layer), w, b, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
+        z = _linear(x, op_for(layer), w, b, ctx, ctx.nonneg[0])
         return _activate(layer.activation, z, ctx)
 
     return apply
@@ -333,20 +201,11 @@ def _separable(layer, inputs, ctx):
     (x,) = inputs
     pointwise, b = ctx.params() if ctx.params is not None else _reader("pointwise_kernel")(layer)
     depthwise = tf.convert_to_tensor(layer.depthwise_kernel)
-    h = propagate.linear(x, _depthwise_op(layer), depthwise, None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
-    z = propagate.linear(h, POINTWISE_OP, pointwise, b, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=False)
+    h = _linear(x, ops.depthwise_op(layer), depthwise, None, ctx, ctx.nonneg[0])
+    z = _linear(h, ops.POINTWISE_OP, pointwise, b, ctx, False)
     return _activate(layer.activation, z, ctx)
 
 
-def _pointwise_forward(x, w):
-    return tf.nn.conv2d(x, w, 1, "VALID")
-
-
-def _pointwise_transpose(s, w, x):
-    return tf.nn.conv2d_transpose(s, w, tf.shape(x), 1, "VALID")
-
-
-POINTWISE_OP = propagate.LinearOp(_pointwise_forward, _pointwise_transpose)
 
 
 def _fold_last(layer, w, b, scale, shift):
@@ -390,16 +249,16 @@ def _dense_problem(layer, ctx):
 def _avg_pool_2d(layer, inputs, ctx):
     (x,) = inputs
     size, strides, padding = list(layer.pool_size), list(layer.strides), layer.padding.upper()
-    op = _fixed_op(lambda t: tf.nn.avg_pool2d(t, size, strides, padding))
-    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
+    op = ops.fixed_op(lambda t: tf.nn.avg_pool2d(t, size, strides, padding))
+    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0])
 
 
 def _global_avg_pool(layer, inputs, ctx):
     (x,) = inputs
     axes = list(range(1, x.shape.rank - 1))
     keepdims = bool(getattr(layer, "keepdims", False))
-    op = _fixed_op(lambda t: tf.reduce_mean(t, axes, keepdims=keepdims))
-    return propagate.linear(x, op, tf.ones([], x.dtype), None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
+    op = ops.fixed_op(lambda t: tf.reduce_mean(t, axes, keepdims=keepdims))
+    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0])
 
 
 def batch_norm_affine(layer, dtype):
@@ -416,7 +275,7 @@ def batch_norm_affine(layer, dtype):
 def _batch_norm(layer, inputs, ctx):
     (x,) = inputs
     scale, shift = batch_norm_affine(layer, x.dtype)
-    return propagate.linear(x, DIAGONAL_OP, scale, shift, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=ctx.nonneg[0])
+    return _linear(x, ops.DIAGONAL_OP, scale, shift, ctx, ctx.nonneg[0])
 
 
 def _batch_norm_problem(layer, ctx):
@@ -430,7 +289,7 @@ def _batch_norm_problem(layer, ctx):
 def _add(layer, inputs, ctx):
     stacked = tf.stack(inputs, axis=-1)
     w = tf.ones([len(inputs)], stacked.dtype)
-    return propagate.linear(stacked, SUM_OP, w, None, ctx.rule, compute_dtype=ctx.compute_dtype, x_nonneg=all(ctx.nonneg))
+    return _linear(stacked, ops.SUM_OP, w, None, ctx, all(ctx.nonneg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,13 +395,13 @@ _ROUTE = Handler("gradient", _call, _channels_last, _keeps_sign)
 
 _BUILTIN = {
     # weighted layers
-    _L.Dense: Handler("linear", _weighted(lambda layer: DENSE_OP), _dense_problem, _fused_nonneg, "dense",
+    _L.Dense: Handler("linear", _weighted(lambda layer: ops.DENSE_OP), _dense_problem, _fused_nonneg, "dense",
                       _reader(), _fold_last),
-    _L.Conv1D: Handler("linear", _weighted(_conv_op), fold=_fold_last, **_CONV),
-    _L.Conv2D: Handler("linear", _weighted(_conv_op), fold=_fold_last, **_CONV),
-    _L.Conv2DTranspose: Handler("linear", _weighted(_conv_transpose_op), fold=_fold_conv_transpose,
+    _L.Conv1D: Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
+    _L.Conv2D: Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
+    _L.Conv2DTranspose: Handler("linear", _weighted(ops.conv_transpose_op), fold=_fold_conv_transpose,
                                 **{**_CONV, "check": _conv_transpose_problem}),
-    _L.DepthwiseConv2D: Handler("linear", _weighted(_depthwise_op, "depthwise_kernel"), fold=_fold_depthwise,
+    _L.DepthwiseConv2D: Handler("linear", _weighted(ops.depthwise_op, "depthwise_kernel"), fold=_fold_depthwise,
                                 **{**_CONV, "weights": _reader("depthwise_kernel")}),
     _L.SeparableConv2D: Handler("linear", _separable, fold=_fold_last,
                                 **{**_CONV, "weights": _reader("pointwise_kernel")}),

@@ -14,7 +14,7 @@ import numpy as np
 
 import lrp_grad
 from lrp_grad.stream import load
-from kit import cnn
+from kit import assert_close, cnn
 
 HERE = os.path.dirname(__file__)
 
@@ -27,7 +27,9 @@ def _run(code, env=None, timeout=240):
 def test_mirrored_strategy_on_two_logical_devices(tmp_path):
     model = cnn((8, 8, 1), "same")
     model.save(tmp_path / "m.keras")
-    x = np.random.default_rng(0).uniform(-1, 1, (9, 8, 8, 1)).astype(np.float32)
+    # Image-like (non-negative) inputs: on signed inputs alpha-beta through this random net has
+    # near-zero z+/z- and its float32 result is dominated by rounding, whatever the device split.
+    x = np.random.default_rng(0).uniform(0, 1, (9, 8, 8, 1)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     proc = _run(f"""
         import os, numpy as np, tensorflow as tf
@@ -46,9 +48,10 @@ def test_mirrored_strategy_on_two_logical_devices(tmp_path):
     """)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
+    # Replicas see smaller batches, and float32 kernels round differently per batch size.
     ex = lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1))
-    np.testing.assert_allclose(np.load(tmp_path / "R.npy"), ex(x, target=np.arange(9) % 5), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.load(tmp_path / "R_stream.npy"), ex(x, batch_size=4), rtol=1e-6, atol=1e-7)
+    assert_close(np.load(tmp_path / "R.npy"), ex(x, target=np.arange(9) % 5), 1e-5, "mirrored")
+    assert_close(np.load(tmp_path / "R_stream.npy"), ex(x, batch_size=4), 1e-5, "mirrored stream")
 
 
 def _free_port():

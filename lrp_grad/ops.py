@@ -1,0 +1,158 @@
+"""Linear maps of the supported layers, each with its transpose: the ``F`` and ``T`` of
+:class:`~lrp_grad.propagate.LinearOp` for Dense, Conv1D/2D, Conv2DTranspose, DepthwiseConv2D,
+pointwise (1x1) convolutions, fixed-weight maps (pooling) and elementwise maps (BatchNorm, Add).
+
+Forward ops are the ones Keras itself calls, so the rewritten forward pass equals ``model(x)``.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from .propagate import LinearOp
+
+__all__ = ["DENSE_OP", "POINTWISE_OP", "DIAGONAL_OP", "SUM_OP", "conv_op", "conv_transpose_op", "depthwise_op",
+           "fixed_op"]
+
+
+def _vjp(f, x, s):
+    """``T(s) = (dF/dx)^T s`` of a fixed linear map ``f`` (its forward is pruned from the graph)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = f(x)
+    return tape.gradient(y, x, output_gradients=s)
+
+
+def _dense_forward(x, w):
+    if x.shape.rank == 2:
+        return tf.matmul(x, w)
+    return tf.tensordot(x, w, [[x.shape.rank - 1], [0]])
+
+
+def _dense_transpose(s, w, x):
+    if s.shape.rank == 2:
+        return tf.matmul(s, w, transpose_b=True)
+    return tf.tensordot(s, w, [[s.shape.rank - 1], [1]])
+
+
+DENSE_OP = LinearOp(_dense_forward, _dense_transpose)
+
+
+def _dilate_kernel(w, rates):
+    """Insert ``rate - 1`` zeros between kernel taps (CPU transposed convs lack dilation)."""
+    for axis, rate in enumerate(rates):
+        if rate == 1 or w.shape[axis] == 1:
+            continue
+        taps = tf.unstack(w, axis=axis)
+        zero = tf.zeros_like(taps[0])
+        spread = [taps[0]]
+        for tap in taps[1:]:
+            spread.extend([zero] * (rate - 1) + [tap])
+        w = tf.stack(spread, axis=axis)
+    return w
+
+
+def conv_op(layer) -> LinearOp:
+    """Conv1D / Conv2D (channels last), with causal padding folded into the op."""
+    rank = len(layer.kernel_size)
+    strides = list(layer.strides)
+    dilations = list(layer.dilation_rate)
+    causal = layer.padding == "causal"
+    padding = "VALID" if causal else layer.padding.upper()
+    left = (layer.kernel_size[0] - 1) * dilations[0] if causal else 0
+
+    def forward(x, w):
+        if causal:  # padding inside the op: pad zeros are not inputs (matters for Flat, WSquare)
+            x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
+        return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations)
+
+    def transpose(s, w, x):
+        shape = tf.shape(x)
+        if causal:
+            shape = shape + tf.constant([0, left, 0])
+        w = _dilate_kernel(w, dilations)
+        if rank == 1:
+            out = tf.nn.conv1d_transpose(s, w, shape, strides, padding)
+        else:
+            out = tf.nn.conv2d_transpose(s, w, shape, strides, padding)
+        return out[:, left:] if causal else out
+
+    return LinearOp(forward, transpose)
+
+
+def conv_transpose_op(layer) -> LinearOp:
+    """Conv2DTranspose: forward is ``conv2d_transpose``, its transpose a plain ``conv2d``."""
+    strides = list(layer.strides)
+    padding = layer.padding.upper()
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
+
+    def out_len(n, k, s):
+        return n * s if padding == "SAME" else n * s + max(k - s, 0)
+
+    def forward(x, w):
+        shape = tf.shape(x)
+        out = tf.stack([shape[0], out_len(shape[1], kh, sh), out_len(shape[2], kw, sw), tf.shape(w)[2]])
+        return tf.nn.conv2d_transpose(x, w, out, strides, padding)
+
+    def transpose(s, w, x):
+        return tf.nn.conv2d(s, w, strides, padding)
+
+    return LinearOp(forward, transpose, in_axis=-1)
+
+
+def depthwise_op(layer) -> LinearOp:
+    strides = [1] + list(layer.strides) + [1]
+    padding = layer.padding.upper()
+    dilations = list(layer.dilation_rate)
+
+    def forward(x, w):
+        return tf.nn.depthwise_conv2d(x, w, strides, padding, dilations=dilations)
+
+    def transpose(s, w, x):
+        return tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), _dilate_kernel(w, dilations), s, strides, padding)
+
+    return LinearOp(forward, transpose, in_axis=None)
+
+
+def fixed_op(fn) -> LinearOp:
+    """A weight-free linear map ``fn`` as ``F(x, w) = fn(x) * w`` with a scalar weight ``w = 1``."""
+
+    def forward(x, w):
+        return fn(x) * w
+
+    def transpose(s, w, x):
+        return _vjp(fn, x, s * w)
+
+    return LinearOp(forward, transpose, in_axis=None)
+
+
+def _diagonal_forward(x, w):
+    return x * w
+
+
+def _diagonal_transpose(s, w, x):
+    return s * w
+
+
+DIAGONAL_OP = LinearOp(_diagonal_forward, _diagonal_transpose, in_axis=None)
+
+
+def _sum_forward(x, w):  # x: inputs stacked on a new last axis, w: (k,) unit weights
+    return tf.reduce_sum(x * w, -1)
+
+
+def _sum_transpose(s, w, x):
+    return s[..., None] * w
+
+
+SUM_OP = LinearOp(_sum_forward, _sum_transpose, in_axis=None)
+
+
+def _pointwise_forward(x, w):
+    return tf.nn.conv2d(x, w, 1, "VALID")
+
+
+def _pointwise_transpose(s, w, x):
+    return tf.nn.conv2d_transpose(s, w, tf.shape(x), 1, "VALID")
+
+
+POINTWISE_OP = LinearOp(_pointwise_forward, _pointwise_transpose)
