@@ -153,7 +153,8 @@ def _demo(args) -> int:
     from . import demo
 
     tf.get_logger().setLevel("ERROR")  # one Explainer per figure: TF's generic retracing notice is noise here
-    res = demo.run(args.out, quick=args.quick, progress=not args.no_progress, lime=not args.no_lime)
+    res = demo.run(args.out, quick=args.quick, progress=not args.no_progress, lime=not args.no_lime,
+                   train_cifar=args.train_cifar)
     flip = res["pixel_flipping"]
     print(f"wrote the study to {args.out}/report.md: MNIST test accuracy {res['mnist']['test_accuracy']:.3f}; "
           f"flipping the 10 most relevant pixels lowered p(true) in {flip['highest']['worse']:.0%} of the digits, "
@@ -185,6 +186,8 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="lrp_grad_demo", help="output folder (default: lrp_grad_demo)")
     demo.add_argument("--quick", action="store_true", help="small, fast run (CI)")
     demo.add_argument("--no-lime", action="store_true", help="leave LIME out of the comparison")
+    demo.add_argument("--train-cifar", action="store_true",
+                      help="also train the seed's architecture on the Keras CIFAR-10 data if it is cached")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     exp = sub.add_parser("explain", help="heatmaps and relevance.npy for your own model and images")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mnist_digits", "cifar10_samples", "cifar10_model", "CIFAR10_CLASSES"]
+__all__ = ["mnist_digits", "cifar10_samples", "cifar10_model", "cifar10_keras_cached", "CIFAR10_CLASSES"]
 
 
 def mnist_digits(n_train: int = 4000, seed: int = 0):
@@ -76,3 +76,26 @@ def cifar10_model():
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall cifar-10-model (pip install --no-deps cifar-10-model).")
     return keras.models.load_model(path, compile=False)
+
+
+def cifar10_keras_cached():
+    """The full Keras CIFAR-10 dataset, only when it is already in the Keras cache (never downloads).
+
+    Returns ``(x_train, y_train), (x_test, y_test)`` (uint8 images, int labels) from
+    ``~/.keras/datasets/cifar-10-batches-py`` (or ``$KERAS_HOME``); raises ``FileNotFoundError``
+    naming the folder when it is not there.
+    """
+    import os
+    import pathlib
+
+    home = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras"))
+    folder = home / "datasets" / "cifar-10-batches-py"
+    if not (folder / "data_batch_1").exists():
+        raise FileNotFoundError(
+            f"the Keras CIFAR-10 dataset is not cached in {folder}; lrp_grad never downloads it. Where the "
+            "internet is reachable, tf_keras.datasets.cifar10.load_data() fills that cache once."
+        )
+    from ._keras import keras
+
+    (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()  # reads the cache
+    return (x_train, y_train.reshape(-1)), (x_test, y_test.reshape(-1))

@@ -86,7 +86,8 @@ def _accuracy(model, x, y):
     return float((evaluate.probabilities(model, x).argmax(1) == y).mean())
 
 
-def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: bool = True) -> dict:
+def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: bool = True,
+        train_cifar: bool = False) -> dict:
     """Run the whole study and write figures, tables and ``report.md`` into ``out``.
 
     Parameters
@@ -99,6 +100,9 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
         Show a progress bar (tqdm if installed).
     lime : bool
         Include LIME in the comparison (needs the PyPI package ``lime``).
+    train_cifar : bool
+        Also train the seed's architecture on the full Keras CIFAR-10 dataset when it is already
+        cached (never downloaded) and explain the automobile image with it.
 
     Returns
     -------
@@ -202,6 +206,11 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
                 suptitle="true class automobile, every target class, a=3 b=2", ncols=5)
         results["cifar10"] = {"accuracy_on_20": _accuracy(cmodel, cx.astype(np.float32), cy),
                               "automobile_probability": float(evaluate.probabilities(cmodel, cimg)[0, 1])}
+        if train_cifar:
+            try:
+                results["cifar10_seed_architecture"] = _train_cifar(out, cimg, epochs=1 if quick else 10)
+            except FileNotFoundError as e:
+                results["cifar10_seed_architecture"] = {"skipped": str(e)}
     except ImportError as e:
         results["cifar10_skipped"] = str(e)
 
@@ -212,6 +221,27 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     (out / "report.md").write_text(_report(results, epochs_long))
     bar.close()
     return results
+
+
+def _train_cifar(out, cimg, epochs):
+    """The seed's architecture trained on the cached Keras CIFAR-10 data (figure 14 with it)."""
+    from ._keras import keras
+
+    (x_train, y_train), (x_test, y_test) = datasets.cifar10_keras_cached()
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)), L.Rescaling(1 / 255.0),
+        L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(2),
+        L.Conv2D(64, 3, activation="relu"), L.MaxPooling2D(2),
+        L.Flatten(), L.Dense(128, activation="relu"), L.Dense(10),
+    ])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=epochs, batch_size=128, verbose=0)
+    relevance = Explainer(model, rule=AlphaBeta(3, 2))(cimg, target=1)[0]
+    _figure(out / "fig14b_cifar_seed_architecture.png", [cimg[0] / 255.0], [relevance],
+            ["seed architecture\ntarget automobile, a=3 b=2"])
+    return {"test_accuracy": _accuracy(model, x_test.astype(np.float32), y_test), "epochs": epochs}
 
 
 def _save_image(image, path):
@@ -348,6 +378,13 @@ def _report(res, epochs_long) -> str:
             "| 15: every target class, a=3 b=2 | ![](fig15_cifar_ab32_all_targets.png) |",
             "",
         ]
+        seed_arch = res.get("cifar10_seed_architecture")
+        if seed_arch and "skipped" in seed_arch:
+            lines += [f"The seed's architecture was not trained on CIFAR-10: {seed_arch['skipped']}", ""]
+        elif seed_arch:
+            lines += [f"The seed's architecture trained {seed_arch['epochs']} epochs on the cached Keras CIFAR-10 "
+                      f"data reaches {seed_arch['test_accuracy']:.3f} test accuracy: "
+                      "![](fig14b_cifar_seed_architecture.png)", ""]
     else:
         lines += [f"CIFAR-10 figures skipped: {res['cifar10_skipped']}", ""]
     lines += [f"Total time: {res['seconds_total']:.0f} s{' (--quick run)' if res['quick'] else ''}.", ""]

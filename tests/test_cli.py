@@ -100,3 +100,9 @@ def test_explain_dataset_folder_and_export(tiny, tmp_path):
         cli.main(["explain", "--model", str(path), "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "x")])
     assert cli.main(["export", str(path), str(tmp_path / "saved"), "--rule", "zplus"]) == 0
     assert (tmp_path / "saved" / "saved_model.pb").exists()
+
+
+def test_cifar10_keras_cache_is_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not cached in .*cifar-10-batches-py; lrp_grad never downloads it"):
+        lrp_grad.datasets.cifar10_keras_cached()
