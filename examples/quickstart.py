@@ -14,17 +14,7 @@ import tf_keras as keras  # noqa: E402
 
 import lrp_grad  # noqa: E402
 from lrp_grad.datasets import mnist_digits  # noqa: E402
-
-
-def seed_cnn():
-    """The seed report's architecture: conv-pool-conv-pool-dense-out (logits)."""
-    L = keras.layers
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(2),
-        L.Conv2D(64, 3, activation="relu"), L.MaxPooling2D(2),
-        L.Flatten(), L.Dense(128, activation="relu"), L.Dense(10),
-    ])
+from lrp_grad.demo import seed_cnn  # noqa: E402  (the seed report's conv-pool-conv-pool-dense-out CNN)
 
 
 def main():

