@@ -189,10 +189,18 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
             w_pos = tf.nn.relu(w)
             b_pos, b_neg = _split(b) if rule.bias and b is not None else (0.0, 0.0)
             zp, zn = split_sums(w_pos)
-            # stabilize() by the sign of the computed value: z- = z - z+ can come out slightly
-            # positive by rounding, and a fixed shift could then cancel it to zero.
-            s_pos = r * (tf.constant(rule.alpha, dtype) / stabilize(zp + b_pos, STABILIZER))
-            s_neg = r * (tf.constant(-rule.beta, dtype) / stabilize(zn + b_neg, STABILIZER)) if rule.beta else None
+            # For x >= 0, z+ = F(x, W+) sums non-negative terms, so it is >= 0 even after rounding
+            # and stab() is the plain shift by +eps (one op instead of three). Otherwise stabilise by
+            # the sign of the computed value: z- = z - z+ can come out slightly positive by
+            # rounding, and a fixed shift could then cancel it to zero (seen on ResNet50).
+            if x_nonneg:
+                s_pos = r * tf.constant(rule.alpha, dtype) / (zp + (b_pos + tf.constant(STABILIZER, dtype)))
+            else:
+                s_pos = r * (tf.constant(rule.alpha, dtype) / stabilize(zp + b_pos, STABILIZER))
+            # z- <= 0: a rounding-positive value is clamped to 0, then shifted by -eps (what
+            # stab() gives any z- < 0), so the denominator never cancels to zero.
+            eps = tf.constant(STABILIZER, dtype)
+            s_neg = r * tf.constant(-rule.beta, dtype) / (tf.minimum(zn + b_neg, 0) - eps) if rule.beta else None
             return _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg)
 
         return ab
