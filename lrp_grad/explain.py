@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf

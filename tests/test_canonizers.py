@@ -5,7 +5,7 @@ import tf_keras as keras
 
 import lrp_grad
 from lrp_grad.canonizers import FoldBatchNorm
-from kit import L, assert_close, randomize, to_float64
+from kit import L, assert_close, randomize
 
 
 def with_bn(kind, act_before_bn=False, dtype="float32"):
