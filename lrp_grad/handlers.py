@@ -46,6 +46,8 @@ ELEMENTWISE = frozenset(
 )
 #: Activations whose output is never negative: the next layer may skip the ``x-`` half.
 NONNEG = frozenset("relu relu6 sigmoid hard_sigmoid softplus exponential".split())
+#: Elementwise activations with ``f(0) = 0``.
+ZERO_AT_ZERO = ELEMENTWISE - frozenset("sigmoid hard_sigmoid softplus exponential".split())
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class Context:
         Static shapes of the inputs (``tf.TensorShape``).
     compute_dtype : str or None
         Run the linear ops in this reduced precision (``'bfloat16'``, ``'float16'``).
+    fuse_relu : bool
+        For handlers with ``fuses_relu``: apply the ReLU that follows the layer (its own
+        activation, or the next ReLU layer, which the planner then skips) inside the layer's LRP
+        op. Set by the planner only where the relevance reaching that ReLU's output is zero
+        wherever the output is zero (see :func:`lrp_grad.propagate.linear`).
     """
 
     rule: object = None
@@ -75,6 +82,7 @@ class Context:
     params: Callable | None = None
     input_shapes: tuple = ()
     compute_dtype: str | None = None
+    fuse_relu: bool = False
 
 
 def _no_problem(layer, ctx):
@@ -113,6 +121,14 @@ class Handler:
     fold : callable or None
         For layers a following BatchNorm can be folded into:
         ``fold(layer, kernel, bias, scale, shift) -> (kernel, bias)`` for ``y * scale + shift``.
+    fuses_relu : bool
+        ``apply`` honours ``ctx.fuse_relu``: it returns ``relu`` of the layer's output, computed
+        inside the LRP op, and skips a fused ``'relu'`` activation of its own.
+    zero_in_zero_out : bool or callable
+        (or ``zero_in_zero_out(layer) -> bool``) For the non-``linear`` kinds: the relevance this layer gives an input is zero wherever
+        that input is zero, provided the relevance at its output is zero wherever the output is
+        zero (true of routing layers and of activations with ``f(0) = 0``). Lets the planner fuse
+        ReLUs below the layer.
     """
 
     kind: str
@@ -122,6 +138,8 @@ class Handler:
     family: str | None = None
     weights: Callable | None = None
     fold: Callable | None = None
+    fuses_relu: bool = False
+    zero_in_zero_out: bool | Callable = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -168,9 +186,10 @@ def _channels_last(layer, ctx=None):
 # Linear handlers
 
 
-def _linear(x, op, w, b, ctx, x_nonneg):
-    """The layer call's ``z = F(x, W) + b`` under its rule (see :func:`lrp_grad.propagate.linear`)."""
-    return propagate.linear(x, op, w, b, ctx.rule, x_nonneg=x_nonneg, compute_dtype=ctx.compute_dtype)
+def _linear(x, op, w, b, ctx, x_nonneg, relu=False):
+    """The layer call's ``z = F(x, W) + b`` under its rule (see :func:`lrp_grad.propagate.linear`);
+    ``relu(z)`` with ``relu``."""
+    return propagate.linear(x, op, w, b, ctx.rule, x_nonneg=x_nonneg, compute_dtype=ctx.compute_dtype, relu=relu)
 
 
 def _reader(kernel_attr="kernel"):
@@ -190,8 +209,8 @@ def _weighted(op_for, kernel_attr="kernel"):
     def apply(layer, inputs, ctx):
         (x,) = inputs
         w, b = ctx.params() if ctx.params is not None else read(layer)
-        z = _linear(x, op_for(layer), w, b, ctx, ctx.nonneg[0])
-        return _activate(layer.activation, z, ctx)
+        z = _linear(x, op_for(layer), w, b, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+        return z if ctx.fuse_relu else _activate(layer.activation, z, ctx)
 
     return apply
 
@@ -202,8 +221,8 @@ def _separable(layer, inputs, ctx):
     pointwise, b = ctx.params() if ctx.params is not None else _reader("pointwise_kernel")(layer)
     depthwise = tf.convert_to_tensor(layer.depthwise_kernel)
     h = _linear(x, ops.depthwise_op(layer), depthwise, None, ctx, ctx.nonneg[0])
-    z = _linear(h, ops.POINTWISE_OP, pointwise, b, ctx, False)
-    return _activate(layer.activation, z, ctx)
+    z = _linear(h, ops.POINTWISE_OP, pointwise, b, ctx, False, relu=ctx.fuse_relu)
+    return z if ctx.fuse_relu else _activate(layer.activation, z, ctx)
 
 
 
@@ -250,7 +269,7 @@ def _avg_pool_2d(layer, inputs, ctx):
     (x,) = inputs
     size, strides, padding = list(layer.pool_size), list(layer.strides), layer.padding.upper()
     op = ops.fixed_op(lambda t: tf.nn.avg_pool2d(t, size, strides, padding))
-    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0])
+    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
 
 
 def _global_avg_pool(layer, inputs, ctx):
@@ -258,7 +277,7 @@ def _global_avg_pool(layer, inputs, ctx):
     axes = list(range(1, x.shape.rank - 1))
     keepdims = bool(getattr(layer, "keepdims", False))
     op = ops.fixed_op(lambda t: tf.reduce_mean(t, axes, keepdims=keepdims))
-    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0])
+    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
 
 
 def batch_norm_affine(layer, dtype):
@@ -275,7 +294,7 @@ def batch_norm_affine(layer, dtype):
 def _batch_norm(layer, inputs, ctx):
     (x,) = inputs
     scale, shift = batch_norm_affine(layer, x.dtype)
-    return _linear(x, ops.DIAGONAL_OP, scale, shift, ctx, ctx.nonneg[0])
+    return _linear(x, ops.DIAGONAL_OP, scale, shift, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
 
 
 def _batch_norm_problem(layer, ctx):
@@ -289,7 +308,7 @@ def _batch_norm_problem(layer, ctx):
 def _add(layer, inputs, ctx):
     stacked = tf.stack(inputs, axis=-1)
     w = tf.ones([len(inputs)], stacked.dtype)
-    return _linear(stacked, ops.SUM_OP, w, None, ctx, all(ctx.nonneg))
+    return _linear(stacked, ops.SUM_OP, w, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +352,20 @@ def _elementwise_layer(layer, inputs, ctx):
 
 def _relu_nonneg(layer, flags):
     return float(layer.negative_slope) == 0.0 and float(layer.threshold) >= 0.0
+
+
+def _relu_zero_at_zero(layer):
+    return float(layer.negative_slope) == 0.0 or float(layer.threshold) == 0.0
+
+
+def is_plain_relu(layer) -> bool:
+    """Whether the layer is exactly ``max(x, 0)`` (a ReLU or Activation('relu') layer)."""
+    if type(layer) is keras.layers.Activation:
+        return activation_name(layer.activation) == "relu"
+    if type(layer) is keras.layers.ReLU:
+        return (layer.max_value is None and float(layer.negative_slope) == 0.0
+                and float(layer.threshold) == 0.0)
+    return False
 
 
 def _softmax_problem(layer, ctx):
@@ -388,15 +421,24 @@ def _multiply_problem(layer, ctx):
 # The registry
 
 _L = keras.layers
-_CONV = dict(check=_conv_problem, nonneg=_fused_nonneg, family="conv", weights=_reader())
-IDENTITY = Handler("identity", _identity, nonneg=_keeps_sign)
-_PASS = Handler("passthrough", _elementwise_layer)
-_ROUTE = Handler("gradient", _call, _channels_last, _keeps_sign)
+_CONV = dict(check=_conv_problem, nonneg=_fused_nonneg, family="conv", weights=_reader(), fuses_relu=True)
+IDENTITY = Handler("identity", _identity, nonneg=_keeps_sign, zero_in_zero_out=True)
+_PASS = Handler("passthrough", _elementwise_layer, zero_in_zero_out=True)  # all have f(0) = 0
+_ROUTE = Handler("gradient", _call, _channels_last, _keeps_sign, zero_in_zero_out=True)
+
+
+def _fused_away(layer, inputs, ctx):
+    """A ReLU layer whose ReLU the layer below already applied (``ctx.fuse_relu``)."""
+    return inputs[0]
+
+
+#: The handler the planner gives a ReLU layer fused into the linear layer below it.
+FUSED_RELU = Handler("identity", _fused_away, nonneg=lambda layer, flags: True, zero_in_zero_out=True)
 
 _BUILTIN = {
     # weighted layers
     _L.Dense: Handler("linear", _weighted(lambda layer: ops.DENSE_OP), _dense_problem, _fused_nonneg, "dense",
-                      _reader(), _fold_last),
+                      _reader(), _fold_last, fuses_relu=True),
     _L.Conv1D: Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
     _L.Conv2D: Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
     _L.Conv2DTranspose: Handler("linear", _weighted(ops.conv_transpose_op), fold=_fold_conv_transpose,
@@ -406,25 +448,27 @@ _BUILTIN = {
     _L.SeparableConv2D: Handler("linear", _separable, fold=_fold_last,
                                 **{**_CONV, "weights": _reader("pointwise_kernel")}),
     # weight-free linear layers
-    _L.AveragePooling2D: Handler("linear", _avg_pool_2d, _channels_last, _keeps_sign, "pool"),
-    _L.GlobalAveragePooling2D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool"),
-    _L.GlobalAveragePooling1D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool"),
-    _L.BatchNormalization: Handler("linear", _batch_norm, _batch_norm_problem, family="norm"),
-    _L.Add: Handler("linear", _add, nonneg=_keeps_sign, family="merge"),
-    # routing layers: the plain gradient moves relevance back
-    _L.MaxPooling2D: Handler("gradient", _max_pool_2d, _channels_last, _keeps_sign),
+    _L.AveragePooling2D: Handler("linear", _avg_pool_2d, _channels_last, _keeps_sign, "pool", fuses_relu=True),
+    _L.GlobalAveragePooling2D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool",
+                                       fuses_relu=True),
+    _L.GlobalAveragePooling1D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool",
+                                       fuses_relu=True),
+    _L.BatchNormalization: Handler("linear", _batch_norm, _batch_norm_problem, family="norm", fuses_relu=True),
+    _L.Add: Handler("linear", _add, nonneg=_keeps_sign, family="merge", fuses_relu=True),
+    # routing layers: the plain gradient moves relevance back (positions or copies: zero stays zero)
+    _L.MaxPooling2D: Handler("gradient", _max_pool_2d, _channels_last, _keeps_sign, zero_in_zero_out=True),
     _L.MaxPooling1D: _ROUTE,
     _L.GlobalMaxPooling2D: _ROUTE,
     _L.GlobalMaxPooling1D: _ROUTE,
-    _L.Flatten: Handler("gradient", _flatten, _channels_last, _keeps_sign),
-    _L.Reshape: Handler("gradient", _reshape, nonneg=_keeps_sign),
-    _L.Concatenate: Handler("gradient", _call, nonneg=_keeps_sign),
+    _L.Flatten: Handler("gradient", _flatten, _channels_last, _keeps_sign, zero_in_zero_out=True),
+    _L.Reshape: Handler("gradient", _reshape, nonneg=_keeps_sign, zero_in_zero_out=True),
+    _L.Concatenate: Handler("gradient", _call, nonneg=_keeps_sign, zero_in_zero_out=True),
     _L.ZeroPadding2D: _ROUTE,
     _L.ZeroPadding1D: _ROUTE,
     _L.Cropping2D: _ROUTE,
     _L.Cropping1D: _ROUTE,
-    _L.UpSampling2D: Handler("gradient", _call, _upsampling_problem, _keeps_sign),
-    _L.Multiply: Handler("gate", _multiply, _multiply_problem),
+    _L.UpSampling2D: Handler("gradient", _call, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
+    _L.Multiply: Handler("gate", _multiply, _multiply_problem, zero_in_zero_out=True),
     # identity at inference
     _L.Dropout: IDENTITY,
     _L.SpatialDropout1D: IDENTITY,
@@ -439,22 +483,24 @@ _BUILTIN = {
         _activation_layer,
         lambda layer, ctx: _activation_problem(layer.activation, ctx.is_output),
         lambda layer, flags: activation_name(layer.activation) in NONNEG,
+        zero_in_zero_out=lambda layer: activation_name(layer.activation) in ZERO_AT_ZERO,
     ),
-    _L.ReLU: Handler("passthrough", _elementwise_layer, nonneg=_relu_nonneg),
+    _L.ReLU: Handler("passthrough", _elementwise_layer, nonneg=_relu_nonneg, zero_in_zero_out=_relu_zero_at_zero),
     _L.LeakyReLU: _PASS,
     _L.ELU: _PASS,
     _L.PReLU: _PASS,
-    _L.ThresholdedReLU: Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True),
+    _L.ThresholdedReLU: Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True,
+                                zero_in_zero_out=True),
     _L.Softmax: Handler("identity", _identity, _softmax_problem),
-    _L.Rescaling: _PASS,
-    _L.Normalization: _PASS,
-    _L.LayerNormalization: _PASS,
+    _L.Rescaling: Handler("passthrough", _elementwise_layer),  # offset: f(0) may be != 0
+    _L.Normalization: Handler("passthrough", _elementwise_layer),
+    _L.LayerNormalization: Handler("passthrough", _elementwise_layer),
 }
 
 _USER: dict = {}
 
-_SHORTCUTS = {
-    "passthrough": _PASS,
+_SHORTCUTS = {  # what a user layer does at zero is unknown: no zero_in_zero_out
+    "passthrough": Handler("passthrough", _elementwise_layer),
     "gradient": Handler("gradient", _call),
     "identity": IDENTITY,
 }

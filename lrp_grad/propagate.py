@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from .rules import STABILIZER, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox
 
-__all__ = ["LinearOp", "linear", "passthrough", "stabilize"]
+__all__ = ["LinearOp", "linear", "fuses_relu", "passthrough", "stabilize"]
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,12 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
     raise TypeError(f"no LRP backward pass for rule {rule!r} ({type(rule).__name__})")
 
 
-def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dtype=None):
+def fuses_relu(rule: Rule) -> bool:
+    """Whether :func:`linear` with ``relu=True`` saves work for ``rule`` (its denominator is ``z``)."""
+    return isinstance(rule, Z) or (isinstance(rule, Epsilon) and rule.bias)
+
+
+def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dtype=None, relu: bool = False):
     """Return ``z = F(x, W) + b`` whose gradient w.r.t. ``x`` is the ``rule``'s relevance.
 
     Parameters
@@ -272,10 +277,33 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
         sign-split rules. Must only be ``True`` when it is true.
     compute_dtype : str, optional
         Run F and T in this precision (``'bfloat16'``, ``'float16'``); see :func:`reduced_precision`.
+    relu : bool
+        Return ``relu(z)`` instead, for a layer followed by a ReLU whose relevance is zero wherever
+        the ReLU's output is zero (the planner checks this: every rule above multiplies by its
+        input). Then the relevance at ``z <= 0`` is zero and, for ``z > 0``, ``z = relu(z)``: the
+        epsilon and z rules divide by ``relu(z) + eps`` (two elementwise passes instead of four,
+        and ``z`` need not be kept; Grappler also fuses the ReLU into the convolution).
     """
     reduced = compute_dtype is not None and tf.as_dtype(compute_dtype) != x.dtype
     if reduced:
         op = reduced_precision(op, compute_dtype)
+    if relu:
+        if not fuses_relu(rule):
+            return passthrough(tf.nn.relu, linear(x, op, w, b, rule, x_nonneg))
+
+        @tf.custom_gradient
+        def lrp_linear_relu(x):
+            z = op.forward(x, w)
+            y = tf.nn.relu(z if b is None else tf.nn.bias_add(z, b))
+
+            def backward(r):
+                # r = 0 where y = 0, so 0 / eps = 0 there; elsewhere y + eps = z + eps = stab(z).
+                s = tf.math.divide_no_nan(r, y) if isinstance(rule, Z) else r / (y + rule.epsilon)
+                return x * op.transpose(s, w, x)
+
+            return y, backward
+
+        return lrp_linear_relu(x)
 
     @tf.custom_gradient
     def lrp_linear(x):

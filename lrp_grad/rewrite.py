@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import handlers
-from ._keras import Graph, Node, keras, layer_label, walk
+from ._keras import Graph, Node, activation_name, keras, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 from .composites import RuleMap, as_composite
 from .errors import UnsupportedLayerError
@@ -111,7 +111,68 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
         for t in node.outputs:
             nonneg[t] = out_flag
         steps.append(Step(node, handler, ctx))
-    return Plan(graph, tuple(steps))
+    return Plan(graph, _fuse_relus(graph, steps))
+
+
+def _zero_safe(graph, steps, consumers) -> dict:
+    """Tensor id -> whether the relevance arriving at it is zero wherever its value is zero.
+
+    True when every consumer hands a zero input zero relevance: a linear layer whose rule scales
+    with its input, or a routing/elementwise layer with that property whose own output is safe.
+    The model output is not (the initial relevance is arbitrary). Steps run in forward order, so
+    walking them backwards decides every consumer before its producer.
+    """
+    safe = {}
+    for step in reversed(steps):
+        (out,) = step.node.outputs
+        ok = out != graph.output_id
+        for j in consumers.get(out, ()):
+            consumer = steps[j]
+            if consumer.handler.kind == "linear":
+                ok = ok and bool(getattr(consumer.context.rule, "scales_with_input", False))
+            else:
+                zz = consumer.handler.zero_in_zero_out
+                ok = ok and bool(zz(consumer.node.layer) if callable(zz) else zz) and safe[consumer.node.outputs[0]]
+        safe[out] = ok
+    return safe
+
+
+def _fuse_relus(graph, steps) -> tuple:
+    """Let linear layers apply the ReLU after them inside their LRP op where that is exact.
+
+    A layer's own ``activation='relu'``, or a plain ReLU layer reached through identity layers
+    (e.g. a folded BatchNorm) as the sole consumer, is fused when the relevance at the ReLU's
+    output is zero wherever that output is zero (:func:`_zero_safe`); the ReLU layer's step then
+    passes its input on. See :func:`lrp_grad.propagate.linear` for what this saves.
+    """
+    consumers = {}
+    for i, step in enumerate(steps):
+        for t in step.node.inputs:
+            consumers.setdefault(t, []).append(i)
+    safe = _zero_safe(graph, steps, consumers)
+    steps = list(steps)
+    for i, step in enumerate(steps):
+        if not (step.handler.kind == "linear" and step.handler.fuses_relu):
+            continue
+        own = activation_name(getattr(step.node.layer, "activation", None))
+        (t,) = step.node.outputs
+        if own == "relu":
+            if safe[t]:
+                steps[i] = replace(step, context=replace(step.context, fuse_relu=True))
+            continue
+        if own != "linear":
+            continue
+        while t != graph.output_id and len(consumers.get(t, ())) == 1:
+            j = consumers[t][0]
+            nxt = steps[j]
+            if nxt.handler.kind == "identity" and nxt.handler is not handlers.FUSED_RELU:
+                (t,) = nxt.node.outputs
+                continue
+            if nxt.handler.kind == "passthrough" and handlers.is_plain_relu(nxt.node.layer) and safe[nxt.node.outputs[0]]:
+                steps[i] = replace(step, context=replace(step.context, fuse_relu=True))
+                steps[j] = replace(nxt, handler=handlers.FUSED_RELU)
+            break
+    return tuple(steps)
 
 
 def run(plan: Plan, x, collect: bool = False):

@@ -38,6 +38,9 @@ class Rule:
 
     #: Whether the rule's relevance only depends on the weights (not on the input values).
     input_independent = False
+    #: Whether the relevance it gives an input is that input times something (so zero where the
+    #: input is zero): lets the planner fuse the ReLU below such a layer.
+    scales_with_input = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Z(Rule):
     Terms with ``z_j == 0`` contribute nothing (instead of NaN). On ReLU networks with the bias
     included in ``z`` this equals gradient x input exactly.
     """
+
+    scales_with_input = True
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Epsilon(Rule):
         denominator only (the forward pass is unchanged), so that relevance is conserved exactly
         as ``epsilon -> 0``.
     """
+
+    scales_with_input = True
 
     epsilon: float = 1e-6
     bias: bool = True
@@ -98,6 +105,8 @@ class AlphaBeta(Rule):
     bias : bool
         Whether the positive/negative parts of the bias enter ``z_j^+`` / ``z_j^-``.
     """
+
+    scales_with_input = True
 
     alpha: float = 2.0
     beta: float = 1.0
@@ -220,6 +229,8 @@ class Gamma(Rule):
     gamma : float
         Non-negative weight of the favoured contributions.
     """
+
+    scales_with_input = True
 
     gamma: float = 0.25
 

@@ -235,8 +235,9 @@ def to_npref_graph(model):
     return out
 
 
-def npref_explain(model, x, target, rule):
-    """float64 reference relevance of ``model`` on ``x`` for ``target`` (initial = target logit)."""
+def npref_explain(model, x, target, rule, layer_rules=None, initial="logit"):
+    """float64 reference relevance of ``model`` on ``x`` for ``target`` (initial = target logit,
+    or 1 with ``initial='one'``); ``layer_rules`` maps npref layer indices to lrp_grad rules."""
     import npref
 
     layers = to_npref_graph(model)
@@ -244,5 +245,6 @@ def npref_explain(model, x, target, rule):
     logits = npref.forward(layers, x)[-1]
     r_out = np.zeros_like(logits)
     rows = np.arange(len(x))
-    r_out[rows, target] = logits[rows, target]
-    return npref.lrp(layers, x, r_out, npref_rule(rule))[0]
+    r_out[rows, target] = logits[rows, target] if initial == "logit" else 1.0
+    per_layer = {k: npref_rule(r) for k, r in (layer_rules or {}).items()}
+    return npref.lrp(layers, x, r_out, npref_rule(rule), layer_rules=per_layer)[0]

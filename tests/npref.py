@@ -628,7 +628,7 @@ def _accumulate(store, k, v):
     store[k] = v if store[k] is None else store[k] + v
 
 
-def lrp(layers, x, R_out, rule, first_rule=None):
+def lrp(layers, x, R_out, rule, first_rule=None, layer_rules=None):
     """Layer-wise relevance propagation from the output back to the input.
 
     Parameters
@@ -642,6 +642,8 @@ def lrp(layers, x, R_out, rule, first_rule=None):
         Rule for every weighted layer.
     first_rule : dict, optional
         Rule for the first weighted layer in ``layers`` (list order) instead of ``rule``.
+    layer_rules : dict, optional
+        ``{index in layers: rule}`` for single layers (wins over ``first_rule`` and ``rule``).
 
     Returns
     -------
@@ -655,6 +657,9 @@ def lrp(layers, x, R_out, rule, first_rule=None):
     _check_rule(rule)
     if first_rule is not None:
         _check_rule(first_rule)
+    layer_rules = dict(layer_rules or {})
+    for r in layer_rules.values():
+        _check_rule(r)
     acts = forward(layers, x)
     first = next((k for k, l in enumerate(layers) if l["type"] in WEIGHTED), None)
     per = [None] * len(acts)
@@ -667,6 +672,7 @@ def lrp(layers, x, R_out, rule, first_rule=None):
         R, t = per[m + 1], layer["type"]
         if t in WEIGHTED:
             r = first_rule if (m == first and first_rule is not None) else rule
+            r = layer_rules.get(m, r)
             back = _lrp_weighted(layer, ins, R, r)   # fused act passes R unchanged
         elif t in ACT_LAYERS:
             back = [R]                              # activations pass R unchanged

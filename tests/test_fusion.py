@@ -1,0 +1,148 @@
+"""ReLU fusion: where the planner lets a linear layer apply the ReLU after it inside its LRP op,
+and that the relevance is still the rule's (float64 reference, and the unfused pass)."""
+import numpy as np
+import pytest
+import tf_keras as keras
+from kit import L, assert_close, cnn, npref_explain, randomize
+
+import lrp_grad
+from lrp_grad import AlphaBeta, Composite, Epsilon, Flat, Gamma, Z, ZPlus, handlers, rewrite
+
+
+def fusion(model, rule, nonneg=False):
+    """``{label: fuse_relu}`` of the linear steps and the labels of ReLU steps fused away."""
+    plan = rewrite.build_plan(model, rule, input_nonneg=nonneg)
+    flags = {s.node.label: s.context.fuse_relu for s in plan.steps if s.handler.kind == "linear"}
+    gone = [s.node.label for s in plan.steps if s.handler is handlers.FUSED_RELU]
+    return flags, gone
+
+
+def bn_relu_net(dtype="float32", seed=0):
+    """Conv -> BN -> ReLU layer -> Conv -> Activation('relu') -> pool -> Dense (a ResNet-like stem)."""
+    inp = keras.Input((8, 8, 3), dtype=dtype)
+    h = L.Conv2D(4, 3, padding="same", name="c1", dtype=dtype)(inp)
+    h = L.BatchNormalization(name="bn1", dtype=dtype)(h)
+    h = L.ReLU(name="r1", dtype=dtype)(h)
+    h = L.Conv2D(5, 3, name="c2", dtype=dtype)(h)
+    h = L.Activation("relu", name="r2", dtype=dtype)(h)
+    h = L.GlobalAveragePooling2D(name="gap", dtype=dtype)(h)
+    out = L.Dense(3, name="fc", dtype=dtype)(h)
+    return randomize(keras.Model(inp, out), seed)
+
+
+def unfused(monkeypatch):
+    monkeypatch.setattr(rewrite, "_fuse_relus", lambda graph, steps: tuple(steps))
+
+
+def test_fused_where_the_relevance_above_scales_with_the_input():
+    flags, gone = fusion(cnn(), Epsilon())
+    assert list(flags.values()) == [True, True, True, False]  # the logits layer has no ReLU
+    assert gone == []
+
+
+def test_relu_layers_fused_through_a_folded_batchnorm():
+    flags, gone = fusion(bn_relu_net(), Epsilon())
+    assert flags == {"c1": True, "c2": True, "gap": False, "fc": False}
+    assert gone == ["r1", "r2"]
+
+
+def test_not_fused_below_a_flat_layer():
+    """Flat hands relevance to inputs that are zero, so the ReLU below it must stay exact."""
+    model = cnn()
+    flags, _ = fusion(model, Composite([("weighted", Epsilon())], overrides={model.layers[4].name: Flat()}))
+    assert list(flags.values()) == [True, False, True, False]
+
+
+def test_not_fused_when_the_relu_output_is_the_model_output():
+    model = keras.Sequential([keras.Input((5,)), L.Dense(4, activation="relu"), L.Dense(3, activation="relu")])
+    flags, _ = fusion(model, Epsilon())
+    assert list(flags.values()) == [True, False]
+
+
+def test_not_fused_when_the_linear_output_is_used_twice():
+    inp = keras.Input((6,))
+    z = L.Dense(4, name="d1")(inp)
+    a = L.ReLU(name="r")(z)
+    out = L.Dense(2, name="d2")(L.Concatenate()([a, z]))
+    flags, gone = fusion(keras.Model(inp, out), Epsilon())
+    assert flags["d1"] is False and gone == []
+
+
+def test_not_fused_through_a_layer_that_may_move_zeros():
+    """A user passthrough layer (f(0) unknown) above the ReLU blocks the fusion."""
+
+    class Shift(keras.layers.Layer):
+        def call(self, x):
+            return x + 1.0
+
+    lrp_grad.register_handler(Shift, "passthrough")
+    try:
+        inp = keras.Input((6,))
+        h = L.Dense(4, activation="relu", name="d1")(inp)
+        out = L.Dense(2, name="d2")(Shift()(h))
+        flags, _ = fusion(keras.Model(inp, out), Epsilon())
+        assert flags["d1"] is False
+    finally:
+        lrp_grad.unregister_handler(Shift)
+
+
+@pytest.mark.parametrize("rule", [Epsilon(1e-3), Z()], ids=["epsilon", "z"])
+def test_fused_equals_reference(rule):
+    model = bn_relu_net("float64")
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3))
+    target = np.array([0, 1, 2, 0])
+    # The reference keeps BatchNorm as a layer: so does the explainer without canonizers, and the
+    # BatchNorm (a linear layer too) then applies the ReLU.
+    plan = rewrite.build_plan(model, rule, canonizers=[])
+    assert [s.node.label for s in plan.steps if s.context.fuse_relu] == ["bn1", "c2"]
+    got = lrp_grad.explain(model, x, target=target, rule=rule, canonizers=[])
+    assert_close(got, npref_explain(model, x, target, rule), 1e-10, f"fused {rule}")
+
+
+def test_reference_with_a_flat_layer_above_a_relu():
+    """Relevance reaching ReLU outputs that are zero: the unfused path gives the reference."""
+    model = cnn(dtype="float64")
+    x = np.random.default_rng(2).normal(size=(3, 10, 10, 3))
+    target = np.array([0, 3, 4])
+    comp = Composite([("weighted", Epsilon(1e-3))], overrides={model.layers[4].name: Flat()})
+    expected = npref_explain(model, x, target, Epsilon(1e-3), layer_rules={4: Flat()})
+    assert_close(lrp_grad.explain(model, x, target=target, rule=comp), expected, 1e-10, "flat above relu")
+
+
+def test_reference_with_a_relu_output_and_unit_initial_relevance():
+    """A ReLU at the output with initial='one' puts relevance on a zero output."""
+    model = randomize(keras.Sequential([keras.Input((5,), dtype="float64"),
+                                        L.Dense(6, activation="relu", dtype="float64"),
+                                        L.Dense(4, activation="relu", dtype="float64")]), seed=3)
+    x = np.random.default_rng(3).normal(size=(8, 5))
+    logits = model(x).numpy()
+    target = np.argmin(logits, -1)  # mostly zero outputs
+    assert np.any(logits[np.arange(8), target] == 0)
+    expected = npref_explain(model, x, target, Epsilon(1e-3), initial="one")
+    got = lrp_grad.explain(model, x, target=target, rule=Epsilon(1e-3), initial="one")
+    assert_close(got, expected, 1e-10, "relu output")
+
+
+@pytest.mark.parametrize("rule", [Epsilon(1e-6), Epsilon(0.1, bias=False), Z(), ZPlus(), AlphaBeta(2, 1), Gamma(0.25)],
+                         ids=["eps", "eps-nobias", "z", "zplus", "ab", "gamma"])
+def test_fused_equals_unfused_with_layer_sums(rule, monkeypatch):
+    model = bn_relu_net()
+    x = np.random.default_rng(4).uniform(0, 1, size=(5, 8, 8, 3)).astype(np.float32)
+    R, report = lrp_grad.Explainer(model, rule=rule)(x, target=1, return_layers=True)
+    unfused(monkeypatch)
+    R0, report0 = lrp_grad.Explainer(model, rule=rule)(x, target=1, return_layers=True)
+    assert fusion(model, rule)[1] == []  # the patch took effect
+    assert_close(R, R0, 1e-5, f"{rule}")
+    assert list(report) == list(report0)
+    for k in report:
+        np.testing.assert_allclose(report[k], report0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_fused_pass_op_counts():
+    """Fused layers divide by relu(z) + eps: only the logits layer needs the sign-dependent stabiliser."""
+    model = cnn(padding="valid")
+    fn, _ = lrp_grad.Explainer(model, rule=Epsilon())._function(True, "logit", False)
+    types = [op.type for op in fn.get_concrete_function().graph.get_operations()]
+    assert types.count("GreaterEqual") == 1  # stabilize() of the logits layer
+    assert types.count("RealDiv") == 4  # one division per weighted layer
+    assert types.count("Relu") == 3  # inside the three fused layers, no separate passthrough
