@@ -154,7 +154,7 @@ def _after_relevance(fn):
     return wrapped
 
 
-def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, reduced: bool = False):
+def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, reduced: bool = False, y=None):
     """Return a function mapping the relevance ``R`` at ``z`` to the relevance at ``x``.
 
     Everything the rule needs beyond ``x`` and ``z`` (``z+``, ``z-``, denominators) is computed
@@ -164,8 +164,12 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
 
     ``reduced``: F runs in reduced precision, where ``z- = z - z+`` would cancel catastrophically;
     ``z-`` is then computed by its own forward op.
+
+    ``y``: the layer's ReLU is fused (``z`` and ``z_nobias`` are ``None``): ``R`` is zero wherever
+    ``y = relu(z)`` is zero, and ``z = y`` elsewhere, so ``y`` stands in for ``z`` (see
+    :func:`linear`).
     """
-    dtype = z_nobias.dtype
+    dtype = x.dtype
 
     def full_z():  # only the tensors a rule's backward refers to stay alive after the forward
         return z
@@ -176,11 +180,20 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
         zn = _negative_sum(op, x, w_pos, w, x_nonneg) if reduced else z_nobias - zp
         return zp, zn
 
+    if y is not None and (isinstance(rule, Z) or (isinstance(rule, Epsilon) and rule.bias)):
+        # r = 0 where y = 0 (0 / eps = 0 there); elsewhere y + eps = z + eps = stab(z).
+        if isinstance(rule, Z):
+            return lambda r: x * op.transpose(tf.math.divide_no_nan(r, y), w, x)
+        # _after_relevance: y + eps depends on y alone and would otherwise be computed (and kept)
+        # during the forward pass: one more activation-sized tensor per layer at the peak.
+        return _after_relevance(lambda r: x * op.transpose(r / (y + tf.constant(rule.epsilon, dtype)), w, x))
+
     if isinstance(rule, Z):
         return lambda r: x * op.transpose(tf.math.divide_no_nan(r, full_z()), w, x)
 
     if isinstance(rule, Epsilon):
-        return lambda r: x * op.transpose(r / stabilize(full_z() if rule.bias else z_nobias, rule.epsilon), w, x)
+        return _after_relevance(
+            lambda r: x * op.transpose(r / stabilize(full_z() if rule.bias else z_nobias, rule.epsilon), w, x))
 
     if isinstance(rule, AlphaBeta):
 
@@ -188,7 +201,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
         def ab(r):
             w_pos = tf.nn.relu(w)
             b_pos, b_neg = _split(b) if rule.bias and b is not None else (0.0, 0.0)
-            zp, zn = split_sums(w_pos)
+            zp = _positive_sum(op, x, w_pos, w, x_nonneg)
             # For x >= 0, z+ = F(x, W+) sums non-negative terms, so it is >= 0 even after rounding
             # and stab() is the plain shift by +eps (one op instead of three). Otherwise stabilise by
             # the sign of the computed value: z- = z - z+ can come out slightly positive by
@@ -199,8 +212,16 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
                 s_pos = r * (tf.constant(rule.alpha, dtype) / stabilize(zp + b_pos, STABILIZER))
             # z- <= 0: a rounding-positive value is clamped to 0, then shifted by -eps (what
             # stab() gives any z- < 0), so the denominator never cancels to zero.
-            eps = tf.constant(STABILIZER, dtype)
-            s_neg = r * tf.constant(-rule.beta, dtype) / (tf.minimum(zn + b_neg, 0) - eps) if rule.beta else None
+            s_neg = None
+            if rule.beta:
+                if reduced:
+                    zn_b = _negative_sum(op, x, w_pos, w, x_nonneg) + b_neg
+                elif y is not None:  # z = y where R != 0; elsewhere the clamp keeps it finite
+                    zn_b = y - (zp + b_pos) if rule.bias or b is None else (y - b) - zp
+                else:
+                    zn_b = (z_nobias - zp) + b_neg
+                eps = tf.constant(STABILIZER, dtype)
+                s_neg = r * tf.constant(-rule.beta, dtype) / (tf.minimum(zn_b, 0) - eps)
             return _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg)
 
         return ab
@@ -255,8 +276,8 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
 
 
 def fuses_relu(rule: Rule) -> bool:
-    """Whether :func:`linear` with ``relu=True`` saves work for ``rule`` (its denominator is ``z``)."""
-    return isinstance(rule, Z) or (isinstance(rule, Epsilon) and rule.bias)
+    """Whether :func:`linear` with ``relu=True`` runs the rule on ``relu(z)`` instead of keeping ``z``."""
+    return isinstance(rule, (Z, AlphaBeta)) or (isinstance(rule, Epsilon) and rule.bias)
 
 
 def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dtype=None, relu: bool = False):
@@ -295,13 +316,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
         def lrp_linear_relu(x):
             z = op.forward(x, w)
             y = tf.nn.relu(z if b is None else tf.nn.bias_add(z, b))
-
-            def backward(r):
-                # r = 0 where y = 0, so 0 / eps = 0 there; elsewhere y + eps = z + eps = stab(z).
-                s = tf.math.divide_no_nan(r, y) if isinstance(rule, Z) else r / (y + rule.epsilon)
-                return x * op.transpose(s, w, x)
-
-            return y, backward
+            return y, _backward(rule, op, x, w, b, None, None, x_nonneg, reduced, y=y)
 
         return lrp_linear_relu(x)
 

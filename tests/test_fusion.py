@@ -86,7 +86,8 @@ def test_not_fused_through_a_layer_that_may_move_zeros():
         lrp_grad.unregister_handler(Shift)
 
 
-@pytest.mark.parametrize("rule", [Epsilon(1e-3), Z()], ids=["epsilon", "z"])
+@pytest.mark.parametrize("rule", [Epsilon(1e-3), Z(), AlphaBeta(2, 1), AlphaBeta(1.5, 0.5, bias=False), ZPlus()],
+                         ids=["epsilon", "z", "ab", "ab-nobias", "zplus"])
 def test_fused_equals_reference(rule):
     model = bn_relu_net("float64")
     x = np.random.default_rng(1).normal(size=(4, 8, 8, 3))
@@ -96,7 +97,9 @@ def test_fused_equals_reference(rule):
     plan = rewrite.build_plan(model, rule, canonizers=[])
     assert [s.node.label for s in plan.steps if s.context.fuse_relu] == ["bn1", "c2"]
     got = lrp_grad.explain(model, x, target=target, rule=rule, canonizers=[])
-    assert_close(got, npref_explain(model, x, target, rule), 1e-10, f"fused {rule}")
+    # Sign-split rules on signed inputs amplify rounding (the unfused pass errs as much: 2.7e-10).
+    tol = 1e-8 if isinstance(rule, AlphaBeta) else 1e-10
+    assert_close(got, npref_explain(model, x, target, rule), tol, f"fused {rule}")
 
 
 def test_reference_with_a_flat_layer_above_a_relu():
