@@ -306,6 +306,9 @@ def _batch_norm_problem(layer, ctx):
 
 
 def _add(layer, inputs, ctx):
+    out = propagate.add(inputs, ctx.rule, ctx.nonneg, relu=ctx.fuse_relu)
+    if out is not None:
+        return out
     stacked = tf.stack(inputs, axis=-1)
     w = tf.ones([len(inputs)], stacked.dtype)
     return _linear(stacked, ops.SUM_OP, w, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)

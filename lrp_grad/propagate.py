@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from .rules import STABILIZER, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox
 
-__all__ = ["LinearOp", "linear", "fuses_relu", "passthrough", "stabilize"]
+__all__ = ["LinearOp", "linear", "add", "fuses_relu", "passthrough", "stabilize"]
 
 
 @dataclass(frozen=True)
@@ -327,6 +327,49 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
         return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced)
 
     return lrp_linear(x)
+
+
+def add(xs, rule: Rule, nonneg, relu: bool = False):
+    """``z = x_1 + ... + x_k`` (a Keras ``Add``) whose gradients are the ``rule``'s relevance.
+
+    The rule on unit weights, computed per input without stacking the inputs (a copy of every
+    input on the hot path of residual networks): ``R_k = x_k s`` for Z and epsilon,
+    ``R_k = x_k+ s+ + x_k- s-`` for alpha-beta, ``R_k = R / k`` for flat and w^2. Returns ``None``
+    for the other rules (the caller falls back to the general linear op). ``nonneg`` gives, per
+    input, whether it is known to be ``>= 0``; ``relu`` returns ``relu(z)`` as in :func:`linear`.
+    """
+    if not isinstance(rule, (Z, Epsilon, AlphaBeta, Flat, WSquare)):
+        return None
+    k = len(xs)
+
+    @tf.custom_gradient
+    def lrp_add(*xs):
+        z = tf.add_n(list(xs))
+        y = tf.nn.relu(z) if relu else z
+        dtype = z.dtype
+        eps = tf.constant(STABILIZER, dtype)
+
+        def shares(r):
+            if isinstance(rule, (Flat, WSquare)):  # F(1, 1) = k for every output
+                return [r / tf.constant(k + STABILIZER, dtype)] * k
+            if isinstance(rule, Z):
+                s = tf.math.divide_no_nan(r, y)
+                return [x * s for x in xs]
+            if isinstance(rule, Epsilon):  # an Add has no bias: bias=True and False agree
+                s = r / (y + tf.constant(rule.epsilon, dtype)) if relu else r / stabilize(z, rule.epsilon)
+                return [x * s for x in xs]
+            parts = [x if known else tf.nn.relu(x) for x, known in zip(xs, nonneg)]
+            zp = tf.add_n(parts)  # a sum of non-negative values: stab() is the plain shift
+            s_pos = r * tf.constant(rule.alpha, dtype) / (zp + eps)
+            if all(nonneg) or not rule.beta:
+                return [p * s_pos for p in parts]
+            # z- = z - z+ (with a fused ReLU, y stands for z where r != 0; the clamp keeps the rest finite)
+            s_neg = r * tf.constant(-rule.beta, dtype) / (tf.minimum(y - zp, 0) - eps)
+            return [x * s_pos if known else x * tf.where(x > 0, s_pos, s_neg) for x, known in zip(xs, nonneg)]
+
+        return y, _after_relevance(shares)
+
+    return lrp_add(*xs)
 
 
 def passthrough(fn: Callable, x):

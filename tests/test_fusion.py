@@ -149,3 +149,38 @@ def test_fused_pass_op_counts():
     assert types.count("GreaterEqual") == 1  # stabilize() of the logits layer
     assert types.count("RealDiv") == 4  # one division per weighted layer
     assert types.count("Relu") == 3  # inside the three fused layers, no separate passthrough
+
+
+def _residual(dtype="float32"):
+    inp = keras.Input((6, 6, 2), dtype=dtype)
+    h = L.Conv2D(3, 3, padding="same", activation="relu", dtype=dtype)(inp)
+    branch = L.Conv2D(3, 3, padding="same", dtype=dtype)(h)
+    h = L.Add(name="add", dtype=dtype)([h, branch])
+    h = L.ReLU(name="after_add", dtype=dtype)(h)
+    out = L.Dense(2, dtype=dtype)(L.Flatten(dtype=dtype)(h))
+    return randomize(keras.Model(inp, out), seed=5)
+
+
+@pytest.mark.parametrize("rule, stacked", [(Epsilon(), False), (AlphaBeta(2, 1), False), (Flat(), False),
+                                           (Gamma(0.25), True)], ids=["eps", "ab", "flat", "gamma"])
+def test_add_runs_per_input_without_stacking(rule, stacked):
+    """Add takes its own per-input backward (no tf.stack copy) for the rules it knows."""
+    model = _residual()
+    flags, gone = fusion(model, rule)
+    fused = rule.scales_with_input  # the Dense above is flat too: relevance reaches zeros
+    assert flags["add"] is fused and gone == (["after_add"] if fused else [])
+    fn, _ = lrp_grad.Explainer(model, rule=rule)._function(False, "logit", False)
+    ops = fn.get_concrete_function().graph.get_operations()
+    stacks = [op for op in ops if op.type == "Pack" and op.inputs[0].shape.rank == 4]  # not shape packs
+    assert bool(stacks) == stacked
+
+
+@pytest.mark.parametrize("rule", [Epsilon(1e-3), Z(), AlphaBeta(2, 1), ZPlus(), Flat()],
+                         ids=["eps", "z", "ab", "zplus", "flat"])
+def test_add_equals_reference(rule):
+    model = _residual("float64")
+    x = np.random.default_rng(6).normal(size=(3, 6, 6, 2))
+    target = np.array([0, 1, 1])
+    tol = 1e-8 if isinstance(rule, AlphaBeta) else 1e-10
+    assert_close(lrp_grad.explain(model, x, target=target, rule=rule), npref_explain(model, x, target, rule),
+                 tol, f"add {rule}")
