@@ -200,28 +200,33 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
         @_after_relevance
         def ab(r):
             w_pos = tf.nn.relu(w)
-            b_pos, b_neg = _split(b) if rule.bias and b is not None else (0.0, 0.0)
+            eps = tf.constant(STABILIZER, dtype)
+            b_pos, b_neg = _split(b) if rule.bias and b is not None else (None, None)
             zp = _positive_sum(op, x, w_pos, w, x_nonneg)
-            # For x >= 0, z+ = F(x, W+) sums non-negative terms, so it is >= 0 even after rounding
-            # and stab() is the plain shift by +eps (one op instead of three). Otherwise stabilise by
-            # the sign of the computed value: z- = z - z+ can come out slightly positive by
-            # rounding, and a fixed shift could then cancel it to zero (seen on ResNet50).
+            # c = z+ + b+ + eps. For x >= 0, z+ = F(x, W+) sums non-negative terms, so it is >= 0
+            # even after rounding and c is stab(z+ + b+). Otherwise stabilise by the sign of the
+            # computed value (rounding can make it slightly negative).
+            c = zp + (eps if b_pos is None else b_pos + eps)
+            ra = r if rule.alpha == 1 else r * tf.constant(rule.alpha, dtype)
             if x_nonneg:
-                s_pos = r * tf.constant(rule.alpha, dtype) / (zp + (b_pos + tf.constant(STABILIZER, dtype)))
+                s_pos = ra / c
             else:
-                s_pos = r * (tf.constant(rule.alpha, dtype) / stabilize(zp + b_pos, STABILIZER))
-            # z- <= 0: a rounding-positive value is clamped to 0, then shifted by -eps (what
-            # stab() gives any z- < 0), so the denominator never cancels to zero.
+                s_pos = ra / stabilize(zp if b_pos is None else zp + b_pos, STABILIZER)
             s_neg = None
             if rule.beta:
-                if reduced:
-                    zn_b = _negative_sum(op, x, w_pos, w, x_nonneg) + b_neg
-                elif y is not None:  # z = y where R != 0; elsewhere the clamp keeps it finite
-                    zn_b = y - (zp + b_pos) if rule.bias or b is None else (y - b) - zp
+                # -stab(z-) = eps - z- for z- <= 0 (b- included); a z- that rounding made positive
+                # is clamped to 0, so the divisor max(eps - z-, eps) is never zero. With
+                # z- = z - (z+ + b+) (bias-free terms when the rule leaves the bias out),
+                # eps - z- = c - z: no extra forward op.
+                if reduced:  # z - z+ would cancel catastrophically in reduced precision
+                    zn = _negative_sum(op, x, w_pos, w, x_nonneg)
+                    gap = eps - (zn if b_neg is None else zn + b_neg)
+                elif rule.bias or b is None:
+                    gap = c - (full_z() if y is None else y)  # y = z where R != 0, see linear()
                 else:
-                    zn_b = (z_nobias - zp) + b_neg
-                eps = tf.constant(STABILIZER, dtype)
-                s_neg = r * tf.constant(-rule.beta, dtype) / (tf.minimum(zn_b, 0) - eps)
+                    gap = c - (z_nobias if y is None else y - b)
+                rb = r if rule.beta == 1 else r * tf.constant(rule.beta, dtype)
+                s_neg = rb / tf.maximum(gap, eps)
             return _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg)
 
         return ab
