@@ -34,7 +34,7 @@ def _dense_transpose(s, w, x):
     return tf.tensordot(s, w, [[s.shape.rank - 1], [1]])
 
 
-DENSE_OP = LinearOp(_dense_forward, _dense_transpose)
+DENSE_OP = LinearOp(_dense_forward, _dense_transpose, row_blocks=True)
 
 
 def _dilate_kernel(w, rates):

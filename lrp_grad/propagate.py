@@ -10,11 +10,15 @@ Cost, counted in units of one forward op (a plain gradient pass costs 2 per laye
 Epsilon/Z reuse the forward ``z`` and need one T (2 units, as the gradient); z+ needs one more F
 with ``W+`` (3 units); alpha-beta derives ``z-`` as ``z - z+`` and needs two transposed ops,
 ``W+^T s+ + W-^T s-`` (4 units: 2x a gradient pass); one call on channel-concatenated operands
-was measured slower on this CPU, with twice the peak memory. At most one modified copy of a
-kernel exists at a time (a copy of VGG16's first Dense kernel is 400 MB). Inputs not known to be
+was measured slower on this CPU, with twice the peak memory. Inputs not known to be
 non-negative double the extra F (``|x|`` and ``x-`` concatenated along the input channels) and
-add one T with ``W``. Every extra op runs in the backward pass, so the forward keeps no more
-tensors alive than a gradient pass (plus ``z``).
+add one T with ``W``.
+
+Memory: every extra op runs in the backward pass, once the layer's relevance exists, so the
+forward pass keeps no more tensors alive than a gradient pass (plus ``z``, which a layer followed
+by a ReLU does not need: see ``relu`` in :func:`linear`). At most one modified copy of a kernel
+exists at a time, and large Dense kernels are modified and used in row blocks
+(:class:`LinearOp`): a whole copy of VGG16's first Dense kernel would be 400 MB.
 """
 from __future__ import annotations
 
@@ -43,17 +47,63 @@ class LinearOp:
         Kernel axis of the input channels when every output sums over all input channels
         (Dense, Conv): then ``F(x+, W+) + F(x-, W-)`` for signed inputs runs as one call on
         channel-concatenated operands. ``None`` (depthwise, pooling, diagonal layers) runs two.
+    row_blocks : bool
+        The kernel's first axis indexes the input's last axis (Dense). Then a modified kernel
+        ``g(W)`` (``W+``, ``W-``, ...) of more than :data:`BLOCK_ELEMENTS` entries is never made
+        whole: :meth:`forward_mod` and :meth:`transpose_mod` run on blocks of rows, one after the
+        other (VGG16's first Dense kernel is 400 MB; a copy of it would double the peak memory
+        of an explanation).
     """
 
     forward: Callable
     transpose: Callable
     in_axis: int | None = -2
+    row_blocks: bool = False
 
-    def forward2(self, x1, w1, x2, w2):
-        """``F(x1, W1) + F(x2, W2)``, as one call where the layout allows."""
-        if self.in_axis is None:
-            return self.forward(x1, w1) + self.forward(x2, w2)
-        return self.forward(tf.concat([x1, x2], axis=-1), tf.concat([w1, w2], axis=self.in_axis))
+    def _blocks(self, w):
+        """Row ranges of ``w`` to work on one at a time, or ``None`` to use it whole."""
+        size = w.shape.num_elements()
+        if not self.row_blocks or size is None or size <= BLOCK_ELEMENTS:
+            return None
+        per = max(1, BLOCK_ELEMENTS // (size // w.shape[0]))
+        return [(a, min(a + per, w.shape[0])) for a in range(0, w.shape[0], per)]
+
+    def forward_mod(self, x, w, g):
+        """``F(x, g(W))`` for an elementwise ``g``."""
+        blocks = self._blocks(w)
+        if blocks is None:
+            return self.forward(x, g(w))
+        out = None
+        for a, b in blocks:  # each block waits for the previous one: one block copy at a time
+            with tf.control_dependencies([] if out is None else [out]):
+                part = self.forward(x[..., a:b], g(w[a:b]))
+            out = part if out is None else out + part
+        return out
+
+    def transpose_mod(self, s, w, g, x):
+        """``T(s, g(W))`` for an elementwise ``g``."""
+        blocks = self._blocks(w)
+        if blocks is None:
+            return self.transpose(s, g(w), x)
+        parts = []
+        for a, b in blocks:
+            with tf.control_dependencies(parts[-1:]):
+                parts.append(self.transpose(s, g(w[a:b]), x[..., a:b]))
+        return tf.concat(parts, axis=-1)
+
+    def forward_pair(self, x1, g, x2, w):
+        """``F(x1, g(W)) + F(x2, W)``, as one call where the layout allows."""
+        if self.in_axis is None or self._blocks(w) is not None:
+            return self.forward_mod(x1, w, g) + self.forward(x2, w)
+        return self.forward(tf.concat([x1, x2], axis=-1), tf.concat([g(w), w], axis=self.in_axis))
+
+
+#: Modified kernels larger than this (entries) are processed in row blocks (see LinearOp).
+BLOCK_ELEMENTS = 1 << 23
+
+
+def _neg(w):
+    return tf.minimum(w, 0)
 
 
 def stabilize(z, eps):
@@ -67,26 +117,26 @@ def _split(t):
     return pos, t - pos
 
 
-# At most one modified copy of a kernel exists at a time: for a large Dense kernel (VGG16's
-# first, 25088 x 4096) each copy costs 400 MB. Forward terms with W- are rewritten with W+ and W.
+# At most one modified copy of a kernel exists at a time (and of a large Dense kernel only a block
+# of rows, see LinearOp). Forward terms with W- are rewritten with W+ and W.
 
 
-def _positive_sum(op, x, w_pos, w, x_nonneg):
+def _positive_sum(op, x, w, x_nonneg):
     """``sum_i (x_i w_ij)^+ = F(x+, W+) + F(x-, W-) = F(|x|, W+) + F(x-, W)`` (one op for x >= 0)."""
     if x_nonneg:
-        return op.forward(x, w_pos)
-    return op.forward2(tf.abs(x), w_pos, tf.minimum(x, 0), w)
+        return op.forward_mod(x, w, tf.nn.relu)
+    return op.forward_pair(tf.abs(x), tf.nn.relu, tf.minimum(x, 0), w)
 
 
-def _negative_sum(op, x, w_pos, w, x_nonneg):
+def _negative_sum(op, x, w, x_nonneg):
     """``sum_i (x_i w_ij)^- = F(x+, W-) + F(x-, W+) = F(x+, W) - F(|x|, W+)`` computed on its own
     (for reduced precision, where ``z - z+`` cancels catastrophically)."""
     if x_nonneg:
-        return op.forward(x, w) - op.forward(x, w_pos)
-    return op.forward(tf.nn.relu(x), w) - op.forward(tf.abs(x), w_pos)
+        return op.forward(x, w) - op.forward_mod(x, w, tf.nn.relu)
+    return op.forward(tf.nn.relu(x), w) - op.forward_mod(tf.abs(x), w, tf.nn.relu)
 
 
-def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg, q=None):
+def _signed_pair_transpose(op, x, s_pos, s_neg, w, x_nonneg, q=None):
     """Relevance ``x+ (W+^T s+ + W-^T s-) + x- (W-^T s+ + W+^T s-)``.
 
     ``P = W+^T s+ + W-^T s-`` in two T calls; ``W-`` is made only after the first call, when
@@ -94,10 +144,10 @@ def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg, q=None):
     signed inputs ``W-^T s+ + W+^T s- = W^T (s+ + s-) - P`` and ``x+ P + x- (Q - P) = |x| P + x- Q``;
     ``q`` is ``Q`` when the caller already has it.
     """
-    p = op.transpose(s_pos, w_pos, x)
+    p = op.transpose_mod(s_pos, w, tf.nn.relu, x)
     if s_neg is not None:
         with tf.control_dependencies([p]):
-            p = p + op.transpose(s_neg, tf.minimum(w, 0), x)
+            p = p + op.transpose_mod(s_neg, w, _neg, x)
     if x_nonneg:
         return x * p
     if q is None:
@@ -105,9 +155,9 @@ def _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg, q=None):
     return tf.abs(x) * p + tf.minimum(x, 0) * q
 
 
-def _ones_forward(op, x, w):
-    """``F(1, W)`` for one sample: the denominators of the input-independent rules."""
-    return op.forward(tf.ones_like(x[:1]), w)
+def _ones_forward(op, x, w, g):
+    """``F(1, g(W))`` for one sample: the denominators of the input-independent rules."""
+    return op.forward_mod(tf.ones_like(x[:1]), w, g)
 
 
 def _peak(t, per_sample: bool):
@@ -139,7 +189,7 @@ def reduced_precision(op: LinearOp, compute_dtype) -> LinearOp:
         sp, wp = _peak(s, True), _peak(w, False)
         return rescale(op.transpose(tf.cast(s / sp, dtype), tf.cast(w / wp, dtype), tf.cast(x, dtype)), sp, wp)
 
-    return LinearOp(forward, transpose, op.in_axis)
+    return LinearOp(forward, transpose, op.in_axis, op.row_blocks)
 
 
 def _after_relevance(fn):
@@ -174,10 +224,10 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
     def full_z():  # only the tensors a rule's backward refers to stay alive after the forward
         return z
 
-    def split_sums(w_pos):
+    def split_sums():
         """``(z+, z-)`` without bias: sums of the positive / negative contributions."""
-        zp = _positive_sum(op, x, w_pos, w, x_nonneg)
-        zn = _negative_sum(op, x, w_pos, w, x_nonneg) if reduced else z_nobias - zp
+        zp = _positive_sum(op, x, w, x_nonneg)
+        zn = _negative_sum(op, x, w, x_nonneg) if reduced else z_nobias - zp
         return zp, zn
 
     if y is not None and (isinstance(rule, Z) or (isinstance(rule, Epsilon) and rule.bias)):
@@ -199,10 +249,9 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
 
         @_after_relevance
         def ab(r):
-            w_pos = tf.nn.relu(w)
             eps = tf.constant(STABILIZER, dtype)
             b_pos, b_neg = _split(b) if rule.bias and b is not None else (None, None)
-            zp = _positive_sum(op, x, w_pos, w, x_nonneg)
+            zp = _positive_sum(op, x, w, x_nonneg)
             # c = z+ + b+ + eps. For x >= 0, z+ = F(x, W+) sums non-negative terms, so it is >= 0
             # even after rounding and c is stab(z+ + b+). Otherwise stabilise by the sign of the
             # computed value (rounding can make it slightly negative).
@@ -219,7 +268,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
                 # z- = z - (z+ + b+) (bias-free terms when the rule leaves the bias out),
                 # eps - z- = c - z: no extra forward op.
                 if reduced:  # z - z+ would cancel catastrophically in reduced precision
-                    zn = _negative_sum(op, x, w_pos, w, x_nonneg)
+                    zn = _negative_sum(op, x, w, x_nonneg)
                     gap = eps - (zn if b_neg is None else zn + b_neg)
                 elif rule.bias or b is None:
                     gap = c - (full_z() if y is None else y)  # y = z where R != 0, see linear()
@@ -227,7 +276,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
                     gap = c - (z_nobias if y is None else y - b)
                 rb = r if rule.beta == 1 else r * tf.constant(rule.beta, dtype)
                 s_neg = rb / tf.maximum(gap, eps)
-            return _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg)
+            return _signed_pair_transpose(op, x, s_pos, s_neg, w, x_nonneg)
 
         return ab
 
@@ -235,8 +284,8 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
 
         @_after_relevance
         def flat(r):
-            w_mod = tf.ones_like(w) if isinstance(rule, Flat) else tf.square(w)
-            return op.transpose(r / stabilize(_ones_forward(op, x, w_mod), STABILIZER), w_mod, x)
+            g = tf.ones_like if isinstance(rule, Flat) else tf.square
+            return op.transpose_mod(r / stabilize(_ones_forward(op, x, w, g), STABILIZER), w, g, x)
 
         return flat
 
@@ -244,15 +293,14 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
 
         @_after_relevance
         def zbox(r):
-            w_pos = tf.nn.relu(w)
             shape = tf.shape(x[:1])
             low = tf.broadcast_to(tf.constant(rule.low, dtype), shape)
             high = tf.broadcast_to(tf.constant(rule.high, dtype), shape)
             # F(l, W+) + F(h, W-) = F(l - h, W+) + F(h, W)
-            z_box = (full_z() if rule.bias else z_nobias) - op.forward(low - high, w_pos) - op.forward(high, w)
+            z_box = (full_z() if rule.bias else z_nobias) - op.forward_mod(low - high, w, tf.nn.relu) - op.forward(high, w)
             s = r / stabilize(z_box, STABILIZER)
             c_all = op.transpose(s, w, x)
-            c_pos = op.transpose(s, w_pos, x)
+            c_pos = op.transpose_mod(s, w, tf.nn.relu, x)
             return x * c_all - low * c_pos - high * (c_all - c_pos)
 
         return zbox
@@ -261,9 +309,8 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
 
         @_after_relevance
         def gamma_rule(r):
-            w_pos = tf.nn.relu(w)
             gamma = tf.constant(rule.gamma, dtype)
-            zp, zn = split_sums(w_pos)
+            zp, zn = split_sums()
             if b is not None:
                 b_pos, b_neg = _split(b)
                 zp, zn = zp + b_pos, zn + b_neg
@@ -272,7 +319,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
             s_pos = r * tf.where(z > 0, 1 / stabilize(z + gamma * zp, STABILIZER), zero)
             s_neg = r * tf.where(z < 0, 1 / stabilize(z + gamma * zn, STABILIZER), zero)
             q = op.transpose(s_pos + s_neg, w, x)
-            pair = _signed_pair_transpose(op, x, s_pos, s_neg, w_pos, w, x_nonneg, q=q)
+            pair = _signed_pair_transpose(op, x, s_pos, s_neg, w, x_nonneg, q=q)
             return x * q + gamma * pair
 
         return gamma_rule
