@@ -129,11 +129,12 @@ def _positive_sum(op, x, w, x_nonneg):
 
 
 def _negative_sum(op, x, w, x_nonneg):
-    """``sum_i (x_i w_ij)^- = F(x+, W-) + F(x-, W+) = F(x+, W) - F(|x|, W+)`` computed on its own
-    (for reduced precision, where ``z - z+`` cancels catastrophically)."""
+    """``sum_i (x_i w_ij)^- = F(x+, W-) + F(x-, W+)`` computed on its own, as sums of terms that
+    are all ``<= 0`` (for reduced precision, where ``z - z+`` cancels catastrophically: its
+    rounding error can flip the sign of a small ``z-``)."""
     if x_nonneg:
-        return op.forward(x, w) - op.forward_mod(x, w, tf.nn.relu)
-    return op.forward(tf.nn.relu(x), w) - op.forward_mod(tf.abs(x), w, tf.nn.relu)
+        return op.forward_mod(x, w, _neg)
+    return op.forward_mod(tf.nn.relu(x), w, _neg) + op.forward_mod(tf.minimum(x, 0), w, tf.nn.relu)
 
 
 def _signed_pair_transpose(op, x, s_pos, s_neg, w, x_nonneg, q=None):
