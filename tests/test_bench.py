@@ -29,3 +29,19 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert "| model | batch | XLA | method | ms / batch | min ms | images / s | x gradient | spread | peak MB | first call s |" in md
     for method in bench.METHOD_NAMES:
         assert f"| mnist_cnn | 4 | off | {method} |" in md
+
+
+def test_targets_script_runs(tmp_path):
+    """benchmarks/targets.py (one call for all classes vs one call per class) on one image."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
+    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    assert targets.main(["--images", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "targets.json").read_text())["results"]
+    assert [(r["rule"], r["images"], r["classes"]) for r in rows] == [("alpha_beta", 1, 10), ("epsilon", 1, 10)]
+    assert all(r["speedup"] > 0 for r in rows)
+    assert "| alpha_beta | 1 |" in (tmp_path / "targets.md").read_text()
