@@ -125,10 +125,10 @@ class Handler:
         ``apply`` honours ``ctx.fuse_relu``: it returns ``relu`` of the layer's output, computed
         inside the LRP op, and skips a fused ``'relu'`` activation of its own.
     zero_in_zero_out : bool or callable
-        (or ``zero_in_zero_out(layer) -> bool``) For the non-``linear`` kinds: the relevance this layer gives an input is zero wherever
-        that input is zero, provided the relevance at its output is zero wherever the output is
-        zero (true of routing layers and of activations with ``f(0) = 0``). Lets the planner fuse
-        ReLUs below the layer.
+        For the non-``linear`` kinds (a callable: ``zero_in_zero_out(layer) -> bool``): the
+        relevance this layer gives an input is zero wherever that input is zero, provided the
+        relevance at its output is zero wherever the output is zero (true of routing layers and
+        of activations with ``f(0) = 0``). Lets the planner fuse ReLUs below the layer.
     """
 
     kind: str
@@ -166,6 +166,8 @@ def _activation_problem(fn, is_output):
 
 def _activate(fn, z, ctx):
     name = activation_name(fn)
+    if ctx.fuse_relu:
+        return z  # the ReLU was applied inside the layer's LRP op
     if name == "linear" or (name == "softmax" and ctx.is_output):
         return z  # a final softmax is skipped: the logits are explained
     return propagate.passthrough(fn, z)
@@ -210,7 +212,7 @@ def _weighted(op_for, kernel_attr="kernel"):
         (x,) = inputs
         w, b = ctx.params() if ctx.params is not None else read(layer)
         z = _linear(x, op_for(layer), w, b, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
-        return z if ctx.fuse_relu else _activate(layer.activation, z, ctx)
+        return _activate(layer.activation, z, ctx)
 
     return apply
 
@@ -222,7 +224,7 @@ def _separable(layer, inputs, ctx):
     depthwise = tf.convert_to_tensor(layer.depthwise_kernel)
     h = _linear(x, ops.depthwise_op(layer), depthwise, None, ctx, ctx.nonneg[0])
     z = _linear(h, ops.POINTWISE_OP, pointwise, b, ctx, False, relu=ctx.fuse_relu)
-    return z if ctx.fuse_relu else _activate(layer.activation, z, ctx)
+    return _activate(layer.activation, z, ctx)
 
 
 
@@ -426,7 +428,8 @@ def _multiply_problem(layer, ctx):
 _L = keras.layers
 _CONV = dict(check=_conv_problem, nonneg=_fused_nonneg, family="conv", weights=_reader(), fuses_relu=True)
 IDENTITY = Handler("identity", _identity, nonneg=_keeps_sign, zero_in_zero_out=True)
-_PASS = Handler("passthrough", _elementwise_layer, zero_in_zero_out=True)  # all have f(0) = 0
+_PASS = Handler("passthrough", _elementwise_layer, zero_in_zero_out=True)  # for layers with f(0) = 0
+_OPAQUE_PASS = Handler("passthrough", _elementwise_layer)  # f(0) may be != 0, or unknown
 _ROUTE = Handler("gradient", _call, _channels_last, _keeps_sign, zero_in_zero_out=True)
 
 
@@ -495,15 +498,15 @@ _BUILTIN = {
     _L.ThresholdedReLU: Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True,
                                 zero_in_zero_out=True),
     _L.Softmax: Handler("identity", _identity, _softmax_problem),
-    _L.Rescaling: Handler("passthrough", _elementwise_layer),  # offset: f(0) may be != 0
-    _L.Normalization: Handler("passthrough", _elementwise_layer),
-    _L.LayerNormalization: Handler("passthrough", _elementwise_layer),
+    _L.Rescaling: _OPAQUE_PASS,
+    _L.Normalization: _OPAQUE_PASS,
+    _L.LayerNormalization: _OPAQUE_PASS,
 }
 
 _USER: dict = {}
 
 _SHORTCUTS = {  # what a user layer does at zero is unknown: no zero_in_zero_out
-    "passthrough": Handler("passthrough", _elementwise_layer),
+    "passthrough": _OPAQUE_PASS,
     "gradient": Handler("gradient", _call),
     "identity": IDENTITY,
 }

@@ -156,6 +156,18 @@ def _signed_pair_transpose(op, x, s_pos, s_neg, w, x_nonneg, q=None):
     return tf.abs(x) * p + tf.minimum(x, 0) * q
 
 
+def _scaled(r, factor, dtype):
+    """``factor * r`` (no multiplication for a factor of 1)."""
+    return r if factor == 1 else r * tf.constant(factor, dtype)
+
+
+def _negative_share(r, beta, gap, dtype):
+    """``beta R / -stab(z-)`` with ``gap = eps - z-`` (b- included): for ``z- <= 0`` that is what
+    ``stab()`` gives; a ``z-`` that rounding made positive is clamped to 0, so the divisor
+    ``max(gap, eps)`` is never zero."""
+    return _scaled(r, beta, dtype) / tf.maximum(gap, tf.constant(STABILIZER, dtype))
+
+
 def _ones_forward(op, x, w, g):
     """``F(1, g(W))`` for one sample: the denominators of the input-independent rules."""
     return op.forward_mod(tf.ones_like(x[:1]), w, g)
@@ -257,16 +269,14 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
             # even after rounding and c is stab(z+ + b+). Otherwise stabilise by the sign of the
             # computed value (rounding can make it slightly negative).
             c = zp + (eps if b_pos is None else b_pos + eps)
-            ra = r if rule.alpha == 1 else r * tf.constant(rule.alpha, dtype)
+            ra = _scaled(r, rule.alpha, dtype)
             if x_nonneg:
                 s_pos = ra / c
             else:
                 s_pos = ra / stabilize(zp if b_pos is None else zp + b_pos, STABILIZER)
             s_neg = None
             if rule.beta:
-                # -stab(z-) = eps - z- for z- <= 0 (b- included); a z- that rounding made positive
-                # is clamped to 0, so the divisor max(eps - z-, eps) is never zero. With
-                # z- = z - (z+ + b+) (bias-free terms when the rule leaves the bias out),
+                # With z- = z - (z+ + b+) (bias-free terms when the rule leaves the bias out),
                 # eps - z- = c - z: no extra forward op.
                 if reduced:  # z - z+ would cancel catastrophically in reduced precision
                     zn = _negative_sum(op, x, w, x_nonneg)
@@ -275,8 +285,7 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
                     gap = c - (full_z() if y is None else y)  # y = z where R != 0, see linear()
                 else:
                     gap = c - (z_nobias if y is None else y - b)
-                rb = r if rule.beta == 1 else r * tf.constant(rule.beta, dtype)
-                s_neg = rb / tf.maximum(gap, eps)
+                s_neg = _negative_share(r, rule.beta, gap, dtype)
             return _signed_pair_transpose(op, x, s_pos, s_neg, w, x_nonneg)
 
         return ab
@@ -412,12 +421,12 @@ def add(xs, rule: Rule, nonneg, relu: bool = False):
                 s = r / (y + tf.constant(rule.epsilon, dtype)) if relu else r / stabilize(z, rule.epsilon)
                 return [x * s for x in xs]
             parts = [x if known else tf.nn.relu(x) for x, known in zip(xs, nonneg)]
-            zp = tf.add_n(parts)  # a sum of non-negative values: stab() is the plain shift
-            s_pos = r * tf.constant(rule.alpha, dtype) / (zp + eps)
+            c = tf.add_n(parts) + eps  # z+ sums non-negative values: stab() is the plain shift
+            s_pos = _scaled(r, rule.alpha, dtype) / c
             if all(nonneg) or not rule.beta:
                 return [p * s_pos for p in parts]
-            # z- = z - z+ (with a fused ReLU, y stands for z where r != 0; the clamp keeps the rest finite)
-            s_neg = r * tf.constant(-rule.beta, dtype) / (tf.minimum(y - zp, 0) - eps)
+            # eps - z- = c - z (with a fused ReLU, y stands for z where r != 0, as in linear())
+            s_neg = _negative_share(r, rule.beta, c - y, dtype)
             return [x * s_pos if known else x * tf.where(x > 0, s_pos, s_neg) for x, known in zip(xs, nonneg)]
 
         return y, _after_relevance(shares)
