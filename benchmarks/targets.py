@@ -21,7 +21,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the lrp_grad next to this folder
 
 from lrp_grad import AlphaBeta, Epsilon, Explainer, bench  # noqa: E402
-from lrp_grad._keras import keras  # noqa: E402
+from lrp_grad.frontends.tf_keras import keras  # noqa: E402
 
 RULES = (("alpha_beta", AlphaBeta(2, 1)), ("epsilon", Epsilon(1e-6)))
 

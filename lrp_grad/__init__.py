@@ -1,4 +1,4 @@
-"""lrp_grad: Layer-wise Relevance Propagation for tf-keras image classifiers.
+"""lrp_grad: Layer-wise Relevance Propagation for Keras image classifiers (Keras 3 and tf-keras).
 
 Each supported layer is re-expressed as a function wrapped in ``tf.custom_gradient`` whose
 backward pass is an LRP rule; one ``tf.GradientTape`` pass over the rewritten model yields the
@@ -12,22 +12,24 @@ from .errors import (
     InvalidRuleError,
     InvalidTargetError,
     LRPError,
+    ModelFileError,
     UnsupportedLayerError,
     UnsupportedModelError,
 )
 from . import canonizers, datasets, presets
 from .composites import Composite, RuleMap
 from .explain import DEFAULT_RULE, Explainer, RelevanceReport, explain
+from .frontends import load_model
 from .handlers import Handler, register_handler, supported_layers, unregister_handler
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE",
+    "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE", "load_model",
     "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma",
     "Composite", "RuleMap", "presets", "canonizers", "datasets",
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
-    "InvalidTargetError", "InvalidRuleError",
+    "InvalidTargetError", "InvalidRuleError", "ModelFileError",
 ]

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from ._keras import keras
+from .frontends.tf_keras import keras
 from .datasets import cifar10_model
 from .explain import Explainer
 from .rules import AlphaBeta, Epsilon, ZPlus

@@ -1,6 +1,6 @@
 """Forward-preserving rewrites of the layer graph, applied before the rules.
 
-A canonizer maps a :class:`~lrp_grad._keras.Graph` to an equivalent one (same logits up to
+A canonizer maps a :class:`~lrp_grad.frontends.Graph` to an equivalent one (same logits up to
 float rounding) that LRP rules handle better. It never touches the user's layers: it replaces a
 node's weights by a function computing new ones from the live variables on every call, or a
 node's handler.
@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import handlers
-from ._keras import Graph, activation_name, keras
+from .frontends import Graph, activation_name, is_layer
 
 __all__ = ["Canonizer", "FoldBatchNorm", "DEFAULT_CANONIZERS", "canonize"]
 
@@ -67,7 +67,7 @@ class FoldBatchNorm(Canonizer):
 
 
 def _is_foldable_bn(node) -> bool:
-    if type(node.layer) is not keras.layers.BatchNormalization or len(node.inputs) != 1:
+    if not is_layer(node.layer, "BatchNormalization") or len(node.inputs) != 1:
         return False
     axis = node.layer.axis if isinstance(node.layer.axis, (list, tuple)) else [node.layer.axis]
     rank = node.input_shapes[0].rank if node.input_shapes else None
@@ -94,9 +94,7 @@ def _fold_backward(nodes, i, j) -> bool:
     return True
 
 
-_MAX_POOLS = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling1D,
-              keras.layers.GlobalMaxPooling2D)
-_SKIP = (keras.layers.Dropout,)
+_MAX_POOLS = ("MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D")
 
 
 def _fold_forward(nodes, i, consumers) -> bool:
@@ -112,23 +110,22 @@ def _fold_forward(nodes, i, consumers) -> bool:
         if node.handler is not None or len(node.inputs) != 1:
             return False
         layer = node.layer
-        if type(layer) in _MAX_POOLS:
+        if is_layer(layer, *_MAX_POOLS):
             needs_positive = True
-        elif type(layer) is keras.layers.Flatten and flattened is None:
+        elif is_layer(layer, "Flatten") and flattened is None:
             dims = list(node.input_shapes[0])[1:-1]
             if any(d is None for d in dims):
                 return False
             flattened = int(np.prod(dims)) if dims else 1
-        elif type(layer) in _SKIP:
+        elif is_layer(layer, "Dropout"):
             pass
         else:
             break
         tensor = node.outputs[0]
-    cls = type(layer)
-    if cls is keras.layers.Dense:
+    if is_layer(layer, "Dense"):
         if node.input_shapes[0].rank != 2:
             return False
-    elif cls in (keras.layers.Conv1D, keras.layers.Conv2D):
+    elif is_layer(layer, "Conv1D", "Conv2D"):
         if layer.padding != "valid" or flattened is not None or getattr(layer, "groups", 1) != 1:
             return False
     else:

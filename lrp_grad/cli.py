@@ -78,12 +78,13 @@ def _load_images(paths, shape, resize):
 
 
 def _load_model(path, command):
-    from ._keras import keras
+    from .errors import LRPError
+    from .frontends import load_model
 
     try:
-        return keras.models.load_model(path, compile=False)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"lrp-grad {command}: cannot load model {path}: {e}") from None
+        return load_model(path)
+    except LRPError as e:
+        raise SystemExit(f"lrp-grad {command}: {e}") from None
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

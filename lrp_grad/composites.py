@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRuleError
+from .frontends import class_name
 from .handlers import FAMILIES
 from .rules import Rule
 
@@ -156,7 +157,7 @@ class Composite:
                 rule = next((r for m, r in self.rules if _matches(m, layer, family)), self.default)
             rule = self.overrides.get(label, self.overrides.get(layer.name, rule))
             if rule is None:
-                missing.append(f"'{label}' ({type(layer).__name__}, family {family!r})")
+                missing.append(f"'{label}' ({class_name(layer)}, family {family!r})")
             out.append(rule)
         if missing:
             raise InvalidRuleError(

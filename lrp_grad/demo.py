@@ -54,7 +54,7 @@ class _Progress:
 
 def seed_cnn():
     """The seed report's architecture: conv-pool-conv-pool-dense-out (logits output)."""
-    from ._keras import keras
+    from .frontends.tf_keras import keras
 
     L = keras.layers
     return keras.Sequential([
@@ -67,7 +67,7 @@ def seed_cnn():
 
 def _trained(epochs, data, cache: pathlib.Path):
     """The seed CNN trained for ``epochs`` on the digits, cached as ``cache/mnist_e{epochs}.h5``."""
-    from ._keras import keras
+    from .frontends.tf_keras import keras
 
     path = cache / f"mnist_e{epochs}.h5"
     if path.exists():
@@ -225,7 +225,7 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
 
 def _train_cifar(out, cimg, epochs):
     """The seed's architecture trained on the cached Keras CIFAR-10 data (figure 14 with it)."""
-    from ._keras import keras
+    from .frontends.tf_keras import keras
 
     (x_train, y_train), (x_test, y_test) = datasets.cifar10_keras_cached()
     keras.utils.set_random_seed(0)

@@ -6,7 +6,7 @@ class LRPError(Exception):
 
 
 class UnsupportedModelError(LRPError, TypeError):
-    """The model is not a single-input, single-output tf-keras Sequential/Functional model."""
+    """The model is not a Keras (Keras 3 or tf-keras) Sequential/Functional model lrp_grad can walk."""
 
 
 class UnsupportedLayerError(LRPError, TypeError):
@@ -29,6 +29,10 @@ class InvalidInputError(LRPError, ValueError):
 
 class InvalidTargetError(LRPError, ValueError):
     """``target`` or ``initial`` does not fit the model output or the batch."""
+
+
+class ModelFileError(LRPError, ValueError):
+    """A model file or folder does not exist or cannot be read by either Keras package."""
 
 
 class InvalidRuleError(LRPError, ValueError):

@@ -18,10 +18,10 @@ __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "pertu
 
 
 def _has_softmax_output(model) -> bool:
-    from ._keras import activation_name, keras
+    from .frontends import activation_name, is_layer
 
     last = model.layers[-1]
-    if isinstance(last, keras.layers.Softmax):
+    if is_layer(last, "Softmax"):
         return True
     return activation_name(getattr(last, "activation", None)) == "softmax"
 

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import rewrite
-from ._keras import check_model
+from .frontends import check_model
 from .canonizers import Canonizer
 from .composites import as_composite
 from .errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
@@ -148,16 +148,15 @@ class Explainer:
         self._plans = {False: rewrite.build_plan(model, rule, input_nonneg=False, canonizers=canonizers,
                                                  compute_dtype=compute_dtype)}
         graph = self._plans[False].graph
-        out_shape = model.outputs[0].shape
-        if out_shape.rank != 2 or graph.n_outputs is None:
+        if len(graph.output_shape) != 1 or graph.n_outputs is None:
             raise UnsupportedModelError(
-                f"model {model.name!r} has output shape {tuple(out_shape)}; lrp_grad explains "
+                f"model {model.name!r} has output shape {(None,) + graph.output_shape}; lrp_grad explains "
                 "classifiers whose output is (batch, classes)."
             )
         self.n_classes = graph.n_outputs
         self.input_shape = graph.input_shape
         self.dtype = np.dtype(graph.dtype)
-        self._input_name = model.input_names[0] if getattr(model, "input_names", None) else "input"
+        self._input_name = graph.input_name
         self._functions = {}
         #: How many times a compiled pass was traced (for retracing checks).
         self.trace_count = 0

@@ -1,6 +1,8 @@
-"""The registry of supported layers: which Keras layer class is propagated how.
+"""The registry of supported layers: which Keras layer class (or raw operation) is propagated how.
 
-Handlers are matched by the layer's exact class (a subclass may override ``call`` and would be
+The table is written once by class name and holds both Keras packages' classes of that name
+(Keras 3 and tf-keras layers read the same attributes here). Handlers are matched by the layer's
+exact class (a subclass may override ``call`` and would be
 mishandled silently), so the table at the end of this module is also the coverage ledger: a class
 that is not in it is reported as unsupported, with every offending layer listed at once. Users add
 their own classes with :func:`register_handler`.
@@ -20,6 +22,12 @@ Handler kinds:
     The identity at inference (Dropout and friends).
 ``gate``
     Multiply: all relevance goes to the gated signal, none to the gate.
+
+Raw operations (:class:`~lrp_grad.frontends.RawOp`: ``x + y``, ``x * 2``, ``keras.ops.*``,
+tf-keras' ``TFOpLambda``) get the handler of the layer they stand for, by kind: a sum of tensors
+is an ``Add``, a product of two tensors a ``Multiply``, arithmetic with a constant and activation
+functions pass relevance through, reshapes/slices/concatenations route it, and ``mean``/``sum``
+over non-batch axes are weight-free linear layers of the ``pool`` family.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import ops, propagate
-from ._keras import activation_name, keras
+from .frontends import RawOp, activation_name, is_layer, is_layer_class, layer_classes
 
 __all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",
            "KINDS", "FAMILIES"]
@@ -41,13 +49,16 @@ FAMILIES = ("dense", "conv", "pool", "norm", "merge")
 
 #: Elementwise activations: relevance passes through them unchanged.
 ELEMENTWISE = frozenset(
-    "linear relu relu6 elu selu tanh sigmoid hard_sigmoid softplus softsign swish silu gelu "
-    "exponential leaky_relu mish hard_swish hard_silu".split()
+    "linear relu relu6 elu selu celu tanh sigmoid hard_sigmoid softplus softsign swish silu gelu "
+    "exponential leaky_relu mish hard_swish hard_silu hard_tanh log_sigmoid sparse_plus squareplus "
+    "soft_shrink hard_shrink tanh_shrink sparse_sigmoid".split()
 )
 #: Activations whose output is never negative: the next layer may skip the ``x-`` half.
-NONNEG = frozenset("relu relu6 sigmoid hard_sigmoid softplus exponential".split())
+NONNEG = frozenset("relu relu6 sigmoid hard_sigmoid softplus exponential sparse_plus squareplus "
+                   "sparse_sigmoid".split())
 #: Elementwise activations with ``f(0) = 0``.
-ZERO_AT_ZERO = ELEMENTWISE - frozenset("sigmoid hard_sigmoid softplus exponential".split())
+ZERO_AT_ZERO = ELEMENTWISE - frozenset(
+    "sigmoid hard_sigmoid softplus exponential log_sigmoid sparse_plus squareplus sparse_sigmoid".split())
 
 
 @dataclass(frozen=True)
@@ -194,12 +205,18 @@ def _linear(x, op, w, b, ctx, x_nonneg, relu=False):
     return propagate.linear(x, op, w, b, ctx.rule, x_nonneg=x_nonneg, compute_dtype=ctx.compute_dtype, relu=relu)
 
 
+def _kernel(layer, kernel_attr):
+    """The kernel variable; Keras 3 names DepthwiseConv2D's ``kernel``, tf-keras ``depthwise_kernel``."""
+    w = getattr(layer, kernel_attr, None)
+    return layer.kernel if w is None else w
+
+
 def _reader(kernel_attr="kernel"):
     """``weights(layer) -> (kernel, bias)`` reading the layer's variables as tensors."""
 
     def weights(layer):
         b = tf.convert_to_tensor(layer.bias) if layer.use_bias else None
-        return tf.convert_to_tensor(getattr(layer, kernel_attr)), b
+        return tf.convert_to_tensor(_kernel(layer, kernel_attr)), b
 
     return weights
 
@@ -221,7 +238,7 @@ def _separable(layer, inputs, ctx):
     """SeparableConv2D: a depthwise then a pointwise linear layer, both under the layer's rule."""
     (x,) = inputs
     pointwise, b = ctx.params() if ctx.params is not None else _reader("pointwise_kernel")(layer)
-    depthwise = tf.convert_to_tensor(layer.depthwise_kernel)
+    depthwise = tf.convert_to_tensor(_kernel(layer, "depthwise_kernel"))
     h = _linear(x, ops.depthwise_op(layer), depthwise, None, ctx, ctx.nonneg[0])
     z = _linear(h, ops.POINTWISE_OP, pointwise, b, ctx, False, relu=ctx.fuse_relu)
     return _activate(layer.activation, z, ctx)
@@ -335,9 +352,23 @@ def _reshape(layer, inputs, ctx):
     return tf.reshape(x, tf.concat([tf.shape(x)[:1], list(layer.target_shape)], 0))
 
 
+def _own_call(layer, inputs):
+    """``layer.call`` on ``inputs`` in the layer's compute dtype, cast back to the inputs' dtype.
+
+    A mixed-precision layer (``dtype='mixed_float16'``) casts its constants to float16; the LRP
+    pass runs in the model input's dtype, so such a layer is called in its own dtype.
+    """
+    dtype = inputs[0].dtype
+    compute = tf.as_dtype(getattr(layer, "compute_dtype", None) or dtype)
+    if compute != dtype and compute.is_floating:
+        inputs = [tf.cast(t, compute) for t in inputs]
+        return tf.cast(layer.call(inputs if len(inputs) > 1 else inputs[0]), dtype)
+    return layer.call(inputs if len(inputs) > 1 else inputs[0])
+
+
 def _call(layer, inputs, ctx):
     """The layer's own (weight-free, deterministic) computation; its gradient routes relevance."""
-    return layer.call(inputs if len(inputs) > 1 else inputs[0])
+    return _own_call(layer, inputs)
 
 
 def _identity(layer, inputs, ctx):
@@ -352,7 +383,7 @@ def _activation_layer(layer, inputs, ctx):
 
 def _elementwise_layer(layer, inputs, ctx):
     (x,) = inputs
-    return propagate.passthrough(layer.call, x)
+    return propagate.passthrough(lambda t: _own_call(layer, [t]), x)
 
 
 def _relu_nonneg(layer, flags):
@@ -365,9 +396,11 @@ def _relu_zero_at_zero(layer):
 
 def is_plain_relu(layer) -> bool:
     """Whether the layer is exactly ``max(x, 0)`` (a ReLU or Activation('relu') layer)."""
-    if type(layer) is keras.layers.Activation:
+    if isinstance(layer, RawOp):
+        return layer.kind == "activation" and layer.activation == "relu"
+    if is_layer(layer, "Activation"):
         return activation_name(layer.activation) == "relu"
-    if type(layer) is keras.layers.ReLU:
+    if is_layer(layer, "ReLU"):
         return (layer.max_value is None and float(layer.negative_slope) == 0.0
                 and float(layer.threshold) == 0.0)
     return False
@@ -425,7 +458,6 @@ def _multiply_problem(layer, ctx):
 # ---------------------------------------------------------------------------------------------
 # The registry
 
-_L = keras.layers
 _CONV = dict(check=_conv_problem, nonneg=_fused_nonneg, family="conv", weights=_reader(), fuses_relu=True)
 IDENTITY = Handler("identity", _identity, nonneg=_keeps_sign, zero_in_zero_out=True)
 _PASS = Handler("passthrough", _elementwise_layer, zero_in_zero_out=True)  # for layers with f(0) = 0
@@ -441,67 +473,182 @@ def _fused_away(layer, inputs, ctx):
 #: The handler the planner gives a ReLU layer fused into the linear layer below it.
 FUSED_RELU = Handler("identity", _fused_away, nonneg=lambda layer, flags: True, zero_in_zero_out=True)
 
-_BUILTIN = {
+#: The built-in handlers by class name; each holds for that class in both Keras packages.
+_BY_NAME = {
     # weighted layers
-    _L.Dense: Handler("linear", _weighted(lambda layer: ops.DENSE_OP), _dense_problem, _fused_nonneg, "dense",
+    "Dense": Handler("linear", _weighted(lambda layer: ops.DENSE_OP), _dense_problem, _fused_nonneg, "dense",
                       _reader(), _fold_last, fuses_relu=True),
-    _L.Conv1D: Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
-    _L.Conv2D: Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
-    _L.Conv2DTranspose: Handler("linear", _weighted(ops.conv_transpose_op), fold=_fold_conv_transpose,
+    "Conv1D": Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
+    "Conv2D": Handler("linear", _weighted(ops.conv_op), fold=_fold_last, **_CONV),
+    "Conv2DTranspose": Handler("linear", _weighted(ops.conv_transpose_op), fold=_fold_conv_transpose,
                                 **{**_CONV, "check": _conv_transpose_problem}),
-    _L.DepthwiseConv2D: Handler("linear", _weighted(ops.depthwise_op, "depthwise_kernel"), fold=_fold_depthwise,
+    "DepthwiseConv2D": Handler("linear", _weighted(ops.depthwise_op, "depthwise_kernel"), fold=_fold_depthwise,
                                 **{**_CONV, "weights": _reader("depthwise_kernel")}),
-    _L.SeparableConv2D: Handler("linear", _separable, fold=_fold_last,
+    "SeparableConv2D": Handler("linear", _separable, fold=_fold_last,
                                 **{**_CONV, "weights": _reader("pointwise_kernel")}),
     # weight-free linear layers
-    _L.AveragePooling2D: Handler("linear", _avg_pool_2d, _channels_last, _keeps_sign, "pool", fuses_relu=True),
-    _L.GlobalAveragePooling2D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool",
+    "AveragePooling2D": Handler("linear", _avg_pool_2d, _channels_last, _keeps_sign, "pool", fuses_relu=True),
+    "GlobalAveragePooling2D": Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool",
                                        fuses_relu=True),
-    _L.GlobalAveragePooling1D: Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool",
+    "GlobalAveragePooling1D": Handler("linear", _global_avg_pool, _channels_last, _keeps_sign, "pool",
                                        fuses_relu=True),
-    _L.BatchNormalization: Handler("linear", _batch_norm, _batch_norm_problem, family="norm", fuses_relu=True),
-    _L.Add: Handler("linear", _add, nonneg=_keeps_sign, family="merge", fuses_relu=True),
+    "BatchNormalization": Handler("linear", _batch_norm, _batch_norm_problem, family="norm", fuses_relu=True),
+    "Add": Handler("linear", _add, nonneg=_keeps_sign, family="merge", fuses_relu=True),
     # routing layers: the plain gradient moves relevance back (positions or copies: zero stays zero)
-    _L.MaxPooling2D: Handler("gradient", _max_pool_2d, _channels_last, _keeps_sign, zero_in_zero_out=True),
-    _L.MaxPooling1D: _ROUTE,
-    _L.GlobalMaxPooling2D: _ROUTE,
-    _L.GlobalMaxPooling1D: _ROUTE,
-    _L.Flatten: Handler("gradient", _flatten, _channels_last, _keeps_sign, zero_in_zero_out=True),
-    _L.Reshape: Handler("gradient", _reshape, nonneg=_keeps_sign, zero_in_zero_out=True),
-    _L.Concatenate: Handler("gradient", _call, nonneg=_keeps_sign, zero_in_zero_out=True),
-    _L.ZeroPadding2D: _ROUTE,
-    _L.ZeroPadding1D: _ROUTE,
-    _L.Cropping2D: _ROUTE,
-    _L.Cropping1D: _ROUTE,
-    _L.UpSampling2D: Handler("gradient", _call, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
-    _L.Multiply: Handler("gate", _multiply, _multiply_problem, zero_in_zero_out=True),
+    "MaxPooling2D": Handler("gradient", _max_pool_2d, _channels_last, _keeps_sign, zero_in_zero_out=True),
+    "MaxPooling1D": _ROUTE,
+    "GlobalMaxPooling2D": _ROUTE,
+    "GlobalMaxPooling1D": _ROUTE,
+    "Flatten": Handler("gradient", _flatten, _channels_last, _keeps_sign, zero_in_zero_out=True),
+    "Reshape": Handler("gradient", _reshape, nonneg=_keeps_sign, zero_in_zero_out=True),
+    "Concatenate": Handler("gradient", _call, nonneg=_keeps_sign, zero_in_zero_out=True),
+    "ZeroPadding2D": _ROUTE,
+    "ZeroPadding1D": _ROUTE,
+    "Cropping2D": _ROUTE,
+    "Cropping1D": _ROUTE,
+    "UpSampling2D": Handler("gradient", _call, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
+    "Multiply": Handler("gate", _multiply, _multiply_problem, zero_in_zero_out=True),
     # identity at inference
-    _L.Dropout: IDENTITY,
-    _L.SpatialDropout1D: IDENTITY,
-    _L.SpatialDropout2D: IDENTITY,
-    _L.GaussianDropout: IDENTITY,
-    _L.GaussianNoise: IDENTITY,
-    _L.AlphaDropout: IDENTITY,
-    _L.ActivityRegularization: IDENTITY,
+    "Dropout": IDENTITY,
+    "SpatialDropout1D": IDENTITY,
+    "SpatialDropout2D": IDENTITY,
+    "GaussianDropout": IDENTITY,
+    "GaussianNoise": IDENTITY,
+    "AlphaDropout": IDENTITY,
+    "ActivityRegularization": IDENTITY,
+    "Identity": IDENTITY,
     # relevance passes through
-    _L.Activation: Handler(
+    "Activation": Handler(
         "passthrough",
         _activation_layer,
         lambda layer, ctx: _activation_problem(layer.activation, ctx.is_output),
         lambda layer, flags: activation_name(layer.activation) in NONNEG,
         zero_in_zero_out=lambda layer: activation_name(layer.activation) in ZERO_AT_ZERO,
     ),
-    _L.ReLU: Handler("passthrough", _elementwise_layer, nonneg=_relu_nonneg, zero_in_zero_out=_relu_zero_at_zero),
-    _L.LeakyReLU: _PASS,
-    _L.ELU: _PASS,
-    _L.PReLU: _PASS,
-    _L.ThresholdedReLU: Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True,
+    "ReLU": Handler("passthrough", _elementwise_layer, nonneg=_relu_nonneg, zero_in_zero_out=_relu_zero_at_zero),
+    "LeakyReLU": _PASS,
+    "ELU": _PASS,
+    "PReLU": _PASS,
+    "ThresholdedReLU": Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True,
                                 zero_in_zero_out=True),
-    _L.Softmax: Handler("identity", _identity, _softmax_problem),
-    _L.Rescaling: _OPAQUE_PASS,
-    _L.Normalization: _OPAQUE_PASS,
-    _L.LayerNormalization: _OPAQUE_PASS,
+    "Softmax": Handler("identity", _identity, _softmax_problem),
+    "Rescaling": _OPAQUE_PASS,
+    "Normalization": _OPAQUE_PASS,
+    "LayerNormalization": _OPAQUE_PASS,
 }
+
+_BUILTIN = {cls: handler for name, handler in _BY_NAME.items() for cls in layer_classes(name)}
+
+# ---------------------------------------------------------------------------------------------
+# Raw operations (RawOp): the handler of the layer each stands for
+
+
+def _raw_route(op, inputs, ctx):
+    return op.fn(*inputs)
+
+
+def _raw_pass(op, inputs, ctx):
+    """An elementwise function of one tensor (with constant operands): relevance passes."""
+    (x,) = inputs
+    return propagate.passthrough(lambda t: op.fn(t), x)
+
+
+def _raw_activation(op, inputs, ctx):
+    (x,) = inputs
+    if op.activation == "softmax" and ctx.is_output:
+        return tf.identity(x)  # a final softmax is skipped: the logits are explained
+    return _raw_pass(op, inputs, ctx)
+
+
+def _raw_reduce(op, inputs, ctx):
+    """``mean``/``sum`` over non-batch axes: a weight-free linear map under the layer's rule."""
+    (x,) = inputs
+    linear_op = ops.fixed_op(lambda t: op.fn(t))
+    return _linear(x, linear_op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+
+
+def _static(shape):
+    return tuple(shape)[1:]
+
+
+def _elementwise_problem(op, ctx):
+    if op.n_tensors != 1 or len(ctx.input_shapes) != 1:
+        return None
+    if op.out_shape is not None and _static(op.out_shape) != _static(ctx.input_shapes[0]):
+        return (f"{op.symbol} broadcasts its tensor from {tuple(ctx.input_shapes[0])} to {tuple(op.out_shape)}; "
+                "only elementwise arithmetic with a constant of the tensor's shape (or a scalar) is supported")
+    return None
+
+
+def _raw_add_problem(op, ctx):
+    shapes = {_static(s) for s in ctx.input_shapes}
+    if len(shapes) != 1:
+        return (f"{op.symbol} of tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} "
+                "(broadcasting); only a sum of same-shaped tensors is supported, as in an Add layer")
+    return None
+
+
+def _two_tensor_problem(op, ctx):
+    return (f"{op.symbol} of two tensors is not supported (no LRP rule for it); supported are sums of "
+            "tensors (x + y), gating products (x * gate) and arithmetic with constants (x - 1, x / 2)")
+
+
+def _raw_reduce_problem(op, ctx):
+    if op.axes is None or 0 in op.axes:
+        return (f"{op.symbol} over axis={op.axes if op.axes is not None else 'None (all)'} reduces the batch "
+                "axis; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
+    return None
+
+
+def _raw_activation_problem(op, ctx):
+    if op.activation == "softmax" and not ctx.is_output:
+        return "softmax is only supported as the model's last operation (it is then skipped)"
+    return None
+
+
+def _unknown_op_problem(op, ctx):
+    return (f"operation {op.symbol} has no LRP handler; supported operations: + and - of tensors and "
+            "constants, * and / by constants or gates, reshape, slicing, concatenate, transpose, "
+            "mean/sum over non-batch axes, elementwise activations. Wrap it in a layer and register a handler "
+            "(lrp_grad.register_handler)")
+
+
+_RAW = {
+    "add_tensors": Handler("linear", _add, _raw_add_problem, _keeps_sign, "merge", fuses_relu=True),
+    "shift": Handler("passthrough", _raw_pass, _elementwise_problem),  # x + c: f(0) = c
+    "scale": Handler("passthrough", _raw_pass, _elementwise_problem, zero_in_zero_out=True),  # x * c, -x
+    "opaque": Handler("passthrough", _raw_pass, _elementwise_problem),  # x / c, c / x
+    "refused": Handler("passthrough", _raw_pass, _two_tensor_problem),
+    "route": Handler("gradient", _raw_route, nonneg=_keeps_sign, zero_in_zero_out=True),
+    "reduce": Handler("linear", _raw_reduce, _raw_reduce_problem, _keeps_sign, "pool", fuses_relu=True),
+    "activation": Handler(
+        "passthrough", _raw_activation, _raw_activation_problem,
+        lambda op, flags: op.activation in NONNEG,
+        zero_in_zero_out=lambda op: op.activation in ZERO_AT_ZERO,
+    ),
+    "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
+}
+
+
+def _raw_handler(op: RawOp) -> Handler:
+    """The handler of a raw operation, by its kind and how many of its operands are tensors."""
+    kind, several = op.kind, op.n_tensors > 1
+    if kind == "add":
+        return _RAW["add_tensors" if several else "shift"]
+    if kind == "subtract":
+        return _RAW["refused" if several else "shift"]
+    if kind == "multiply":
+        return _BY_NAME["Multiply"] if several else _RAW["scale"]
+    if kind == "divide":
+        return _RAW["refused" if several else "opaque"]
+    if kind == "negative":
+        return _RAW["scale"]
+    if kind in ("route", "activation"):
+        return _RAW[kind]
+    if kind in ("mean", "sum"):
+        return _RAW["reduce"]
+    return _RAW["unknown"]
+
 
 _USER: dict = {}
 
@@ -518,7 +665,8 @@ def register_handler(layer_class: type, handler) -> None:
     Parameters
     ----------
     layer_class : type
-        A ``tf_keras.layers.Layer`` subclass; matched exactly (not its subclasses).
+        A ``keras.layers.Layer`` (Keras 3) or ``tf_keras.layers.Layer`` subclass; matched exactly
+        (not its subclasses).
     handler : Handler or str
         A :class:`Handler`, or a shortcut: ``'passthrough'`` (elementwise layer, relevance passes
         through unchanged), ``'gradient'`` (the layer's plain gradient redistributes relevance,
@@ -526,14 +674,15 @@ def register_handler(layer_class: type, handler) -> None:
 
     Examples
     --------
-    >>> class Scale(tf_keras.layers.Layer):            # doctest: +SKIP
+    >>> class Scale(keras.layers.Layer):               # doctest: +SKIP
     ...     def call(self, x):
     ...         return 2.0 * x
     >>> lrp_grad.register_handler(Scale, "passthrough")  # doctest: +SKIP
     """
-    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+    if not is_layer_class(layer_class):
         raise TypeError(
-            f"register_handler: layer_class must be a tf_keras.layers.Layer subclass, got {layer_class!r}."
+            "register_handler: layer_class must be a keras.layers.Layer (Keras 3) or tf_keras.layers.Layer "
+            f"subclass, got {layer_class!r}."
         )
     if isinstance(handler, str):
         if handler not in _SHORTCUTS:
@@ -556,7 +705,10 @@ def unregister_handler(layer_class: type) -> None:
 
 
 def handler_for(layer) -> Handler | None:
-    """The handler of ``layer``'s exact class (user registrations first), or ``None``."""
+    """The handler of ``layer``'s exact class (user registrations first), or ``None``; a raw
+    operation gets the handler of its kind."""
+    if isinstance(layer, RawOp):
+        return _raw_handler(layer)
     cls = type(layer)
     return _USER.get(cls) or _BUILTIN.get(cls)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import handlers
-from ._keras import Graph, Node, activation_name, keras, layer_label, walk
+from .frontends import Graph, Node, activation_name, class_name, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 from .composites import RuleMap, as_composite
 from .errors import UnsupportedLayerError
@@ -32,7 +32,7 @@ class Plan:
     def rules(self) -> RuleMap:
         """Layer label -> rule for the rule-taking layers, in forward order (printable)."""
         return RuleMap(
-            (s.node.label, type(s.node.layer).__name__, s.handler.family, s.context.rule)
+            (s.node.label, class_name(s.node.layer), s.handler.family, s.context.rule)
             for s in self.steps if s.handler.kind == "linear"
         )
 
@@ -44,7 +44,7 @@ def _unsupported(graph, problems):
         f"Supported layer classes: {', '.join(handlers.supported_layers())}.\n"
         "For a custom layer, register a handler: lrp_grad.register_handler(LayerClass, "
         "'passthrough' | 'gradient' | 'identity' | lrp_grad.handlers.Handler(...)).",
-        [(layer.name, type(layer).__name__, why) for layer, why in problems],
+        [(layer.name, class_name(layer), why) for layer, why in problems],
     )
 
 
@@ -53,8 +53,8 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
 
     Parameters
     ----------
-    model : tf_keras.Model
-        Single-input, single-output Sequential or Functional model.
+    model : keras.Model or tf_keras.Model
+        Single-input, single-output Sequential or Functional model (Keras 3 or tf-keras).
     rule : Rule, Composite or str
         A rule for every rule-taking layer, a composite, or a preset name.
     input_nonneg : bool
@@ -67,7 +67,7 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
     Raises
     ------
     UnsupportedModelError
-        For Keras 3, subclassed or multi-input/output models.
+        For subclassed or multi-input/output models, Keras 3 on another backend, quantized layers.
     UnsupportedLayerError
         Listing every layer without a handler or with an unsupported configuration.
     InvalidRuleError
@@ -86,7 +86,7 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
         ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
                                input_shapes=node.input_shapes, compute_dtype=compute_dtype)
         if handler is None:
-            hint = " (a subclassed model used as a layer)" if isinstance(node.layer, keras.Model) else ""
+            hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
             problems.append((node.layer, f"no handler for this layer class{hint}"))
         else:
             why = handler.check(node.layer, ctx)

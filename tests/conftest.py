@@ -24,3 +24,11 @@ def reference():
     if not path.exists():
         pytest.skip(f"independent reference data not found at {path} (only in the project workspace)")
     return np.load(path)
+
+
+@pytest.fixture(params=["keras", "tf_keras"], ids=["keras3", "tf_keras"])
+def K(request):
+    """The Keras package a model-level test builds its models with: Keras 3 and tf-keras."""
+    import importlib
+
+    return importlib.import_module(request.param)

@@ -1,8 +1,74 @@
-"""Test helpers: small models, float64 copies and Keras -> numpy-reference conversion."""
+"""Test helpers: small models, float64 copies and Keras -> numpy-reference conversion.
+
+Model builders take ``K``, the Keras package module to build with (``keras`` for Keras 3 or
+``tf_keras``; the ``K`` fixture of conftest.py gives both); the default is tf-keras.
+"""
+import importlib
+
 import numpy as np
 import tf_keras as keras
 
+from lrp_grad.frontends import activation_name, is_layer, is_model
+
 L = keras.layers
+
+#: The Keras packages every model-level suite runs on (module names).
+PACKAGES = ("keras", "tf_keras")
+
+
+def package(name):
+    """The Keras package module ``name`` (``'keras'`` is Keras 3)."""
+    return importlib.import_module(name)
+
+
+def ops_of(K):
+    """Raw tensor operations of package ``K`` (``keras.ops`` for Keras 3, TensorFlow for tf-keras):
+    what a user writes between layers."""
+    import tensorflow as tf
+
+    if K.__name__ == "keras":
+        return K.ops
+    return _TFOps(tf)
+
+
+class _TFOps:
+    """The tf-keras spelling of the ``keras.ops`` functions the tests use (recorded as TFOpLambda)."""
+
+    def __init__(self, tf):
+        self.tf = tf
+
+    def add(self, a, b):
+        return self.tf.math.add(a, b)
+
+    def multiply(self, a, b):
+        return self.tf.math.multiply(a, b)
+
+    def relu(self, x):
+        return self.tf.nn.relu(x)
+
+    def sigmoid(self, x):
+        return self.tf.math.sigmoid(x)
+
+    def reshape(self, x, shape):
+        return self.tf.reshape(x, shape)
+
+    def concatenate(self, xs, axis=-1):
+        return self.tf.concat(xs, axis=axis)
+
+    def mean(self, x, axis=None, keepdims=False):
+        return self.tf.reduce_mean(x, axis=axis, keepdims=keepdims)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return self.tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    def transpose(self, x, axes=None):
+        return self.tf.transpose(x, perm=axes)
+
+    def sin(self, x):
+        return self.tf.math.sin(x)
+
+    def subtract(self, a, b):
+        return self.tf.math.subtract(a, b)
 
 
 def rel_err(a, b):
@@ -30,12 +96,12 @@ def randomize(model, seed=0, bias_scale=0.3):
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         ws = layer.get_weights()
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if is_layer(layer, "BatchNormalization"):
             gamma, beta, mean, var = (w.shape for w in ws)
             new = [rng.uniform(0.5, 1.5, gamma) * rng.choice([-1, 1], gamma), rng.normal(0, 0.3, beta),
                    rng.normal(0, 0.3, mean), rng.uniform(0.5, 2.0, var)]
             layer.set_weights([n.astype(w.dtype) for n, w in zip(new, ws)])
-        elif isinstance(layer, keras.Model):
+        elif is_model(layer):
             randomize(layer, seed + 1, bias_scale)
         elif ws:
             new = [rng.normal(0, 0.5, w.shape) if w.ndim > 1 else rng.normal(0, bias_scale, w.shape) for w in ws]
@@ -63,13 +129,13 @@ def to_npref(model):
         if name == "Dense":
             out.append({"type": "dense", "W": layer.kernel.numpy().astype(np.float64),
                         "b": layer.bias.numpy().astype(np.float64) if layer.use_bias else None,
-                        "act": keras.activations.serialize(layer.activation)})
+                        "act": activation_name(layer.activation)})
         elif name == "Conv2D":
             out.append({"type": "conv2d", "W": layer.kernel.numpy().astype(np.float64),
                         "b": layer.bias.numpy().astype(np.float64) if layer.use_bias else None,
                         "strides": tuple(layer.strides), "padding": layer.padding,
                         "dilation": tuple(layer.dilation_rate),
-                        "act": keras.activations.serialize(layer.activation)})
+                        "act": activation_name(layer.activation)})
         elif name == "MaxPooling2D":
             out.append({"type": "maxpool", "pool": tuple(layer.pool_size), "strides": tuple(layer.strides),
                         "padding": layer.padding})
@@ -77,7 +143,7 @@ def to_npref(model):
             out.append({"type": "flatten"})
         elif name == "Reshape":
             out.append({"type": "reshape", "shape": tuple(layer.target_shape)})
-        elif name in ("ReLU",) or (name == "Activation" and keras.activations.serialize(layer.activation) == "relu"):
+        elif name in ("ReLU",) or (name == "Activation" and activation_name(layer.activation) == "relu"):
             out.append({"type": "relu"})
         elif name == "Dropout":
             continue
@@ -108,11 +174,12 @@ def npref_rule(rule):
 
 
 def cnn(input_shape=(10, 10, 3), padding="same", strides=1, dilation=1, bias=True, act="relu",
-        dtype="float32", classes=5, seed=0):
+        dtype="float32", classes=5, seed=0, K=keras):
     """Conv - MaxPool - Conv - Flatten - Dense - Dense, for the reference grid."""
     kw = dict(dtype=dtype, use_bias=bias)
-    model = keras.Sequential([
-        keras.Input(input_shape, dtype=dtype),
+    L = K.layers
+    model = K.Sequential([
+        K.Input(input_shape, dtype=dtype),
         L.Conv2D(4, 3, strides=strides, padding=padding, dilation_rate=dilation, activation=act, **kw),
         L.MaxPooling2D(2, padding="same", dtype=dtype),
         L.Conv2D(5, 2, padding="valid", activation=act, **kw),
@@ -123,11 +190,12 @@ def cnn(input_shape=(10, 10, 3), padding="same", strides=1, dilation=1, bias=Tru
     return randomize(model, seed)
 
 
-def mlp(d_in=7, bias=True, act="relu", dtype="float32", classes=4, seed=0):
+def mlp(d_in=7, bias=True, act="relu", dtype="float32", classes=4, seed=0, K=keras):
     """Dense - Dense - ReLU layer - Dense."""
     kw = dict(dtype=dtype, use_bias=bias)
-    model = keras.Sequential([
-        keras.Input((d_in,), dtype=dtype),
+    L = K.layers
+    model = K.Sequential([
+        K.Input((d_in,), dtype=dtype),
         L.Dense(6, activation=act, **kw),
         L.Dense(5, **kw),
         L.ReLU(dtype=dtype),
@@ -137,7 +205,7 @@ def mlp(d_in=7, bias=True, act="relu", dtype="float32", classes=4, seed=0):
 
 
 def _act_name(fn):
-    name = keras.activations.serialize(fn)
+    name = activation_name(fn)
     return "swish" if name == "silu" else name
 
 
@@ -155,7 +223,7 @@ def to_npref_graph(model):
 
     Uses the raw layer graph (no canonizers), so BatchNorm stays a layer of its own.
     """
-    from lrp_grad._keras import walk
+    from lrp_grad.frontends import walk
 
     graph = walk(model)
     index = {graph.input_id: 0}
@@ -178,7 +246,7 @@ def to_npref_graph(model):
             add(_weighted_dict("conv1d", layer, layer.kernel, strides=layer.strides[0], padding=layer.padding,
                                dilation=layer.dilation_rate[0]), ins, oid)
         elif name == "DepthwiseConv2D":
-            add(_weighted_dict("depthwise", layer, layer.depthwise_kernel, strides=tuple(layer.strides),
+            add(_weighted_dict("depthwise", layer, layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel, strides=tuple(layer.strides),
                                padding=layer.padding, dilation=tuple(layer.dilation_rate)), ins, oid)
         elif name == "SeparableConv2D":
             out.append({"type": "depthwise", "W": _np(layer.depthwise_kernel), "b": None, "act": "linear",
@@ -227,7 +295,8 @@ def to_npref_graph(model):
         elif name == "ReLU" and float(layer.max_value) == 6.0:
             add({"type": "act", "fn": "relu6"}, ins, oid)
         elif name == "LeakyReLU":
-            add({"type": "act", "fn": "leaky_relu", "alpha": float(layer.alpha)}, ins, oid)
+            slope = layer.negative_slope if hasattr(layer, "negative_slope") else layer.alpha
+            add({"type": "act", "fn": "leaky_relu", "alpha": float(slope)}, ins, oid)
         elif name == "ELU":
             add({"type": "act", "fn": "elu", "alpha": float(layer.alpha)}, ins, oid)
         else:

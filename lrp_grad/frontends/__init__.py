@@ -1,0 +1,236 @@
+"""The Keras front ends: the only code that imports a Keras package.
+
+One module per package, each turning a model of its package into the neutral
+:class:`~lrp_grad.frontends.graph.Graph` that the core (handlers, canonizers, the planner) reads:
+
+- :mod:`lrp_grad.frontends.keras3` for Keras 3 (``import keras``; ``tf.keras`` since TF 2.16),
+- :mod:`lrp_grad.frontends.tf_keras` for tf-keras (the Keras 2 API).
+
+This module picks the front end of a model, walks it (nested graph models inlined), answers the
+package-neutral class questions the core asks (:func:`is_layer`, :func:`layer_classes`) and loads
+model files with the package that wrote them (:func:`load_model`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import zipfile
+
+from ..errors import ModelFileError, UnsupportedModelError
+from . import keras3, tf_keras
+from .graph import RAW_KINDS, Graph, Node, RawOp, class_name, layer_label
+
+__all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "RAW_KINDS", "frontend_for", "check_model", "walk",
+           "activation_name", "class_name", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
+           "load_model", "package_of"]
+
+#: The available front ends, Keras 3 first.
+FRONTENDS = tuple(f for f in (keras3, tf_keras) if getattr(f, "available", True))
+
+
+def package_of(obj) -> str | None:
+    """``'keras'`` (Keras 3), ``'tf_keras'`` or ``None`` for a model, layer or class."""
+    for frontend in FRONTENDS:
+        if frontend.owns(obj):
+            return frontend.PACKAGE
+    return None
+
+
+def frontend_for(model):
+    """The front end module of ``model``'s Keras package (raises for anything else)."""
+    for frontend in FRONTENDS:
+        if frontend.owns(model):
+            if not isinstance(model, frontend.Model):
+                break
+            return frontend
+    names = " or a ".join("keras.Model (Keras 3)" if f is keras3 else "tf_keras.Model" for f in FRONTENDS)
+    raise UnsupportedModelError(
+        f"model must be a {names}, Sequential or Functional; got {type(model).__name__} "
+        f"({type(model).__module__}). To explain a saved model, load it first: lrp_grad.load_model(path)."
+    )
+
+
+def check_model(model):
+    """Raise :class:`UnsupportedModelError` unless ``model`` can be walked; returns its front end."""
+    frontend = frontend_for(model)
+    frontend.check_model(model)
+    inputs, outputs = frontend.io(model)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UnsupportedModelError(
+            f"model {model.name!r} has {len(inputs)} input(s) and {len(outputs)} output(s); lrp_grad "
+            "explains models with exactly one input and one output. Wrap the part to explain in a "
+            "single-input, single-output Model."
+        )
+    return frontend
+
+
+def _shape(t):
+    import tensorflow as tf
+
+    return tf.TensorShape(t.shape)
+
+
+def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, calls):
+    """Append ``model``'s calls to ``nodes``, nested graph models inlined recursively.
+
+    Tensor ids get the call path as prefix so that a model used twice stays distinct; the inner
+    model's inputs and outputs are renamed to the outer tensors they stand for.
+    """
+    inputs, outputs = frontend.io(model)
+    rename = {str(id(t)): outer for t, outer in zip(inputs, input_ids)}
+    rename.update({str(id(t)): outer for t, outer in zip(outputs, output_ids)})
+
+    def tensor(t):
+        t_id = str(id(t))
+        return rename.get(t_id, prefix + t_id)
+
+    for obj, ins, outs in frontend.calls(model):
+        key = label_prefix + obj.name
+        calls[key] = calls.get(key, 0) + 1
+        label = key if calls[key] == 1 else f"{key}#{calls[key]}"
+        in_ids = tuple(tensor(t) for t in ins)
+        out_ids = tuple(tensor(t) for t in outs)
+        inner = None if isinstance(obj, RawOp) else frontend.graph_model(obj)
+        if inner is not None:
+            _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls)
+            continue
+        nodes.append(Node(obj, in_ids, out_ids, label, tuple(_shape(t) for t in ins)))
+
+
+def walk(model) -> Graph:
+    """Return the model's layer calls in execution order (checks the model first)."""
+    frontend = check_model(model)
+    (inp,), (out,) = frontend.io(model)
+    input_id, output_id = str(id(inp)), str(id(out))
+    nodes = []
+    _inline(frontend, model, [input_id], [output_id], "", "", nodes, {})
+    out_shape = _shape(out)
+    last = out_shape[-1] if out_shape.rank else None
+    dtype = inp.dtype.name if hasattr(inp.dtype, "name") else str(inp.dtype)
+    return Graph(
+        model=model,
+        nodes=tuple(nodes),
+        input_id=input_id,
+        output_id=output_id,
+        input_shape=tuple(_shape(inp)[1:]),
+        dtype=dtype,
+        n_outputs=int(last) if last is not None else None,
+        output_shape=tuple(out_shape[1:]),
+        input_name=_input_name(inp),
+        package=frontend.PACKAGE,
+    )
+
+
+def _input_name(t) -> str:
+    """The name of the model input (its InputLayer), as the per-layer report shows it."""
+    history = getattr(t, "_keras_history", None)
+    layer = getattr(history, "layer", None) or getattr(history, "operation", None)
+    return getattr(layer, "name", None) or getattr(t, "name", None) or "input"
+
+
+def activation_name(fn) -> str:
+    """Canonical name of a Keras activation function (``'relu'``, ``'linear'``, ...), either package."""
+    if fn is None:
+        return "linear"
+    if isinstance(fn, str):
+        return fn
+    module = getattr(fn, "__module__", "") or ""
+    order = sorted(FRONTENDS, key=lambda f: not module.startswith(f.PACKAGE + "."))
+    name = None
+    for frontend in order:
+        try:
+            name = frontend.serialize_activation(fn)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if isinstance(name, str):
+            break
+    if name is None:
+        name = getattr(fn, "__name__", repr(fn))
+    if isinstance(name, dict):  # serialised objects (e.g. a layer used as activation)
+        name = name.get("class_name", repr(fn))
+    return str(name)
+
+
+def layer_classes(*names: str) -> tuple:
+    """Every available package's layer classes of these class names (``'Dense'`` -> both Denses)."""
+    out = []
+    for frontend in FRONTENDS:
+        for name in names:
+            cls = getattr(frontend.layers, name, None)
+            if isinstance(cls, type):
+                out.append(cls)
+    return tuple(out)
+
+
+def is_layer(obj, *names: str) -> bool:
+    """Whether ``obj``'s exact class is one of these Keras layer classes, in either package."""
+    return type(obj) in layer_classes(*names)
+
+
+def is_model(obj) -> bool:
+    """Whether ``obj`` is a Keras model (of either package)."""
+    return any(isinstance(obj, f.Model) for f in FRONTENDS)
+
+
+def is_layer_class(cls) -> bool:
+    """Whether ``cls`` is a Layer subclass of either Keras package."""
+    return isinstance(cls, type) and any(issubclass(cls, f.Layer) for f in FRONTENDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _zip_keras_version(path: pathlib.Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("metadata.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ModelFileError(
+            f"cannot load model {os.fspath(path)!r}: not a Keras .keras archive (a zip with "
+            f"metadata.json): {e}"
+        ) from None
+    return str(meta.get("keras_version", ""))
+
+
+def load_model(path):
+    """Load a saved Keras model with the package that wrote it, without compiling it.
+
+    ``.keras`` archives record the Keras version that saved them (3.x: Keras 3, 2.x: tf-keras);
+    ``.h5`` files are read with tf-keras (which wrote them) and else with Keras 3; a SavedModel
+    folder with tf-keras.
+
+    Raises
+    ------
+    ModelFileError
+        The path does not exist or cannot be read as a Keras model by either package.
+    """
+    path = pathlib.Path(os.fspath(path))
+    if not path.exists():
+        raise ModelFileError(f"cannot load model {os.fspath(path)!r}: no such file or folder.")
+    errors = []
+    if path.is_dir():
+        candidates = [tf_keras]
+    elif path.suffix == ".keras":
+        version = _zip_keras_version(path)
+        wanted = keras3 if version.startswith("3") else tf_keras
+        candidates = [f for f in (wanted,) if f in FRONTENDS]
+        if not candidates:
+            raise ModelFileError(f"cannot load model {os.fspath(path)!r}: it was saved by Keras {version}, "
+                                 "which is not installed.")
+    elif path.suffix in (".h5", ".hdf5"):
+        candidates = [tf_keras] + [f for f in FRONTENDS if f is keras3]
+    else:
+        raise ModelFileError(
+            f"cannot load model {os.fspath(path)!r}: unknown file type {path.suffix!r}; lrp_grad loads "
+            "Keras files (.keras, .h5) and SavedModel folders."
+        )
+    for frontend in candidates:
+        try:
+            return frontend.load(path)
+        except UnsupportedModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - each package fails in its own way on foreign files
+            errors.append(f"{frontend.PACKAGE}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise ModelFileError(f"cannot load model {os.fspath(path)!r}: " + "; ".join(errors))

@@ -1,0 +1,117 @@
+"""The neutral description of a model that both Keras front ends produce and the core reads.
+
+A :class:`Graph` is a list of :class:`Node` calls in execution order. A node's ``layer`` is the
+Keras layer object (its weights and settings are read by the handlers through attributes both
+Keras packages share) or a :class:`RawOp`: a tensor operation recorded in the graph that is not a
+layer (``x + y``, ``x * 2``, ``tf.reshape`` in tf-keras' ``TFOpLambda``; ``keras.ops.*`` in
+Keras 3), already reduced by its front end to a canonical kind and a replay function.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["Node", "Graph", "RawOp", "RAW_KINDS", "class_name", "layer_label", "snake_case"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One call of a layer (or raw operation) in the model graph: which tensors it reads and
+    writes (by id).
+
+    ``handler`` and ``params`` are empty after the walk; canonizers set them to replace the
+    layer's handler or its weights without touching the layer.
+    """
+
+    layer: object
+    inputs: tuple
+    outputs: tuple
+    label: str  # 'outer/inner' path of the layer name, with '#k' for the k-th call of a shared layer
+    input_shapes: tuple = ()  # tf.TensorShape per input, batch axis included
+    handler: object = None
+    params: object = None
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A single-input, single-output model as a list of nodes in execution order."""
+
+    model: object
+    nodes: tuple
+    input_id: str
+    output_id: str
+    input_shape: tuple  # without the batch axis; entries may be None
+    dtype: str
+    n_outputs: int | None  # size of the last axis of the output (classes), if known
+    output_shape: tuple = ()  # without the batch axis
+    input_name: str = "input"
+    package: str = "tf_keras"  # which front end walked it: 'tf_keras' or 'keras'
+
+
+#: Canonical kinds of raw operations. ``arith`` ops (add, subtract, multiply, divide, negative)
+#: are told apart further by how many of their operands are tensors (see :class:`RawOp`).
+RAW_KINDS = ("add", "subtract", "multiply", "divide", "negative", "route", "mean", "sum", "activation",
+             "other")
+
+
+@dataclass(frozen=True, eq=False)
+class RawOp:
+    """A tensor operation in the model graph that is not a layer.
+
+    Attributes
+    ----------
+    name : str
+        Its name in the graph (e.g. ``'tf.__operators__.add'``, ``'add_1'``).
+    symbol : str
+        The function the user called: ``'tf.math.multiply'``, ``'keras.ops.add'``; error
+        messages name the operation by it.
+    kind : str
+        One of :data:`RAW_KINDS`; ``'other'`` for operations lrp_grad does not know.
+    fn : callable
+        ``fn(*tensors) -> tensor``: replays the operation on new tensors (one per entry of the
+        node's inputs, in order), with its constant operands and options bound.
+    n_tensors : int
+        How many operands are tensors of the graph (the rest are constants).
+    activation : str or None
+        For ``kind='activation'``: the canonical activation name (``'relu'``, ``'sigmoid'``).
+    axes : tuple of int or None
+        For ``'mean'``/``'sum'``: the reduced axes, non-negative, ``None`` for all axes.
+    keepdims : bool
+        For ``'mean'``/``'sum'``.
+    out_shape : tuple or None
+        The static output shape (batch axis included).
+    source : object
+        The front end's own object (a ``TFOpLambda`` layer or a Keras 3 ``Operation``).
+    """
+
+    name: str
+    symbol: str
+    kind: str
+    fn: Callable
+    n_tensors: int
+    activation: str | None = None
+    axes: tuple | None = None
+    keepdims: bool = False
+    out_shape: tuple | None = None
+    source: object = None
+
+    def __repr__(self):
+        return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"
+
+
+def class_name(layer) -> str:
+    """The class name of a layer, or the function a raw operation calls (``'keras.ops.add'``)."""
+    return layer.symbol if isinstance(layer, RawOp) else type(layer).__name__
+
+
+def layer_label(layer) -> str:
+    """``'name' (ClassName)``, the way every error message names a layer (or raw operation)."""
+    if isinstance(layer, RawOp):
+        return f"'{layer.name}' (operation {layer.symbol})"
+    return f"'{layer.name}' ({type(layer).__name__})"
+
+
+def snake_case(name: str) -> str:
+    """``'ExpandDims'`` -> ``'expand_dims'`` (Keras 3 names an op function after its class)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()

@@ -1,0 +1,181 @@
+"""The Keras 3 front end (``import keras``, what ``tf.keras`` is since TensorFlow 2.16): model
+checks, the graph walk, raw ``keras.ops`` operations and loading.
+
+Keras 3 records ``x + y``, ``x * 2``, ``keras.ops.*`` and activation functions called on tensors
+as ``Operation`` objects in the functional graph; :func:`raw_op` turns each into a neutral
+:class:`~lrp_grad.frontends.graph.RawOp`. A Sequential model keeps its graph in ``_functional``.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import UnsupportedModelError
+from .graph import RawOp, snake_case
+
+try:  # Keras 3 ships with TensorFlow >= 2.16; with another backend it still imports
+    import keras
+
+    available = keras.__version__.split(".")[0] == "3"
+except Exception:  # pragma: no cover - a broken or missing Keras 3 install
+    keras = None
+    available = False
+
+__all__ = ["PACKAGE", "available", "keras", "owns", "check_model", "calls", "graph_model", "io",
+           "serialize_activation", "load"]
+
+PACKAGE = "keras"
+layers = keras.layers if available else None
+Layer = keras.layers.Layer if available else None
+Model = keras.Model if available else None
+
+# Operation class name -> canonical kind
+_KINDS = {
+    **dict.fromkeys(["Add"], "add"),
+    **dict.fromkeys(["Subtract"], "subtract"),
+    **dict.fromkeys(["Multiply"], "multiply"),
+    **dict.fromkeys(["Divide", "TrueDivide"], "divide"),
+    **dict.fromkeys(["Negative"], "negative"),
+    **dict.fromkeys(["Reshape", "GetItem", "Slice", "Concatenate", "Stack", "Transpose", "ExpandDims", "Squeeze",
+                     "Identity", "Tile", "BroadcastTo", "Cast", "Take", "Max", "Amax", "Pad", "Ravel", "Flip",
+                     "Roll", "Repeat", "MoveAxis", "SwapAxes", "SplitTensor"], "route"),
+    **dict.fromkeys(["Mean"], "mean"),
+    **dict.fromkeys(["Sum"], "sum"),
+}
+# Operation class name -> canonical activation name
+_ACTIVATIONS = {
+    "Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh", "Silu": "silu", "Swish": "silu",
+    "Gelu": "gelu", "Elu": "elu", "Selu": "selu", "Celu": "celu", "Softplus": "softplus", "Softsign": "softsign",
+    "LeakyRelu": "leaky_relu", "HardSigmoid": "hard_sigmoid", "HardSilu": "hard_silu", "HardSwish": "hard_silu",
+    "Mish": "mish", "LogSigmoid": "log_sigmoid", "HardTanh": "hard_tanh", "SparsePlus": "sparse_plus",
+    "Squareplus": "squareplus", "SoftShrink": "soft_shrink", "HardShrink": "hard_shrink",
+    "TanhShrink": "tanh_shrink", "Softmax": "softmax", "Exp": "exponential", "Threshold": "threshold",
+    "SparseSigmoid": "sparse_sigmoid",
+}
+
+
+def owns(obj) -> bool:
+    """Whether ``obj`` (a model, layer or operation, or such a class) belongs to Keras 3."""
+    if not available:
+        return False
+    cls = obj if isinstance(obj, type) else type(obj)
+    return issubclass(cls, keras.Operation)
+
+
+def _backend_problem():
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return None
+    return (f"Keras 3 is running on the {backend!r} backend; lrp_grad builds TensorFlow custom gradients "
+            "and needs the TensorFlow backend. Set the environment variable KERAS_BACKEND=tensorflow "
+            "before Python imports keras (or \"backend\": \"tensorflow\" in ~/.keras/keras.json).")
+
+
+def _functional(model):
+    """The functional graph of a graph model: itself, or a built Sequential's ``_functional``."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if hasattr(model, "_nodes_by_depth") and getattr(model, "_run_through_graph", None) is not None:
+        return model
+    return None
+
+
+def check_model(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a Keras 3 graph model on the
+    TensorFlow backend without quantized layers."""
+    problem = _backend_problem()
+    if problem:
+        raise UnsupportedModelError(f"model {model.name!r}: {problem}")
+    if _functional(model) is None:
+        if isinstance(model, keras.Sequential):
+            raise UnsupportedModelError(
+                f"Sequential model {model.name!r} has no known input shape yet. Start it with "
+                "keras.Input(shape) or call model.build((None, ...)) before explaining it."
+            )
+        raise UnsupportedModelError(
+            f"model {model.name!r} ({type(model).__name__}) is a subclassed keras.Model; lrp_grad needs "
+            "the layer graph, which only Sequential and Functional models expose. Rebuild it with the "
+            "Functional API (inputs = keras.Input(...); outputs = ...; keras.Model(inputs, outputs))."
+        )
+    for layer in _all_layers(model):
+        mode = getattr(layer, "quantization_mode", None)
+        if mode is not None:
+            raise UnsupportedModelError(
+                f"layer '{layer.name}' ({type(layer).__name__}) of model {model.name!r} is quantized "
+                f"(quantization_mode={mode!r}); LRP needs the float weights. Explain the model before "
+                "model.quantize(...), or rebuild it without quantization."
+            )
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        inner = graph_model(layer)
+        if inner is not None:
+            yield from _all_layers(inner)
+
+
+def io(model):
+    """``(inputs, outputs)``: the model's symbolic input and output tensors."""
+    fn = _functional(model)
+    return list(_flat(fn.inputs)), list(_flat(fn.outputs))
+
+
+def _flat(x):
+    return keras.tree.flatten(x)
+
+
+def graph_model(layer):
+    """The functional graph of a nested Sequential/Functional model (to be inlined), else None."""
+    if available and isinstance(layer, keras.Model):
+        return _functional(layer)
+    return None
+
+
+def raw_op(op, node) -> RawOp:
+    """The neutral description of a Keras 3 ``Operation`` that is not a layer."""
+    cls = type(op).__name__
+    arguments = node.arguments
+    tensors = list(arguments.keras_tensors)
+
+    def fn(*values):
+        args, kwargs = arguments.fill_in({id(t): v for t, v in zip(tensors, values)})
+        return op(*args, **kwargs)
+
+    kind = _KINDS.get(cls, "activation" if cls in _ACTIVATIONS else "other")
+    axes, keepdims = None, False
+    if kind in ("mean", "sum"):
+        rank = len(tensors[0].shape)
+        axis = getattr(op, "axis", None)
+        if axis is not None:
+            axis = [axis] if isinstance(axis, int) else list(axis)
+            axes = tuple(sorted(int(a) % rank for a in axis))
+        keepdims = bool(getattr(op, "keepdims", False))
+    return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=fn, n_tensors=len(tensors),
+                 activation=_ACTIVATIONS.get(cls), axes=axes, keepdims=keepdims,
+                 out_shape=tuple(node.output_tensors[0].shape), source=op)
+
+
+def calls(model):
+    """The model's calls in execution order: ``(layer or RawOp, input tensors, output tensors)``."""
+    fn = _functional(model)
+    out = []
+    for depth in sorted(fn._nodes_by_depth, reverse=True):
+        for node in fn._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            op = node.operation
+            obj = op if isinstance(op, keras.layers.Layer) else raw_op(op, node)
+            out.append((obj, list(node.input_tensors), list(node.output_tensors)))
+    return out
+
+
+def serialize_activation(fn):
+    return keras.activations.serialize(fn)
+
+
+def load(path):
+    """Load a ``.keras`` (or ``.h5``) file with Keras 3, without compiling it."""
+    problem = _backend_problem()
+    if problem:
+        raise UnsupportedModelError(f"cannot load {os.fspath(path)!r} with Keras 3: {problem}")
+    return keras.saving.load_model(path, compile=False)

@@ -1,0 +1,147 @@
+"""The tf-keras (Keras 2 API) front end: model checks, the layer-graph walk, raw ``TFOpLambda``
+operations and loading.
+
+tf-keras records a TensorFlow function called on a Keras tensor (``x + y``, ``x * 2``,
+``tf.reshape``, slicing) as a ``TFOpLambda``/``SlicingOpLambda`` layer whose ``symbol`` names the
+function; :func:`raw_op` turns it into a neutral :class:`~lrp_grad.frontends.graph.RawOp`.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+import tf_keras as keras
+
+from ..errors import UnsupportedModelError
+from .graph import RawOp
+
+__all__ = ["PACKAGE", "keras", "owns", "check_model", "calls", "graph_model", "io", "serialize_activation",
+           "load"]
+
+PACKAGE = "tf_keras"
+layers = keras.layers
+Layer = keras.layers.Layer
+Model = keras.Model
+
+# symbol (TFOpLambda.symbol, without the 'tf.' prefix) -> canonical kind
+_KINDS = {
+    **dict.fromkeys(["__operators__.add", "math.add", "add", "math.add_n", "add_n"], "add"),
+    **dict.fromkeys(["math.subtract", "subtract", "__operators__.sub"], "subtract"),
+    **dict.fromkeys(["math.multiply", "multiply", "__operators__.mul"], "multiply"),
+    **dict.fromkeys(["math.truediv", "math.divide", "divide", "truediv", "__operators__.truediv"], "divide"),
+    **dict.fromkeys(["math.negative", "negative", "__operators__.neg"], "negative"),
+    **dict.fromkeys(["reshape", "compat.v1.reshape", "__operators__.getitem", "slice", "strided_slice", "concat",
+                     "stack", "transpose", "compat.v1.transpose", "expand_dims", "squeeze", "compat.v1.squeeze",
+                     "identity", "tile", "broadcast_to", "cast", "gather", "math.reduce_max", "reduce_max",
+                     "image.resize_with_crop_or_pad", "pad", "compat.v1.pad"], "route"),
+    **dict.fromkeys(["math.reduce_mean", "reduce_mean"], "mean"),
+    **dict.fromkeys(["math.reduce_sum", "reduce_sum"], "sum"),
+}
+# symbol -> canonical activation name
+_ACTIVATIONS = {
+    "nn.relu": "relu", "nn.relu6": "relu6", "math.sigmoid": "sigmoid", "nn.sigmoid": "sigmoid",
+    "sigmoid": "sigmoid", "math.tanh": "tanh", "nn.tanh": "tanh", "tanh": "tanh", "nn.silu": "silu",
+    "nn.swish": "silu", "nn.gelu": "gelu", "nn.elu": "elu", "nn.selu": "selu", "nn.softplus": "softplus",
+    "math.softplus": "softplus", "nn.softsign": "softsign", "math.softsign": "softsign",
+    "nn.leaky_relu": "leaky_relu", "nn.softmax": "softmax", "math.softmax": "softmax",
+    "math.exp": "exponential", "exp": "exponential",
+}
+
+
+def owns(obj) -> bool:
+    """Whether ``obj`` (a model or layer, or such a class) belongs to tf-keras."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return issubclass(cls, (keras.layers.Layer, keras.Model))
+
+
+def check_model(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a tf-keras graph model."""
+    if not getattr(model, "_is_graph_network", False):
+        if isinstance(model, keras.Sequential):
+            raise UnsupportedModelError(
+                f"Sequential model {model.name!r} has no known input shape yet. Give its first "
+                "layer an input_shape (or start it with tf_keras.Input(shape)) or call "
+                "model.build((None, ...)) before explaining it."
+            )
+        raise UnsupportedModelError(
+            f"model {model.name!r} ({type(model).__name__}) is a subclassed tf_keras.Model; "
+            "lrp_grad needs the layer graph, which only Sequential and Functional models expose. "
+            "Rebuild it with the Functional API (inputs = tf_keras.Input(...); outputs = ...; "
+            "tf_keras.Model(inputs, outputs))."
+        )
+
+
+def io(model):
+    """``(inputs, outputs)``: the model's symbolic input and output tensors."""
+    return list(model.inputs), list(model.outputs)
+
+
+def graph_model(layer):
+    """``layer`` itself when it is a nested Sequential/Functional model (to be inlined), else None."""
+    if isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
+        return layer
+    return None
+
+
+def _is_tensor(a) -> bool:
+    """Whether an operand is a symbolic tensor of the graph (not a constant)."""
+    try:
+        return bool(keras.backend.is_keras_tensor(a))
+    except ValueError:  # not a tensor-like value at all
+        return False
+
+
+def raw_op(layer, node) -> RawOp:
+    """The neutral description of a ``TFOpLambda``/``SlicingOpLambda`` call."""
+    symbol = layer.symbol
+    structure = (node.call_args, node.call_kwargs)
+    flat = tf.nest.flatten(structure)
+    slots = [i for i, a in enumerate(flat) if _is_tensor(a)]
+    function = layer.function
+
+    def fn(*tensors):
+        args = list(flat)
+        for i, t in zip(slots, tensors):
+            args[i] = t
+        a, kw = tf.nest.pack_sequence_as(structure, args)
+        kw = {k: v for k, v in kw.items() if k != "name"}
+        return function(*a, **kw)
+
+    kind = _KINDS.get(symbol, "activation" if symbol in _ACTIVATIONS else "other")
+    axes, keepdims = None, False
+    if kind in ("mean", "sum"):
+        kwargs = dict(node.call_kwargs or {})
+        rest = list(node.call_args[1:])
+        axis = kwargs.get("axis", rest[0] if rest else None)
+        keepdims = bool(kwargs.get("keepdims", rest[1] if len(rest) > 1 else False))
+        axes = _axes(axis, node.keras_inputs[0].shape.rank)
+    return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=fn, n_tensors=len(slots),
+                 activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
+                 out_shape=tuple(tf.nest.flatten(node.outputs)[0].shape), source=layer)
+
+
+def _axes(axis, rank):
+    if axis is None:
+        return None
+    axis = [axis] if isinstance(axis, int) else list(axis)
+    return tuple(sorted(int(a) % rank for a in axis))
+
+
+def calls(model):
+    """The model's layer calls in execution order: ``(layer or RawOp, input tensors, output tensors)``."""
+    out = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            layer = node.layer
+            obj = raw_op(layer, node) if hasattr(layer, "symbol") and hasattr(layer, "function") else layer
+            out.append((obj, list(node.keras_inputs), tf.nest.flatten(node.outputs)))
+    return out
+
+
+def serialize_activation(fn):
+    return keras.activations.serialize(fn)
+
+
+def load(path):
+    """Load a model file or SavedModel folder with tf-keras, without compiling it."""
+    return keras.models.load_model(path, compile=False)
