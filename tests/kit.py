@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 import tf_keras as keras
 
-from lrp_grad.frontends import activation_name, is_layer, is_model
+from lrp_grad.frontends import RawOp, activation_name, is_layer, is_model
 
 L = keras.layers
 
@@ -113,8 +113,7 @@ def to_float64(model):
     """A float64 copy of a Sequential/Functional model with the same weights."""
     config = model.get_config()
     for layer in config["layers"]:
-        layer["config"]["dtype"] = "float64"
-        if layer["class_name"] == "InputLayer":
+        if "dtype" in layer["config"] or layer["class_name"] == "InputLayer":  # not on raw operations
             layer["config"]["dtype"] = "float64"
     clone = model.__class__.from_config(config)
     clone.set_weights([w.astype(np.float64) for w in model.get_weights()])
@@ -237,7 +236,9 @@ def to_npref_graph(model):
     for node in graph.nodes:
         layer, name = node.layer, type(node.layer).__name__
         ins, (oid,) = node.inputs, node.outputs
-        if name == "Dense":
+        if isinstance(layer, RawOp):
+            add(_raw_npref(layer, node), ins, oid)
+        elif name == "Dense":
             add(_weighted_dict("dense", layer, layer.kernel), ins, oid)
         elif name == "Conv2D":
             add(_weighted_dict("conv2d", layer, layer.kernel, strides=tuple(layer.strides), padding=layer.padding,
@@ -302,6 +303,21 @@ def to_npref_graph(model):
         else:
             raise ValueError(f"kit.to_npref_graph: no reference for layer class {name}")
     return out
+
+
+def _raw_npref(op, node):
+    """The npref layer dict of a raw operation (the ones the tests build)."""
+    if op.kind == "add" and op.n_tensors == 2:
+        return {"type": "add"}
+    if op.kind == "activation" and op.activation == "relu":
+        return {"type": "relu"}
+    if op.kind == "mean" and op.axes == tuple(range(1, node.input_shapes[0].rank - 1)) and not op.keepdims:
+        return {"type": "global_avgpool"}
+    if op.kind == "route" and op.symbol in ("keras.ops.concatenate", "tf.concat"):
+        return {"type": "concat"}
+    if op.kind == "route" and op.symbol in ("keras.ops.reshape", "tf.reshape"):
+        return {"type": "reshape", "shape": tuple(op.out_shape[1:])}
+    raise ValueError(f"kit.to_npref_graph: no reference for raw operation {op!r}")
 
 
 def npref_explain(model, x, target, rule, layer_rules=None, initial="logit"):
