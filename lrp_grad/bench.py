@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from .frontends.keras3 import keras as keras3
 from .frontends.tf_keras import keras
 from .datasets import cifar10_model
 from .explain import Explainer
@@ -66,11 +67,12 @@ QUICK = {"models": ["mnist_cnn"], "batch_sizes": [4], "repeats": 3, "warmup": 1,
 # ---------------------------------------------------------------------------------------------
 # Models
 
-def mnist_cnn():
-    """The seed report's MNIST CNN with random weights (the weights do not change the timing)."""
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
+def mnist_cnn(K=keras):
+    """The seed report's MNIST CNN with random weights (the weights do not change the timing),
+    built with Keras package ``K`` (tf-keras by default)."""
+    layers = K.layers
+    return K.Sequential([
+        K.Input((28, 28, 1)),
         layers.Conv2D(32, 3, activation="relu"),
         layers.MaxPooling2D(2),
         layers.Conv2D(64, 3, activation="relu"),
@@ -81,10 +83,10 @@ def mnist_cnn():
     ], name="mnist_cnn")
 
 
-def _application(name: str):
+def _application(name: str, K=keras):
     # classifier_activation=None: the baseline differentiates the target logit, the quantity LRP
     # explains (the explainer would skip a final softmax anyway).
-    return lambda: getattr(keras.applications, name)(weights=None, classifier_activation=None)
+    return lambda: getattr(K.applications, name)(weights=None, classifier_activation=None)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class ModelSpec:
     Attributes
     ----------
     build : callable
-        ``build() -> tf_keras.Model``.
+        ``build() -> keras.Model`` (Keras 3 or tf-keras).
     input_shape : tuple of int
         One sample's shape.
     high : float
@@ -119,6 +121,10 @@ MODELS = {
     "cifar10": ModelSpec(cifar10_model, (32, 32, 3), 255.0, (64,), 15, 2),  # trained; raw 0-255 pixels
     "vgg16": ModelSpec(_application("VGG16"), (224, 224, 3), 255.0, (8,), 7, 1),
     "resnet50": ModelSpec(_application("ResNet50"), (224, 224, 3), 255.0, (8,), 7, 1),
+    # the same models built with Keras 3: the same ratios are expected (one core, two front ends)
+    "mnist_cnn_keras3": ModelSpec(lambda: mnist_cnn(keras3), (28, 28, 1), 1.0, (64,), 15, 2),
+    "vgg16_keras3": ModelSpec(_application("VGG16", keras3), (224, 224, 3), 255.0, (8,), 7, 1),
+    "resnet50_keras3": ModelSpec(_application("ResNet50", keras3), (224, 224, 3), 255.0, (8,), 7, 1),
 }
 
 
@@ -346,7 +352,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "tensorflow": tf.__version__, "tf_keras": keras.__version__, "numpy": np.__version__,
+        "tensorflow": tf.__version__, "tf_keras": keras.__version__, "keras": keras3.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "lrp_grad": __version__,
         "lrp_grad_source": _source(), "loadavg_1min": _loadavg(),
     }

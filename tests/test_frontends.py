@@ -274,3 +274,25 @@ def test_nested_keras3_sequential_is_inlined():
     np.testing.assert_allclose(ex.forward(x), model(x).numpy(), rtol=1e-5, atol=1e-6)
     R = ex(x, target=1)
     kit.assert_close(R, kit.npref_explain(model, x, np.ones(3, int), lrp_grad.Epsilon(1e-9)), 1e-5, "nested")
+
+
+@pytest.mark.parametrize("rule", [lrp_grad.Z(), lrp_grad.AlphaBeta(2, 1)], ids=str)
+def test_slicing_transpose_and_sum_route_relevance(K, rule):
+    """``h[:, :4]`` keeps the relevance of the kept units (= a Dense with zero rows for the
+    dropped ones), ``transpose`` moves it, ``sum`` over space is GAP with a kernel scaled by H*W."""
+    L, ops = K.layers, kit.ops_of(K)
+    inp = K.Input((3, 3, 2))
+    h = L.Conv2D(6, 2, activation="relu", name="c1")(inp)                      # (2, 2, 6)
+    t = ops.transpose(h, (0, 2, 1, 3))                                         # swap H and W
+    s = ops.sum(t, axis=(1, 2))                                                # (6,)
+    raw = kit.randomize(K.Model(inp, L.Dense(3, name="head")(s[:, :4])))
+    inp2 = K.Input((3, 3, 2))
+    h2 = L.Conv2D(6, 2, activation="relu", name="c1")(inp2)
+    ref = K.Model(inp2, L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="gap")(h2)))
+    ref.get_layer("c1").set_weights(raw.get_layer("c1").get_weights())
+    w, b = raw.get_layer("head").get_weights()
+    ref.get_layer("head").set_weights([np.concatenate([w * 4.0, np.zeros((2, 3), w.dtype)]), b])
+    x = np.random.default_rng(8).uniform(0, 1, (3, 3, 3, 2)).astype("float32")
+    np.testing.assert_allclose(raw(x).numpy(), ref(x).numpy(), rtol=1e-5, atol=1e-5)
+    kit.assert_close(lrp_grad.explain(raw, x, target=1, rule=rule), lrp_grad.explain(ref, x, target=1, rule=rule),
+                     1e-5, f"{K.__name__} {rule}")

@@ -95,15 +95,12 @@ def raw_op(layer, node) -> RawOp:
     structure = (node.call_args, node.call_kwargs)
     flat = tf.nest.flatten(structure)
     slots = [i for i, a in enumerate(flat) if _is_tensor(a)]
-    function = layer.function
-
     def fn(*tensors):
         args = list(flat)
         for i, t in zip(slots, tensors):
             args[i] = t
         a, kw = tf.nest.pack_sequence_as(structure, args)
-        kw = {k: v for k, v in kw.items() if k != "name"}
-        return function(*a, **kw)
+        return layer.call(*a, **kw)  # SlicingOpLambda turns its recorded slice dicts back into slices
 
     kind = _KINDS.get(symbol, "activation" if symbol in _ACTIVATIONS else "other")
     axes, keepdims = None, False
