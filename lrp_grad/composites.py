@@ -4,7 +4,8 @@ A :class:`Composite` is an ordered list of ``(matcher, rule)`` entries (the firs
 optional special rule for the first weighted layer, and overrides by layer name that take
 precedence over both. A matcher is a layer family (``'dense'``, ``'conv'``, ``'pool'``, ``'norm'``,
 ``'merge'``; ``'weighted'`` = dense or conv; ``'linear'`` = every layer that takes a rule), a
-tf-keras layer class or tuple of classes, or a predicate ``layer -> bool``.
+Keras layer class or tuple of classes (a built-in class of either package matches its namesake in
+the other: ``keras.layers.Conv2D`` also matches a tf-keras Conv2D), or a predicate ``layer -> bool``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRuleError
-from .frontends import class_name
+from .frontends import class_name, is_instance
 from .handlers import FAMILIES
 from .rules import Rule
 
@@ -27,7 +28,7 @@ def _check_matcher(matcher, where):
         if matcher not in FAMILIES and matcher not in GROUPS:
             raise InvalidRuleError(
                 f"Composite {where}: unknown layer family {matcher!r}; use one of "
-                f"{list(FAMILIES) + list(GROUPS)}, a tf_keras layer class or a predicate."
+                f"{list(FAMILIES) + list(GROUPS)}, a Keras layer class or a predicate."
             )
         return
     if isinstance(matcher, type) or (isinstance(matcher, tuple) and all(isinstance(m, type) for m in matcher)):
@@ -49,7 +50,7 @@ def _matches(matcher, layer, family) -> bool:
     if isinstance(matcher, str):
         return family in GROUPS.get(matcher, (matcher,))
     if isinstance(matcher, (type, tuple)):
-        return isinstance(layer, matcher)
+        return is_instance(layer, matcher)
     return bool(matcher(layer))
 
 

@@ -296,3 +296,20 @@ def test_slicing_transpose_and_sum_route_relevance(K, rule):
     np.testing.assert_allclose(raw(x).numpy(), ref(x).numpy(), rtol=1e-5, atol=1e-5)
     kit.assert_close(lrp_grad.explain(raw, x, target=1, rule=rule), lrp_grad.explain(ref, x, target=1, rule=rule),
                      1e-5, f"{K.__name__} {rule}")
+
+
+def test_composite_class_matchers_work_across_packages():
+    """A composite written with one package's layer classes gives the same rules in the other."""
+    k3, k2 = kit.package("keras"), kit.package("tf_keras")
+    for matcher_pkg in (k3, k2):
+        composite = lrp_grad.Composite([(matcher_pkg.layers.Conv2D, lrp_grad.ZPlus()),
+                                        (matcher_pkg.layers.Dense, lrp_grad.Epsilon(0.5))])
+        for K in (k3, k2):
+            rules = lrp_grad.Explainer(kit.cnn(K=K), rule=composite).rules
+            text = str(rules)
+            assert text.count("ZPlus") == 2 and text.count("Epsilon(epsilon=0.5") == 2, (matcher_pkg, K, text)
+    # a user's own subclass is matched only by itself (and its subclasses), as isinstance does
+    class MyDense(k3.layers.Dense):
+        pass
+
+    assert not lrp_grad.frontends.is_instance(k2.layers.Dense(2), MyDense)

@@ -22,7 +22,7 @@ from . import keras3, tf_keras
 from .graph import RAW_KINDS, Graph, Node, RawOp, class_name, layer_label
 
 __all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "RAW_KINDS", "frontend_for", "check_model", "walk",
-           "activation_name", "class_name", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
+           "activation_name", "class_name", "is_instance", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
            "load_model", "package_of"]
 
 #: The available front ends, Keras 3 first.
@@ -166,6 +166,24 @@ def layer_classes(*names: str) -> tuple:
 def is_layer(obj, *names: str) -> bool:
     """Whether ``obj``'s exact class is one of these Keras layer classes, in either package."""
     return type(obj) in layer_classes(*names)
+
+
+def _builtin_name(cls) -> str | None:
+    """The class name of a built-in Keras layer class (either package), else None."""
+    module = getattr(cls, "__module__", "") or ""
+    if module.startswith(("keras.src.layers", "keras.layers", "tf_keras.src.layers", "tf_keras.layers")):
+        return cls.__name__
+    return None
+
+
+def is_instance(obj, classes) -> bool:
+    """``isinstance`` that treats a built-in layer class of one Keras package as its namesake in
+    the other: a composite written with ``keras.layers.Conv2D`` also matches a tf-keras Conv2D."""
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    if isinstance(obj, classes):
+        return True
+    names = {n for n in (_builtin_name(c) for c in classes) if n}
+    return bool(names) and any(_builtin_name(c) in names for c in type(obj).__mro__)
 
 
 def is_model(obj) -> bool:
