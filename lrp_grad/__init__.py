@@ -25,6 +25,17 @@ from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlu
 
 __version__ = "0.1.0"
 
+#: Submodules loaded on first use (``lrp_grad.heatmap.render(...)`` works after ``import lrp_grad``).
+_LAZY = ("heatmap", "evaluate", "stream", "export", "bench", "demo", "frontends")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'lrp_grad' has no attribute {name!r}")
+
 __all__ = [
     "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE", "load_model",
     "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma",

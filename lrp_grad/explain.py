@@ -155,7 +155,10 @@ class Explainer:
             )
         self.n_classes = graph.n_outputs
         self.input_shape = graph.input_shape
-        self.dtype = np.dtype(graph.dtype)
+        # An integer input (e.g. uint8 pixels, then Rescaling) is explained in float32: relevance
+        # is fractional, and casting float batches to the integer dtype would zero it.
+        dtype = np.dtype(graph.dtype)
+        self.dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float32)
         self._input_name = graph.input_name
         self._functions = {}
         #: How many times a compiled pass was traced (for retracing checks).
@@ -332,11 +335,13 @@ class Explainer:
         Parameters
         ----------
         x : array_like
-            Batch shaped like the model input ``(n, ...)``; cast to the model's dtype.
+            Batch shaped like the model input ``(n, ...)``; cast to the model's float dtype (a
+            model with an integer input, e.g. uint8 pixels, is explained in float32).
         target : int, array_like of int or 'all', optional
             Class to explain per sample (shape ``(n,)``) or for all; default the predicted class.
-            Several classes per image: an ``(n, k)`` array or ``'all'``; the result then has
-            shape ``(n, k, ...)`` and is computed in one batched call.
+            Several classes per image: an ``(n, k)`` array with ``k >= 2`` or ``'all'``; the result
+            then has shape ``(n, k, ...)`` and is computed in one batched call. An ``(n, 1)`` array
+            is refused as ambiguous (pass ``(n,)`` for one class per image).
         initial : {'logit', 'one'} or callable or array_like
             Relevance at the output: the target logit (default, the seed's ``f(x)``), ``1`` at the
             target, ``initial(logits, target) -> (n, classes)`` built from TensorFlow ops, or an
@@ -397,6 +402,12 @@ class Explainer:
         t = np.asarray(target.numpy() if isinstance(target, tf.Tensor) else target)
         if t.ndim != 2:
             return None
+        if t.shape == (n, 1):
+            raise InvalidTargetError(
+                f"target has shape {t.shape}, which is ambiguous: for one class per image pass shape (n,) = "
+                f"({n},) (e.g. target.ravel()); for several classes per image pass (n, k) with k >= 2, or "
+                "call once per class."
+            )
         if t.shape[0] != n:
             raise InvalidTargetError(
                 f"target has shape {t.shape}; for several classes per image it must be (n, k) with n = {n}."

@@ -20,7 +20,9 @@ def export(explainer, path) -> pathlib.Path:
     Signatures
     ----------
     ``explain(images, target) -> {relevance, logits}``
-        ``target`` is an int32 class per image; ``-1`` explains the predicted class.
+        ``target`` is an int32 class per image; ``-1`` (the only negative value allowed) explains
+        the predicted class. A target outside ``-1 .. classes - 1``, or a target batch of another
+        length than the images, fails the call with an ``InvalidArgumentError`` naming the range.
     ``serving_default(images) -> {relevance, logits, target}``
         The predicted class.
 
@@ -34,8 +36,20 @@ def export(explainer, path) -> pathlib.Path:
     module = tf.Module()
     module.model = explainer.model  # tracks the variables the graph reads
 
+    n_classes = explainer.n_classes
+    message = (f"target must be -1 (explain the predicted class) or a class index in 0..{n_classes - 1} "
+               f"(the model has {n_classes} classes); other values are refused")
+
     @tf.function(input_signature=[images, targets], autograph=False)
     def explain(images, target):
+        # Checked in the graph, so a server answers a bad target with this message (an
+        # InvalidArgumentError) instead of an all-zero map (>= classes) or a silent "predicted".
+        checks = [tf.debugging.assert_greater_equal(target, -1, message=message),
+                  tf.debugging.assert_less(target, n_classes, message=message),
+                  tf.debugging.assert_equal(tf.shape(target)[0], tf.shape(images)[0],
+                                            message="target must hold one class per image")]
+        with tf.control_dependencies(checks):
+            target = tf.identity(target)
         relevance, logits, _ = fn(images, target)
         return {"relevance": relevance, "logits": logits}
 
