@@ -12,7 +12,9 @@ from .errors import (
     InvalidRuleError,
     InvalidTargetError,
     LRPError,
+    LRPMemoryError,
     ModelFileError,
+    StaleExplainerError,
     UnsupportedLayerError,
     UnsupportedModelError,
 )
@@ -43,4 +45,5 @@ __all__ = [
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
     "InvalidTargetError", "InvalidRuleError", "ModelFileError",
+    "StaleExplainerError", "LRPMemoryError",
 ]

@@ -35,5 +35,13 @@ class ModelFileError(LRPError, ValueError):
     """A model file or folder does not exist or cannot be read by either Keras package."""
 
 
+class StaleExplainerError(LRPError, RuntimeError):
+    """The model's weights changed in a way the Explainer's plan cannot follow; build a new one."""
+
+
+class LRPMemoryError(LRPError, MemoryError):
+    """A batch did not fit in memory; the message names ``batch_size``."""
+
+
 class InvalidRuleError(LRPError, ValueError):
     """A rule was constructed with parameters outside its valid range."""

@@ -1,7 +1,10 @@
 """``explain()`` and the caching :class:`Explainer`: validation, targets, the compiled LRP pass."""
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import tensorflow as tf
@@ -10,7 +13,7 @@ from . import rewrite
 from .frontends import check_model
 from .canonizers import Canonizer
 from .composites import as_composite
-from .errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
+from .errors import InvalidInputError, InvalidTargetError, LRPMemoryError, StaleExplainerError, UnsupportedModelError
 from .rules import AlphaBeta
 
 __all__ = ["Explainer", "explain", "RelevanceReport", "DEFAULT_RULE"]
@@ -63,6 +66,23 @@ class RelevanceReport(Mapping):
 
     def __repr__(self):
         return f"RelevanceReport({len(self)} layers, n={len(self.output)})\n{self}"
+
+
+#: Text of the in-graph check of a BatchNorm folded through a max pooling (canonizers).
+_FOLD_MARK = "was folded through a max pooling"
+
+
+def _first_line(message: str, mark: str) -> str:
+    """Our own assertion text inside a TensorFlow error message (without TF's decoration)."""
+    import re
+
+    found = re.search(r"(BatchNormalization \\?'.*?Build a new Explainer\.)", message)
+    if found:
+        return found.group(1).replace("\\'", "'")
+    for line in message.splitlines():
+        if mark in line:
+            return line.strip()
+    return message.splitlines()[0]
 
 
 #: Rows per call when several targets per image are explained (measured on the seed CNN: larger
@@ -429,7 +449,17 @@ class Explainer:
         if self.jit_compile:
             x, second = _pad_to_bucket(x), _pad_to_bucket(second)
             self.compiled_batch_sizes.add(len(x))
-        R, logits, sums = self._run(fn, x, second)
+        try:
+            R, logits, sums = self._run(fn, x, second)
+        except tf.errors.InvalidArgumentError as e:
+            if _FOLD_MARK not in str(e):
+                raise
+            raise StaleExplainerError(_first_line(str(e), _FOLD_MARK)) from None
+        except tf.errors.ResourceExhaustedError:
+            raise LRPMemoryError(
+                f"out of memory explaining a batch of {rows} images of shape {tuple(x.shape[1:])} with model "
+                f"{self.model.name!r}; pass a smaller batch_size= (e.g. batch_size={max(1, rows // 4)})."
+            ) from None
         return R.numpy()[:rows], logits.numpy()[:rows], [v.numpy()[:rows] for v in sums]
 
     def _run(self, fn, x, second):
@@ -516,17 +546,89 @@ class Explainer:
         return out.numpy()
 
 
+#: ``explain()``'s compiled explainers: model -> {options key: Explainer}. Held weakly by the
+#: model, and the cached explainers hold the model only through a weak proxy, so a model that is
+#: deleted takes its explainers with it (no leak).
+_CACHE = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def _option_key(rule, canonizers, jit_compile, compute_dtype):
+    """A hashable key of ``explain()``'s options, or ``None`` when one of them is not hashable.
+
+    Rules and preset names hash by value; a Composite (which holds a dict) by identity, kept
+    alive in the key so that its id cannot be reused while the entry exists.
+    """
+    def part(v):
+        try:
+            hash(v)
+            return ("value", v)
+        except TypeError:
+            return ("object", id(v), v)
+
+    key = (part(rule), part(None if canonizers is None else tuple(canonizers)), jit_compile, compute_dtype)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype):
+    """The Explainer of ``explain()`` for these options, built once per model and options."""
+    key = _option_key(rule, canonizers, jit_compile, compute_dtype)
+    with _CACHE_LOCK:
+        try:
+            per_model = _CACHE.setdefault(model, {})
+        except TypeError:  # not weak-referenceable / hashable: no cache
+            per_model, key = None, None
+        if key is not None and key in per_model:
+            return per_model[key], True
+        return _build_cached(model, rule, canonizers, jit_compile, compute_dtype, per_model, key)
+
+
+def _build_cached(model, rule, canonizers, jit_compile, compute_dtype, per_model, key):
+    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype)
+    if key is not None:
+        ex._plan(True)  # both plans now: later ones would need the model itself
+        proxy = weakref.proxy(model)
+        ex.model = proxy
+        ex._plans = {k: replace(p, graph=replace(p.graph, model=proxy)) for k, p in ex._plans.items()}
+        per_model[key] = ex
+    return ex, key is not None
+
+
+def _evict(model, ex):
+    with _CACHE_LOCK:
+        per_model = _CACHE.get(model, {})
+        for k, v in list(per_model.items()):
+            if v is ex:
+                del per_model[k]
+
+
 def explain(model, x, target=None, *, rule=None, initial="logit", return_layers: bool = False,
             batch_size: int | None = None, canonizers=None, jit_compile: bool | None = None,
             compute_dtype: str | None = None):
-    """Explain ``model``'s decision on the batch ``x`` with LRP; one call, no state kept.
+    """Explain ``model``'s decision on the batch ``x`` with LRP in one call.
 
-    See :class:`Explainer` (which caches the compiled pass across calls) for the parameters.
+    See :class:`Explainer` for the parameters. The compiled pass is cached per model and options
+    (``rule``, ``canonizers``, ``jit_compile``, ``compute_dtype``), so repeated calls cost about
+    what an :class:`Explainer` call does; the cache holds models weakly (deleting a model frees
+    its explainers). It reads the model's current weights on every call.
 
     Examples
     --------
     >>> R = lrp_grad.explain(model, x)                                    # doctest: +SKIP
     >>> R = lrp_grad.explain(model, x, target=3, rule=lrp_grad.ZPlus())  # doctest: +SKIP
     """
-    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype)
-    return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)
+    ex, cached = _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype)
+    try:
+        return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)
+    except StaleExplainerError:
+        # A BatchNorm folded through a max pooling needs the scales it had when the plan was
+        # built; if training changed their signs since, plan again (once) instead of failing.
+        if not cached:
+            raise
+        _evict(model, ex)
+        ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype)
+        return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)

@@ -61,3 +61,65 @@ def test_exported_explain_signature_validates_the_target(tmp_path):
             fn(images=x, target=tf.constant(bad, tf.int32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="one class per image"):
         fn(images=x, target=tf.constant([0], tf.int32))
+
+
+def test_repeated_explain_calls_reuse_one_compiled_pass_and_free_the_model(K):
+    import gc
+    import importlib
+    import weakref
+
+    explain_module = importlib.import_module("lrp_grad.explain")
+    model = kit.cnn(K=K)
+    x = np.random.default_rng(3).uniform(0, 1, (2, 10, 10, 3)).astype("float32")
+    R1 = lrp_grad.explain(model, x, rule="epsilon_plus")
+    (ex,) = explain_module._CACHE[model].values()
+    traces = ex.trace_count
+    R2 = lrp_grad.explain(model, x[:1], rule="epsilon_plus")
+    assert ex.trace_count == traces and list(explain_module._CACHE[model].values()) == [ex]
+    np.testing.assert_array_equal(R2, R1[:1])
+    np.testing.assert_array_equal(R1, lrp_grad.Explainer(model, rule="epsilon_plus")(x))
+    # live weights: a change after the first call is seen by the next one
+    model.layers[-1].set_weights([w * 2 for w in model.layers[-1].get_weights()])
+    np.testing.assert_allclose(lrp_grad.explain(model, x, rule="epsilon_plus"),
+                               lrp_grad.Explainer(model, rule="epsilon_plus")(x), rtol=1e-6)
+    lrp_grad.explain(model, x, rule=lrp_grad.Epsilon(0.5))  # another option set: another entry
+    assert len(explain_module._CACHE[model]) == 2
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "explain()'s cache kept the model alive"
+
+
+def test_cached_explain_replans_when_a_folded_batchnorm_changes_sign():
+    """BatchNorm folded through a max pooling needs positive scales at plan time; explain() after
+    training flipped one re-plans instead of failing (an Explainer asks to be rebuilt)."""
+    K = kit.package("keras")
+    L = K.layers
+    model = K.Sequential([K.Input((6, 6, 1)), L.Conv2D(3, 3, activation="relu", name="c"),
+                          L.BatchNormalization(name="bn"), L.MaxPooling2D(2, name="mp"),
+                          L.Flatten(name="f"), L.Dense(2, name="d")])
+    bn = model.get_layer("bn")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([np.abs(gamma) + 0.5, beta, mean, var])
+    x = np.random.default_rng(4).uniform(0, 1, (2, 6, 6, 1)).astype("float32")
+    lrp_grad.explain(model, x, rule=lrp_grad.Epsilon(1e-6))
+    bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+    R = lrp_grad.explain(model, x, rule=lrp_grad.Epsilon(1e-6))
+    np.testing.assert_allclose(R, lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))(x), rtol=1e-5, atol=1e-7)
+
+
+def test_explainer_whose_folded_batchnorm_changed_sign_says_rebuild():
+    K = kit.package("tf_keras")
+    L = K.layers
+    model = K.Sequential([K.Input((6, 6, 1)), L.Conv2D(3, 3, activation="relu", name="c"),
+                          L.BatchNormalization(name="bn"), L.MaxPooling2D(2, name="mp"),
+                          L.Flatten(name="f"), L.Dense(2, name="d")])
+    bn = model.get_layer("bn")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([np.abs(gamma) + 0.5, beta, mean, var])
+    ex = lrp_grad.Explainer(model)
+    x = np.random.default_rng(5).uniform(0, 1, (2, 6, 6, 1)).astype("float32")
+    ex(x)
+    bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+    with pytest.raises(lrp_grad.StaleExplainerError, match=r"^BatchNormalization 'bn' was folded .*Build a new Explainer\.$"):
+        ex(x)
