@@ -18,25 +18,39 @@ from .errors import (
     UnsupportedLayerError,
     UnsupportedModelError,
 )
-from . import canonizers, datasets, presets
-from .composites import Composite, RuleMap
-from .explain import DEFAULT_RULE, Explainer, RelevanceReport, explain
-from .frontends import load_model
-from .handlers import Handler, register_handler, supported_layers, unregister_handler
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
 __version__ = "0.1.0"
 
-#: Submodules loaded on first use (``lrp_grad.heatmap.render(...)`` works after ``import lrp_grad``).
-_LAZY = ("heatmap", "evaluate", "stream", "export", "bench", "demo", "frontends")
+# Everything that needs TensorFlow or Keras is imported on first use, so that ``import lrp_grad``
+# (and ``lrp-grad --help``) stays fast and quiet; ``lrp_grad.heatmap.render(...)`` and
+# ``lrp_grad.evaluate.seed_flip(...)`` work right after ``import lrp_grad``.
+_LAZY_ATTRIBUTES = {
+    "Composite": "composites", "RuleMap": "composites",
+    "DEFAULT_RULE": "explain", "Explainer": "explain", "RelevanceReport": "explain", "explain": "explain",
+    "load_model": "frontends",
+    "Handler": "handlers", "register_handler": "handlers", "supported_layers": "handlers",
+    "unregister_handler": "handlers",
+}
+_LAZY_MODULES = ("canonizers", "datasets", "presets", "heatmap", "evaluate", "stream", "export", "bench", "demo",
+                 "frontends", "handlers", "composites", "propagate", "rewrite", "ops", "cli")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY_ATTRIBUTES:
+        value = getattr(importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'lrp_grad' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES) | set(_LAZY_MODULES))
+
 
 __all__ = [
     "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE", "load_model",
@@ -44,6 +58,5 @@ __all__ = [
     "Composite", "RuleMap", "presets", "canonizers", "datasets",
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
-    "InvalidTargetError", "InvalidRuleError", "ModelFileError",
-    "StaleExplainerError", "LRPMemoryError",
+    "InvalidTargetError", "InvalidRuleError", "ModelFileError", "StaleExplainerError", "LRPMemoryError",
 ]

@@ -9,11 +9,79 @@ import sys
 
 __all__ = ["main", "parse_rule"]
 
+#: Set to 1 to see the Python traceback of an unexpected error (the CLI shows one line otherwise).
+TRACEBACK_ENV = "LRP_GRAD_TRACEBACK"
+
+
+def _quiet_tensorflow():
+    """Import TensorFlow (and initialise its devices) with the C++ start-up log silenced.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` does not cover the messages absl and the CUDA stubs print while
+    TensorFlow loads, so standard error is pointed at /dev/null for that moment only.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow as tf
+
+            tf.get_logger().setLevel("ERROR")
+            tf.constant(0)  # device initialisation logs too
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _class_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class index (an integer >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a class index (an integer >= 0; omit --target for the "
+                                         "predicted class)")
+    return value
+
+
+def _scale(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite, non-zero number (e.g. 1/255 = 0.00392)")
+    return value
+
+
+def _output_folder(path, command, option):
+    """``path`` as a folder to write into: refuse an existing file with a message."""
+    out = pathlib.Path(path)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"lrp-grad {command}: {option} {out} is a file; give a folder (it is created if missing).")
+    return out
+
 
 def parse_rule(text: str):
     """A rule or preset from the command line: a preset name (``epsilon_plus_flat``, ``seed_ab``,
     ...), ``z``, ``zplus``, ``flat``, ``wsquare``, ``epsilon[:EPS]``, ``alphabeta:A,B``,
     ``gamma[:G]`` or ``zbox:LOW,HIGH``."""
+    _quiet_tensorflow()  # the presets import the Keras front ends
     from . import presets, rules
 
     name, _, arg = text.partition(":")
@@ -100,7 +168,7 @@ def _explain_dataset(args, model, shape) -> int:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise SystemExit(f"lrp-grad explain: no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}.")
-    out = pathlib.Path(args.out)
+    out = _output_folder(args.out, "explain", "--out")
     out.mkdir(parents=True, exist_ok=True)
 
     def images():
@@ -131,7 +199,10 @@ def _explain(args) -> int:
         return _explain_dataset(args, model, shape)
     x = _load_images(args.images, shape, args.resize) * args.scale
     ex = Explainer(model, rule=args.rule)
-    out = pathlib.Path(args.out)
+    if args.target is not None and args.target >= ex.n_classes:
+        raise SystemExit(f"lrp-grad explain: --target {args.target} is out of range: the model has {ex.n_classes} "
+                         f"classes (0..{ex.n_classes - 1}).")
+    out = _output_folder(args.out, "explain", "--out")
     out.mkdir(parents=True, exist_ok=True)
     logits = ex.forward(x)
     targets = logits.argmax(1) if args.target is None else np.full(len(x), args.target)
@@ -166,9 +237,12 @@ def _demo(args) -> int:
 def _export(args) -> int:
     from .explain import Explainer
 
+    out = _output_folder(args.out, "export", "the output")
     model = _load_model(args.model, "export")
-    path = Explainer(model, rule=args.rule).export(args.out)
-    print(f"wrote a SavedModel to {path} with signatures 'explain' (images, target) and 'serving_default' (images)")
+    ex = Explainer(model, rule=args.rule)
+    path = ex.export(out)
+    print(f"wrote a SavedModel to {path} with signatures 'explain' (images, target) and 'serving_default' (images); "
+          f"rule baked in: {ex.rule.name} ({args.rule})")
     return 0
 
 
@@ -178,9 +252,16 @@ def _bench(args, rest) -> int:
     return bench.main(rest)
 
 
+_RULE_HELP = ("preset or rule (default: epsilon_plus_flat, the recommended composite; note that the Python API's "
+              "default is AlphaBeta(2, 1), the seed report's rule); e.g. alphabeta:2,1, epsilon:0.01, seed_ab")
+
+
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status. Errors are one message, never a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    parser = argparse.ArgumentParser(prog="lrp-grad", description="Layer-wise Relevance Propagation for tf-keras models.")
+    parser = argparse.ArgumentParser(
+        prog="lrp-grad",
+        description="Layer-wise Relevance Propagation for Keras 3 and tf-keras models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="regenerate the seed study on real MNIST and CIFAR-10 data")
@@ -192,16 +273,17 @@ def main(argv=None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     exp = sub.add_parser("explain", help="heatmaps and relevance.npy for your own model and images")
-    exp.add_argument("--model", required=True, help="a tf-keras model file (.keras or .h5)")
+    exp.add_argument("--model", required=True, help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
     source = exp.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files (PNG, JPEG, ...): heatmaps + relevance.npy")
     source.add_argument("--dataset", help="a folder of images, streamed in batches: relevance.npy + summaries.json")
-    exp.add_argument("--batch-size", type=int, default=256, help="images per batch with --dataset (default 256)")
+    exp.add_argument("--batch-size", type=_positive_int, default=256,
+                     help="images per batch with --dataset (default 256)")
     exp.add_argument("--resume", action="store_true", help="with --dataset: continue a run that stopped")
-    exp.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
-    exp.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat",
-                     help="preset or rule (default: epsilon_plus_flat); e.g. alphabeta:2,1, epsilon:0.01")
-    exp.add_argument("--scale", type=float, default=1 / 255,
+    exp.add_argument("--target", type=_class_index, default=None,
+                     help="class to explain (default: the predicted class)")
+    exp.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help=_RULE_HELP)
+    exp.add_argument("--scale", type=_scale, default=1 / 255,
                      help="multiply pixel values (0-255) by this before the model (default 1/255; use 1 for models "
                           "that take raw 0-255 pixels)")
     exp.add_argument("--resize", action="store_true", help="resize images to the model input size")
@@ -211,17 +293,43 @@ def main(argv=None) -> int:
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     exp_model = sub.add_parser("export", help="write a SavedModel that explains without lrp_grad (TF Serving)")
-    exp_model.add_argument("model", help="a tf-keras model file (.keras or .h5)")
+    exp_model.add_argument("model", help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
     exp_model.add_argument("out", help="output SavedModel folder")
-    exp_model.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help="preset or rule")
+    exp_model.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help=_RULE_HELP)
 
     sub.add_parser("bench", help="throughput benchmark (see lrp-grad bench --help)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        return _bench(None, argv[1:])
+        return _guarded("bench", lambda: _bench(None, argv[1:]))
     args = parser.parse_args(argv)
-    return {"demo": _demo, "explain": _explain, "export": _export}[args.command](args)
+    run = {"demo": _demo, "explain": _explain, "export": _export}[args.command]
+    return _guarded(args.command, lambda: run(args))
+
+
+def _guarded(command, run) -> int:
+    """Run a command: lrp_grad's own errors and unexpected ones become one message and exit 2/1."""
+    from .errors import LRPError
+
+    try:
+        _quiet_tensorflow()
+        return run()
+    except LRPError as e:
+        print(f"lrp-grad {command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lrp-grad {command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as e:
+        print(f"lrp-grad {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback unless asked to
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"lrp-grad {command}: unexpected error: {type(e).__name__}: {first} "
+              f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

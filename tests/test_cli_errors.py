@@ -1,0 +1,103 @@
+"""Every documented error path of the command line: one message on stderr, a non-zero exit,
+never a Python traceback; and a quiet start (no TensorFlow log, no TensorFlow for --help)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kit
+from lrp_grad import cli
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL import Image
+
+    K = kit.package("keras")
+    root = tmp_path_factory.mktemp("cli")
+    model = kit.randomize(K.Sequential([K.Input((8, 8, 3)), K.layers.Conv2D(4, 3, activation="relu"),
+                                        K.layers.Flatten(), K.layers.Dense(3)]))
+    model.save(root / "m.keras")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "a.png")
+    (root / "not_a_model.keras").write_text("hello")
+    (root / "file.txt").write_text("x")
+    (root / "weights.bin").write_bytes(b"\0" * 10)
+    return root
+
+
+def run(argv, capsys):
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 2)
+    err = capsys.readouterr().err
+    return code, err
+
+
+CASES = {
+    "target out of range": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--target", "7"],
+                            r"--target 7 is out of range: the model has 3 classes \(0\.\.2\)"),
+    "negative target": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--target", "-1"],
+                        r"argument --target: -1 is not a class index"),
+    "batch size 0": (["explain", "--model", "{m}", "--dataset", "{root}", "--out", "{tmp}/o", "--batch-size", "0"],
+                     r"argument --batch-size: 0 must be at least 1"),
+    "scale nan": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--scale", "nan"],
+                  r"argument --scale: 'nan' must be a finite, non-zero number"),
+    "out is a file": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{root}/file.txt"],
+                      r"--out .*file.txt is a file; give a folder"),
+    "export to a file": (["export", "{m}", "{root}/file.txt"], r"the output .*file.txt is a file; give a folder"),
+    "unreadable keras file": (["explain", "--model", "{root}/not_a_model.keras", "--images", "{img}", "--out",
+                               "{tmp}/o"], r"cannot load model .*not_a_model.keras.*not a Keras .keras archive"),
+    "missing model": (["explain", "--model", "{root}/nope.keras", "--images", "{img}", "--out", "{tmp}/o"],
+                      r"cannot load model .*nope.keras.*no such file"),
+    "unknown suffix": (["export", "{root}/weights.bin", "{tmp}/sm"], r"unknown file type '.bin'"),
+    "unknown rule": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--rule", "lrp"],
+                     r"--rule 'lrp' is not known"),
+    "missing image": (["explain", "--model", "{m}", "--images", "{root}/none.png", "--out", "{tmp}/o"],
+                      r"cannot read image .*none.png"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_error_paths_print_one_message_and_no_traceback(case, files, tmp_path, capsys):
+    argv, pattern = CASES[case]
+    argv = [a.format(m=files / "m.keras", img=files / "a.png", root=files, tmp=tmp_path) for a in argv]
+    code, err = run(argv, capsys)
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    assert __import__("re").search(pattern, err), err
+
+
+def test_unexpected_errors_are_one_line_too(monkeypatch, files, tmp_path, capsys):
+    from lrp_grad import explain as _  # noqa: F401 (import before patching)
+    import importlib
+
+    explain_module = importlib.import_module("lrp_grad.explain")
+
+    def boom(*a, **k):
+        raise RuntimeError("something deep broke\nsecond line")
+
+    monkeypatch.setattr(explain_module.Explainer, "forward", boom)
+    code, err = run(["explain", "--model", files / "m.keras", "--images", files / "a.png", "--out", tmp_path / "o"],
+                    capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "unexpected error: RuntimeError: something deep broke (set LRP_GRAD_TRACEBACK=1" in err, err
+
+
+def test_help_is_quick_and_imports_no_tensorflow():
+    code = ("import sys; from lrp_grad import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TF', 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "usage: lrp-grad" in out.stdout and "TF False" in out.stdout, out.stdout + out.stderr
+
+
+def test_cli_start_is_quiet(files, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-m", "lrp_grad.cli", "explain", "--model", str(files / "m.keras"),
+                          "--images", str(files / "a.png"), "--out", str(tmp_path / "o"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "", f"the CLI printed to stderr:\n{out.stderr}"
