@@ -192,9 +192,10 @@ class Explainer:
         self.n_classes = graph.n_outputs
         self.input_shape = graph.input_shape
         # An integer input (e.g. uint8 pixels, then Rescaling) is explained in float32: relevance
-        # is fractional, and casting float batches to the integer dtype would zero it.
-        dtype = np.dtype(graph.dtype)
-        self.dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float32)
+        # is fractional, and casting float batches to the integer dtype would zero it. A
+        # float16/bfloat16 input too: the rules' divisions need float32's range and precision.
+        dtype = np.dtype(graph.dtype) if graph.dtype != "bfloat16" else None
+        self.dtype = dtype if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float32)
         self._input_name = graph.input_name
         self._functions = {}
         #: How many times a compiled pass was traced (for retracing checks).

@@ -201,7 +201,12 @@ def _channels_last(layer, ctx=None):
 
 def _linear(x, op, w, b, ctx, x_nonneg, relu=False):
     """The layer call's ``z = F(x, W) + b`` under its rule (see :func:`lrp_grad.propagate.linear`);
-    ``relu(z)`` with ``relu``."""
+    ``relu(z)`` with ``relu``. Weights of another float dtype (a float16 layer in a float32
+    explanation) are cast to the input's."""
+    if w.dtype != x.dtype:
+        w = tf.cast(w, x.dtype)
+    if b is not None and b.dtype != x.dtype:
+        b = tf.cast(b, x.dtype)
     return propagate.linear(x, op, w, b, ctx.rule, x_nonneg=x_nonneg, compute_dtype=ctx.compute_dtype, relu=relu)
 
 
@@ -386,6 +391,14 @@ def _elementwise_layer(layer, inputs, ctx):
     return propagate.passthrough(lambda t: _own_call(layer, [t]), x)
 
 
+def _rescaling(layer, inputs, ctx):
+    """``x * scale + offset``, computed in the input's dtype (not in a float16 policy's)."""
+    (x,) = inputs
+    scale = tf.constant(np.asarray(layer.scale, np.float64), x.dtype)
+    offset = tf.constant(np.asarray(layer.offset, np.float64), x.dtype)
+    return propagate.passthrough(lambda t: t * scale + offset, x)
+
+
 def _relu_nonneg(layer, flags):
     return float(layer.negative_slope) == 0.0 and float(layer.threshold) >= 0.0
 
@@ -532,7 +545,7 @@ _BY_NAME = {
     "ThresholdedReLU": Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True,
                                 zero_in_zero_out=True),
     "Softmax": Handler("identity", _identity, _softmax_problem),
-    "Rescaling": _OPAQUE_PASS,
+    "Rescaling": Handler("passthrough", _rescaling),  # f(0) = offset: not zero_in_zero_out
     "Normalization": _OPAQUE_PASS,
     "LayerNormalization": _OPAQUE_PASS,
 }
