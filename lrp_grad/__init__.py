@@ -24,15 +24,17 @@ __version__ = "0.1.0"
 
 # Everything that needs TensorFlow or Keras is imported on first use, so that ``import lrp_grad``
 # (and ``lrp-grad --help``) stays fast and quiet; ``lrp_grad.heatmap.render(...)`` and
-# ``lrp_grad.evaluate.seed_flip(...)`` work right after ``import lrp_grad``.
+# ``lrp_grad.evaluate.seed_flip(...)`` work right after ``import lrp_grad``. (No submodule may be
+# named like a lazy attribute: importing it would bind the module over the attribute; hence
+# ``explainer.py`` for ``explain``.)
 _LAZY_ATTRIBUTES = {
     "Composite": "composites", "RuleMap": "composites",
-    "DEFAULT_RULE": "explain", "Explainer": "explain", "RelevanceReport": "explain", "explain": "explain",
+    "DEFAULT_RULE": "explainer", "Explainer": "explainer", "RelevanceReport": "explainer", "explain": "explainer",
     "load_model": "frontends",
     "Handler": "handlers", "register_handler": "handlers", "supported_layers": "handlers",
     "unregister_handler": "handlers",
 }
-_LAZY_MODULES = ("canonizers", "datasets", "presets", "heatmap", "evaluate", "stream", "export", "bench", "demo",
+_LAZY_MODULES = ("explainer", "canonizers", "datasets", "presets", "heatmap", "evaluate", "stream", "export", "bench", "demo",
                  "frontends", "handlers", "composites", "propagate", "rewrite", "ops", "cli")
 
 

@@ -38,7 +38,7 @@ import tensorflow as tf
 from .frontends.keras3 import keras as keras3
 from .frontends.tf_keras import keras
 from .datasets import cifar10_model
-from .explain import Explainer
+from .explainer import Explainer
 from .rules import AlphaBeta, Epsilon, ZPlus
 
 __all__ = ["ModelSpec", "Method", "MODELS", "RULES", "run", "time_interleaved", "machine_info", "to_markdown",

@@ -160,7 +160,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".w
 
 def _explain_dataset(args, model, shape) -> int:
     """``--dataset DIR``: stream every image of a folder, constant memory, resumable."""
-    from .explain import Explainer
+    from .explainer import Explainer
 
     folder = pathlib.Path(args.dataset)
     if not folder.is_dir():
@@ -189,7 +189,7 @@ def _explain(args) -> int:
     import numpy as np
 
     from . import heatmap
-    from .explain import Explainer
+    from .explainer import Explainer
 
     model = _load_model(args.model, "explain")
     shape = tuple(model.input_shape[1:])
@@ -235,7 +235,7 @@ def _demo(args) -> int:
 
 
 def _export(args) -> int:
-    from .explain import Explainer
+    from .explainer import Explainer
 
     out = _output_folder(args.out, "export", "the output")
     model = _load_model(args.model, "export")

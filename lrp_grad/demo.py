@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from . import datasets, evaluate, heatmap
-from .explain import Explainer
+from .explainer import Explainer
 from .rules import AlphaBeta
 
 __all__ = ["run", "seed_cnn", "SEED_FLIP"]

@@ -17,20 +17,21 @@ __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "pertu
            "attribution", "METHODS"]
 
 
-def _has_softmax_output(model) -> bool:
+def _has_probability_output(model) -> bool:
     from .frontends import activation_name, is_layer
 
     last = model.layers[-1]
     if is_layer(last, "Softmax"):
         return True
-    return activation_name(getattr(last, "activation", None)) == "softmax"
+    return activation_name(getattr(last, "activation", None)) in ("softmax", "sigmoid")
 
 
 def probabilities(model, x, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities: the model's output if it ends in softmax, else softmax of the logits."""
+    """Class probabilities: the model's output if it ends in softmax (or sigmoid: independent
+    per-class probabilities), else softmax of the logits."""
     outs = [np.asarray(model(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
     out = np.concatenate(outs).astype(np.float64)
-    if _has_softmax_output(model):
+    if _has_probability_output(model):
         return out
     out = np.exp(out - out.max(1, keepdims=True))
     return out / out.sum(1, keepdims=True)
@@ -218,7 +219,7 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500):
     ``method`` is one of :data:`METHODS`, or anything ``lrp_grad.explain(rule=...)`` accepts
     (a rule, a composite or a preset name).
     """
-    from .explain import Explainer
+    from .explainer import Explainer
 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y)

@@ -56,6 +56,9 @@ ELEMENTWISE = frozenset(
 #: Activations whose output is never negative: the next layer may skip the ``x-`` half.
 NONNEG = frozenset("relu relu6 sigmoid hard_sigmoid softplus exponential sparse_plus squareplus "
                    "sparse_sigmoid".split())
+#: Output activations that are skipped when they are the model's last operation: the logits
+#: (their input) are explained, not the probabilities.
+HEADS = frozenset(("softmax", "sigmoid"))
 #: Elementwise activations with ``f(0) = 0``.
 ZERO_AT_ZERO = ELEMENTWISE - frozenset(
     "sigmoid hard_sigmoid softplus exponential log_sigmoid sparse_plus squareplus sparse_sigmoid".split())
@@ -72,7 +75,7 @@ class Context:
     nonneg : tuple of bool
         Per input tensor: whether it is guaranteed to be non-negative.
     is_output : bool
-        Whether this call produces the model output (a final softmax is then skipped).
+        Whether this call produces the model output (a final softmax or sigmoid is then skipped).
     params : callable or None
         ``params() -> (kernel, bias)`` replacing the layer's own weights (set by canonizers,
         e.g. a folded BatchNorm).
@@ -179,8 +182,8 @@ def _activate(fn, z, ctx):
     name = activation_name(fn)
     if ctx.fuse_relu:
         return z  # the ReLU was applied inside the layer's LRP op
-    if name == "linear" or (name == "softmax" and ctx.is_output):
-        return z  # a final softmax is skipped: the logits are explained
+    if name == "linear" or (name in HEADS and ctx.is_output):
+        return z  # a final softmax or sigmoid is skipped: the logits are explained
     return propagate.passthrough(fn, z)
 
 
@@ -568,8 +571,8 @@ def _raw_pass(op, inputs, ctx):
 
 def _raw_activation(op, inputs, ctx):
     (x,) = inputs
-    if op.activation == "softmax" and ctx.is_output:
-        return tf.identity(x)  # a final softmax is skipped: the logits are explained
+    if op.activation in HEADS and ctx.is_output:
+        return tf.identity(x)  # a final softmax or sigmoid is skipped: the logits are explained
     return _raw_pass(op, inputs, ctx)
 
 

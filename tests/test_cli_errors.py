@@ -71,10 +71,9 @@ def test_cli_error_paths_print_one_message_and_no_traceback(case, files, tmp_pat
 
 
 def test_unexpected_errors_are_one_line_too(monkeypatch, files, tmp_path, capsys):
-    from lrp_grad import explain as _  # noqa: F401 (import before patching)
     import importlib
 
-    explain_module = importlib.import_module("lrp_grad.explain")
+    explain_module = importlib.import_module("lrp_grad.explainer")
 
     def boom(*a, **k):
         raise RuntimeError("something deep broke\nsecond line")

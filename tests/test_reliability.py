@@ -68,7 +68,7 @@ def test_repeated_explain_calls_reuse_one_compiled_pass_and_free_the_model(K):
     import importlib
     import weakref
 
-    explain_module = importlib.import_module("lrp_grad.explain")
+    explain_module = importlib.import_module("lrp_grad.explainer")
     model = kit.cnn(K=K)
     x = np.random.default_rng(3).uniform(0, 1, (2, 10, 10, 3)).astype("float32")
     R1 = lrp_grad.explain(model, x, rule="epsilon_plus")
@@ -128,7 +128,7 @@ def test_explainer_whose_folded_batchnorm_changed_sign_says_rebuild():
 def test_large_batches_are_chunked_by_default(monkeypatch):
     import importlib
 
-    explain_module = importlib.import_module("lrp_grad.explain")
+    explain_module = importlib.import_module("lrp_grad.explainer")
     model = kit.cnn()
     x = np.random.default_rng(6).uniform(0, 1, (9, 10, 10, 3)).astype("float32")
     whole = lrp_grad.Explainer(model)(x, batch_size=9)
@@ -175,3 +175,26 @@ def test_float16_layers_are_explained_in_float32(K, policy):
     # mixed_float16 agrees to 1e-6 (float32 variables); pure float16 layers to ~1e-3 (measured)
     tol = 1e-5 if policy == "mixed_float16" else 5e-3
     kit.assert_close(R16, lrp_grad.explain(f32, x, target=1, rule=lrp_grad.Epsilon(1e-6)), tol, policy)
+
+
+@pytest.mark.parametrize("head", ["activation", "layer", "operation"])
+def test_final_sigmoid_is_skipped_like_a_final_softmax(K, head):
+    """The logit is explained: the same relevance as the model without the sigmoid (which used
+    to be explained as the probability)."""
+    L = K.layers
+    inp = K.Input((5,))
+    h = L.Dense(4, activation="relu", name="d1")(inp)
+    logits = L.Dense(3, name="d2")(h)
+    if head == "activation":
+        out = L.Dense(3, activation="sigmoid", name="d3")(h)
+        plain = K.Model(inp, L.Dense(3, name="d3")(h))
+    else:
+        out = L.Activation("sigmoid", name="s")(logits) if head == "layer" else kit.ops_of(K).sigmoid(logits)
+        plain = K.Model(inp, logits)
+    model = kit.randomize(K.Model(inp, out))
+    plain.set_weights(model.get_weights())
+    x = np.random.default_rng(8).normal(size=(4, 5)).astype("float32")
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))
+    np.testing.assert_allclose(ex.forward(x), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ex(x, target=2), lrp_grad.explain(plain, x, target=2, rule=lrp_grad.Epsilon(1e-6)),
+                               rtol=1e-6, atol=1e-7)

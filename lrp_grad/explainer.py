@@ -131,7 +131,7 @@ class Explainer:
     ----------
     model : tf_keras.Model
         Single-input, single-output Sequential or Functional classifier with output
-        ``(batch, classes)``. A final softmax (layer or activation) is skipped: the logits are
+        ``(batch, classes)``. A final softmax or sigmoid (layer, activation or operation) is skipped: the logits are
         explained. The model is never modified.
     rule : Rule, Composite or str, optional
         A rule for every rule-taking layer, a :class:`~lrp_grad.Composite`, or a preset name
@@ -584,7 +584,7 @@ class Explainer:
         return export(self, path)
 
     def forward(self, x) -> np.ndarray:
-        """The rewritten model's output on ``x`` (the logits; a final softmax is skipped)."""
+        """The rewritten model's output on ``x`` (the logits; a final softmax or sigmoid is skipped)."""
         x = self._check_x(x)
         out, _ = rewrite.run(self._plans[False], tf.constant(x))
         return out.numpy()
