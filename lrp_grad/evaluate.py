@@ -179,7 +179,7 @@ def _gradient(model, x, y):
     return tape.gradient(logit, x).numpy()
 
 
-def _lime(model, x, y, num_samples=500, seed=0):
+def _lime(model, x, y, num_samples=500, seed=0, progress=None):
     try:
         from lime import lime_image
         from skimage.segmentation import quickshift  # noqa: F401 (lime needs scikit-image)
@@ -206,6 +206,8 @@ def _lime(model, x, y, num_samples=500, seed=0):
                                              hide_color=0, num_samples=num_samples, segmentation_fn=segmenter)
         weights = dict(exp.local_exp[int(y[i])])
         maps[i] = np.vectorize(lambda s: weights.get(s, 0.0))(exp.segments)
+        if progress is not None:
+            progress(i + 1, len(x))
     return maps[..., None].repeat(x.shape[-1], -1) / x.shape[-1]
 
 
@@ -213,11 +215,12 @@ def _lime(model, x, y, num_samples=500, seed=0):
 METHODS = ("gradient", "gradient_x_input", "random", "lime")
 
 
-def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500):
+def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, progress=None):
     """``(relevance, seconds per image)`` of ``method`` for the classes ``y``.
 
     ``method`` is one of :data:`METHODS`, or anything ``lrp_grad.explain(rule=...)`` accepts
-    (a rule, a composite or a preset name).
+    (a rule, a composite or a preset name). ``progress(done, total)`` is called after each image
+    of the per-image methods (LIME).
     """
     from .explainer import Explainer
 
@@ -231,7 +234,7 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500):
     elif isinstance(method, str) and method == "random":
         r = np.random.default_rng(seed).normal(size=x.shape)
     elif isinstance(method, str) and method == "lime":
-        r = _lime(model, x, y, lime_samples, seed)
+        r = _lime(model, x, y, lime_samples, seed, progress)
     else:
         ex = Explainer(model, rule=method)
         ex(x[:1], target=y[:1])  # trace once, so the timing is the explanation, not the compile

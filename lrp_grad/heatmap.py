@@ -310,7 +310,7 @@ def _add_colorbar(ax, mappable, limit: float):
 
 
 def plot(relevance: Any, image: Any = None, ax=None, scheme: str = "lrp", title: str | None = None,
-         colorbar: bool = True):
+         colorbar: bool = True, limit: float | None = None):
     """Draw one heatmap, or its overlay on the input image, on a matplotlib Axes.
 
     Parameters
@@ -329,6 +329,9 @@ def plot(relevance: Any, image: Any = None, ax=None, scheme: str = "lrp", title:
     colorbar : bool
         Whether to add a colour bar centred at 0, from ``-max |R|`` to ``+max |R|``, whose ends
         are labelled with their signed values.
+    limit : float, optional
+        Half-width of the colour range (default ``max |R|`` of this map); give one value to
+        several maps to compare them on one scale.
 
     Returns
     -------
@@ -351,7 +354,11 @@ def plot(relevance: Any, image: Any = None, ax=None, scheme: str = "lrp", title:
     if ax is None:
         fig, ax = plt.subplots(figsize=(_CELL_W + 0.6, _CELL_H + 0.4))
         fig.subplots_adjust(left=0.04, right=0.74, bottom=0.05, top=0.88)
-    limit = _limit(flat)
+    if limit is None:
+        limit = _limit(flat)
+    elif isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"limit must be a positive finite number, got {limit!r}.")
+    limit = float(limit)
     # Symmetric limits keep 0 at the white centre of the map whatever the sign balance.
     norm = Normalize(vmin=-limit, vmax=limit)
     cmap = _colormap(scheme)
@@ -392,7 +399,7 @@ def _samples(name: str, value: Any) -> list:
 
 
 def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, scheme: str = "lrp",
-         ncols: int | None = None, path: Any = None, suptitle: str | None = None):
+         ncols: int | None = None, path: Any = None, suptitle: str | None = None, shared_scale: bool = False):
     """Draw a figure with one column per sample: the input on top, its heatmap below.
 
     Parameters
@@ -402,7 +409,7 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
         shown rescaled to ``[0, 1]`` (gray for one channel). ``None`` draws the heatmaps only.
     relevances : array_like
         Relevance maps ``(n, H, W)``, ``(n, H, W, C)`` or a list of ``n`` maps. Each is
-        normalised on its own and gets its own colour bar centred at 0.
+        normalised on its own and gets its own colour bar centred at 0 (see ``shared_scale``).
     titles : sequence of str, optional
         One title per sample, shown above its column.
     scheme : str
@@ -414,6 +421,11 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
         If given, the figure is also saved there as a PNG at 100 dpi.
     suptitle : str, optional
         Title of the whole figure.
+    shared_scale : bool
+        One colour range for all maps (``max |R|`` over all of them), so that maps of several
+        targets or models can be compared by colour; use it where the maps are compared. Either
+        way, a map that is all zero says so in its title (a per-map scale would otherwise show it
+        as plain white without telling why).
 
     Returns
     -------
@@ -457,6 +469,12 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
         raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
     ncols = min(int(ncols), count)
 
+    if not isinstance(shared_scale, bool):
+        raise ValueError(f"shared_scale must be True or False, got {shared_scale!r}.")
+    common = None
+    if shared_scale:
+        common = max(float(np.abs(f).max()) for f in flats) or 1.0
+
     # 2. Lay out (image, heatmap) row pairs; wrapped rows repeat the pattern.
     per_sample = 1 if pictures is None else 2
     nrows = math.ceil(count / ncols) * per_sample
@@ -481,11 +499,14 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
             top.set_yticks([])
         heat = axes[block * per_sample + per_sample - 1, col]
         heat.set_visible(True)
-        plot(flat, ax=heat, scheme=scheme, colorbar=True)
-        if titles is not None:
-            top.set_title(str(titles[i]), fontsize=10)
+        plot(flat, ax=heat, scheme=scheme, colorbar=True, limit=common)
+        title = None if titles is None else str(titles[i])
+        if not np.any(flat):
+            title = "all zero" if title is None else f"{title}\n(all zero)"
+        if title is not None:
+            (top if pictures is not None else heat).set_title(title, fontsize=10)
     if suptitle is not None:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle + ("\n(one colour scale for all maps)" if shared_scale else ""))
 
     # 4. Save at a fixed dpi so the PNG size follows from the figure size.
     if path is not None:

@@ -368,3 +368,32 @@ def test_module_imports_neither_tensorflow_nor_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_grid_shared_scale_and_all_zero_notes():
+    """One colour range for every map with shared_scale (the colour bars agree), and an all-zero
+    map says so in its title, with or without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = np.zeros((3, 5, 5, 1))
+    maps[0, 0, 0] = 2.0
+    maps[1, 1, 1] = -0.5
+    fig = heatmap.grid(None, maps, titles=["a", "b", "c"], shared_scale=True, suptitle="S")
+    def bar_ticks(fig):  # the colour bars are inset axes with y ticks (-limit, 0, +limit)
+        return {tuple(float(t) for t in cax.get_yticks()) for ax in fig.axes for cax in ax.child_axes}
+
+    ticks = bar_ticks(fig)
+    assert ticks == {(-2.0, 0.0, 2.0)}, ticks
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert "c\n(all zero)" in titles and "a" in titles
+    assert "one colour scale" in fig._suptitle.get_text()
+    plt.close(fig)
+    fig = heatmap.grid(None, maps, titles=["a", "b", "c"])
+    ticks = bar_ticks(fig)
+    assert (-0.5, 0.0, 0.5) in ticks and (-2.0, 0.0, 2.0) in ticks
+    plt.close(fig)
+    with pytest.raises(ValueError, match="shared_scale must be True or False"):
+        heatmap.grid(None, maps, shared_scale="yes")
