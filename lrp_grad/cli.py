@@ -179,7 +179,10 @@ def _explain_dataset(args, model, shape) -> int:
     target = "predicted" if args.target is None else args.target
     res = ex.explain_dataset(images(), target=target, batch_size=args.batch_size, out=out / "relevance.npy",
                              resume=args.resume, progress=not args.no_progress, length=len(files))
-    summary = {f.name: {k: float(v[i]) for k, v in res.summaries.items()} for i, f in enumerate(files)}
+    def value(key, v):  # classes are ints in the JSON, the rest floats
+        return int(v) if key in ("predicted", "target") else float(v)
+
+    summary = {f.name: {k: value(k, v[i]) for k, v in res.summaries.items()} for i, f in enumerate(files)}
     (out / "summaries.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote relevance.npy {tuple(res.relevance.shape)} and summaries.json for {len(files)} images to {out}")
     return 0

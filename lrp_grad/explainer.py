@@ -536,26 +536,35 @@ class Explainer:
         R, logits, sums = out
         return gather(R), gather(logits), [gather(v) for v in sums]
 
-    def explain_dataset(self, data, target="label", *, batch_size: int = 256, out=None, resume: bool = False,
+    def explain_dataset(self, data, target="auto", *, batch_size: int = 256, out=None, resume: bool = False,
                         progress: bool = True, length: int | None = None, worker=None):
         """Explain a whole dataset in batches, with constant memory when writing to disk.
 
         Parameters
         ----------
         data : tf.data.Dataset, numpy array or iterable
-            Images, or ``(image, label)`` pairs; elements may be single images or batches. The
-            order is preserved.
-        target : 'label', 'predicted', None or int
-            Explain the label of each element, the predicted class (``None`` too) or one class.
+            Images, ``(image, label)`` pairs, or dicts with an image key (``'image'``, ``'x'``,
+            ...) and optionally a label key (``'label'``, ``'y'``, ...); elements may be single
+            images or batches. Labels may be class indices (any integer dtype) or one-hot rows.
+            The order is preserved.
+        target : 'auto', 'label', 'predicted', None or int
+            ``'auto'`` (default): the label of each element when the data has labels, else the
+            predicted class. ``'label'``: the labels (an error without them). ``'predicted'``
+            (``None`` too) or one class index for all.
         batch_size : int
             Images per compiled call (a last partial batch does not recompile).
         out : path, optional
             ``None``: return the relevance in memory. ``'file.npy'``: fill a memmap batch by batch
             (needs the length). ``'folder'``: one ``shard_*.npy`` per batch. Progress is recorded
-            in a manifest after each batch is safely written.
+            in a manifest after each batch is safely written. One process writes an output at a
+            time (a lock file with its pid and host; a lock left by a dead process is taken over);
+            the disk space of a ``.npy`` output is reserved up front.
         resume : bool
-            Continue a run that stopped, skipping the images already written. Refuses when the
-            output was written by another model or rule.
+            Continue a run that stopped, skipping the images already written. Refuses (with the
+            reason) when the output was written by another model, rule, target choice or batch
+            size, when the data differs from what was explained before (each batch's images are
+            hashed in the manifest), or when the output files were deleted, truncated or changed
+            since (checked against per-batch hashes before anything is trusted).
         progress : bool
             Show a progress bar (tqdm, if installed).
         length : int, optional
