@@ -107,6 +107,23 @@ class FlipResult:
                 "worse": self.worse, "max": self.max, "min": self.min, "n": int(len(self.changes))}
 
 
+def _labels(y, n: int, where: str) -> np.ndarray:
+    """``y`` as int64 class indices of shape ``(n,)``: any integer dtype (uint8 from IDX files),
+    integral floats, or one-hot rows; anything else is refused with a message."""
+    a = np.asarray(y)
+    if a.ndim == 2 and a.shape[0] == n and a.shape[1] > 1 and np.all((a == 0) | (a == 1)) and np.all(a.sum(1) == 1):
+        a = a.argmax(1)
+    if a.shape != (n,):
+        raise ValueError(f"{where}: y has shape {a.shape}; pass one class index per image, shape ({n},).")
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or
+                               (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))):
+        raise ValueError(f"{where}: y must hold integer class indices, got dtype {a.dtype} ({a[:4]}).")
+    a = a.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise ValueError(f"{where}: y[{int(np.argmin(a))}] = {int(a.min())} is not a class index (>= 0).")
+    return a
+
+
 def seed_flip(model, x, y, relevance, k: int = 10, which: str = "lowest") -> FlipResult:
     """The seed report's protocol: per image flip (multiply by -1) the ``k`` pixels with the lowest
     (or highest) relevance, re-predict, and record the change of the true class's softmax probability.
@@ -126,7 +143,8 @@ def seed_flip(model, x, y, relevance, k: int = 10, which: str = "lowest") -> Fli
     """
     if which not in ("lowest", "highest"):
         raise ValueError(f"which must be 'lowest' or 'highest', got {which!r}.")
-    x, y = np.asarray(x), np.asarray(y)
+    x = np.asarray(x)
+    y = _labels(y, len(x), "seed_flip")
     if np.shape(relevance)[:3] != x.shape[:3]:
         raise ValueError(f"relevance shape {np.shape(relevance)} does not match x shape {x.shape}.")
     scores = pixel_relevance(relevance).reshape(len(x), -1)
@@ -146,7 +164,8 @@ def perturbation_curve(model, x, y, relevance, steps: int = 20, pixels_per_step:
     channels of a pixel together). ``perturbation`` is ``'zero'``, ``'flip'`` (x -> -x, the
     seed's) or ``'uniform'`` (uniform noise in the data range).
     """
-    x, y = np.asarray(x), np.asarray(y)
+    x = np.asarray(x)
+    y = _labels(y, len(x), "perturbation_curve")
     rng = np.random.default_rng(seed)
     order = np.argsort(-pixel_relevance(relevance).reshape(len(x), -1), axis=1, kind="stable")
     curve = [_true_prob(model, x, y)]
@@ -175,7 +194,7 @@ def _gradient(model, x, y):
     x = tf.constant(x, dtype=model.inputs[0].dtype)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        logit = tf.gather(model(x, training=False), y, batch_dims=1)
+        logit = tf.gather(model(x, training=False), tf.constant(y, tf.int64), batch_dims=1)
     return tape.gradient(logit, x).numpy()
 
 
@@ -225,7 +244,7 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
     from .explainer import Explainer
 
     x = np.asarray(x, dtype=np.float32)
-    y = np.asarray(y)
+    y = _labels(y, len(x), "attribution")
     start = time.perf_counter()
     if isinstance(method, str) and method == "gradient":
         r = _gradient(model, x, y)

@@ -198,3 +198,24 @@ def test_final_sigmoid_is_skipped_like_a_final_softmax(K, head):
     np.testing.assert_allclose(ex.forward(x), plain(x).numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ex(x, target=2), lrp_grad.explain(plain, x, target=2, rule=lrp_grad.Epsilon(1e-6)),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_takes_uint8_and_one_hot_labels(K):
+    """IDX files give uint8 labels (a raw tf.gather error before); one-hot rows work too."""
+    from lrp_grad import evaluate
+
+    model = kit.cnn(K=K, classes=5)
+    x = np.random.default_rng(9).uniform(0, 1, (6, 10, 10, 3)).astype("float32")
+    y = np.array([0, 1, 2, 3, 4, 0])
+    rel = lrp_grad.explain(model, x, target=y, rule=lrp_grad.Epsilon(1e-6))
+    for labels in (y.astype(np.uint8), np.eye(5)[y]):
+        for method in ("gradient", "gradient_x_input", lrp_grad.Epsilon(1e-6)):
+            r, _ = evaluate.attribution(model, x, labels, method)
+            assert r.shape == x.shape
+        np.testing.assert_allclose(evaluate.perturbation_curve(model, x, labels, rel, steps=2),
+                                   evaluate.perturbation_curve(model, x, y, rel, steps=2))
+        assert evaluate.seed_flip(model, x, labels, rel).summary() == evaluate.seed_flip(model, x, y, rel).summary()
+    with pytest.raises(ValueError, match=r"seed_flip: y must hold integer class indices, got dtype float64"):
+        evaluate.seed_flip(model, x, y + 0.5, rel)
+    with pytest.raises(ValueError, match=r"attribution: y has shape \(5,\); pass one class index per image, shape \(6,\)"):
+        evaluate.attribution(model, x, y[:5], "gradient")
