@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import tensorflow as tf
 
-from . import rewrite
+from . import handlers, rewrite
 from .frontends import check_model
 from .canonizers import Canonizer
 from .composites import as_composite
@@ -619,7 +619,8 @@ def _option_key(rule, canonizers, jit_compile, compute_dtype):
         except TypeError:
             return ("object", id(v), v)
 
-    key = (part(rule), part(None if canonizers is None else tuple(canonizers)), jit_compile, compute_dtype)
+    key = (handlers.registry_version, part(rule), part(None if canonizers is None else tuple(canonizers)),
+           jit_compile, compute_dtype)
     try:
         hash(key)
     except TypeError:
@@ -667,7 +668,9 @@ def explain(model, x, target=None, *, rule=None, initial="logit", return_layers:
     See :class:`Explainer` for the parameters. The compiled pass is cached per model and options
     (``rule``, ``canonizers``, ``jit_compile``, ``compute_dtype``), so repeated calls cost about
     what an :class:`Explainer` call does; the cache holds models weakly (deleting a model frees
-    its explainers). It reads the model's current weights on every call.
+    its explainers). It reads the model's current weights on every call, and registering or
+    unregistering a handler starts new entries; a model whose layers were changed in place
+    (e.g. a layer's ``activation`` reassigned) needs ``lrp_grad.Explainer`` or a new model.
 
     Examples
     --------

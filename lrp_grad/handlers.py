@@ -667,6 +667,9 @@ def _raw_handler(op: RawOp) -> Handler:
 
 
 _USER: dict = {}
+#: Bumped by every register_handler/unregister_handler: plans (and explain()'s cached
+#: explainers) built before then are stale.
+registry_version = 0
 
 _SHORTCUTS = {  # what a user layer does at zero is unknown: no zero_in_zero_out
     "passthrough": _OPAQUE_PASS,
@@ -712,12 +715,16 @@ def register_handler(layer_class: type, handler) -> None:
             f"register_handler: handler must be a lrp_grad.handlers.Handler or one of "
             f"{sorted(_SHORTCUTS)}, got {handler!r}."
         )
+    global registry_version
     _USER[layer_class] = handler
+    registry_version += 1
 
 
 def unregister_handler(layer_class: type) -> None:
     """Remove a handler added with :func:`register_handler` (built-in handlers stay)."""
-    _USER.pop(layer_class, None)
+    global registry_version
+    if _USER.pop(layer_class, None) is not None:
+        registry_version += 1
 
 
 def handler_for(layer) -> Handler | None:

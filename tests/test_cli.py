@@ -1,14 +1,46 @@
-"""Command-line smoke tests on tiny models, and the quick demo (what CI can afford)."""
+"""Command-line smoke tests on tiny models saved by either Keras package (Keras 3 and tf-keras),
+the model loader and its errors, and the quick demo (what CI can afford)."""
 import argparse
 import json
+import re
+import sys
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
-import tf_keras as keras
 
 import lrp_grad
 from lrp_grad import cli
-from kit import L, randomize
+from lrp_grad.frontends import package_of
+from kit import cnn, package, randomize
+
+#: Saved tiny models: id -> (package module name, file suffix).
+SAVED = {"keras3.keras": ("keras", ".keras"), "tf_keras.keras": ("tf_keras", ".keras"),
+         "tf_keras.h5": ("tf_keras", ".h5")}
+
+
+def save(model, path):
+    """``model.save(path)``, without tf-keras's notice that .h5 is a legacy format."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
+        model.save(path)
+    return path
+
+
+def run_cli(argv, capsys):
+    """Run ``lrp-grad argv`` in-process and end it as the interpreter ends the real command: a
+    SystemExit message is written to stderr with exit status 1 (any other exception propagates, as
+    the Traceback the command would print). Returns ``(status, stdout, stderr)``."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:
+        status = e.code
+        if isinstance(status, str):
+            print(status, file=sys.stderr)
+            status = 1
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def test_parse_rule():
@@ -22,14 +54,18 @@ def test_parse_rule():
         cli.parse_rule("lrp")
 
 
-@pytest.fixture()
-def tiny(tmp_path):
+@pytest.fixture(params=list(SAVED))
+def tiny(request, tmp_path):
+    """A tiny model saved by each package (Keras 3 .keras, tf-keras .keras and .h5), and 3 images."""
     from PIL import Image
 
+    pkg, suffix = SAVED[request.param]
+    keras = package(pkg)
+    L = keras.layers
     model = randomize(keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(4, 3, activation="relu"),
                                         L.Flatten(), L.Dense(3)]))
-    path = tmp_path / "tiny.keras"
-    model.save(path)
+    assert package_of(model) == pkg
+    path = save(model, tmp_path / f"tiny{suffix}")
     rng = np.random.default_rng(0)
     images = []
     for i, size in enumerate([(8, 8), (8, 8), (12, 10)]):
@@ -50,6 +86,10 @@ def test_explain_writes_heatmaps_and_relevance(tiny, tmp_path):
     targets = json.loads((out / "targets.json").read_text())
     x = np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"), np.float32) for p in images[:2]]) / 255
     np.testing.assert_allclose(R, lrp_grad.explain(model, x, target=list(targets.values()), rule=lrp_grad.AlphaBeta(2, 1)),
+                               rtol=1e-5, atol=1e-7)
+    loaded = lrp_grad.load_model(path)  # what the command explained: the file, read by the package that wrote it
+    assert package_of(loaded) == package_of(model)
+    np.testing.assert_allclose(R, lrp_grad.explain(loaded, x, target=list(targets.values()), rule=lrp_grad.AlphaBeta(2, 1)),
                                rtol=1e-5, atol=1e-7)
 
 
@@ -120,3 +160,90 @@ def test_quickstart_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "flip the 10 highest relevance pixels" in proc.stdout
     assert (tmp_path / "quickstart_heatmaps.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader: the package that wrote a file reads it; bad files give one ModelFileError
+
+
+@pytest.mark.parametrize("pkg, name", [("keras", "m.keras"), ("tf_keras", "m.keras"), ("tf_keras", "m.h5"),
+                                       ("keras", "m.h5"), ("tf_keras", "saved_model")],
+                         ids=["keras3.keras", "tf_keras.keras", "tf_keras.h5", "keras3.h5", "tf_keras-SavedModel"])
+def test_load_model_reads_a_file_with_the_package_that_wrote_it(tmp_path, pkg, name):
+    model = cnn((8, 8, 3), K=package(pkg))
+    assert package_of(model) == pkg
+    path = save(model, tmp_path / name)
+    loaded = lrp_grad.load_model(path)
+    assert package_of(loaded) == pkg, type(loaded)
+    assert loaded is not model and loaded.name == model.name
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(lrp_grad.Explainer(lrp_grad.load_model(str(path)))(x, target=1),  # str paths too
+                                  lrp_grad.Explainer(model)(x, target=1))
+
+
+def _zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in members.items():
+            z.writestr(member, text)
+
+
+def _keras3_without_weights(path):
+    """A real Keras 3 archive with its weights file left out (a truncated copy)."""
+    full = save(cnn((8, 8, 3), K=package("keras")), path.with_name("full.keras"))
+    with zipfile.ZipFile(full) as z:
+        _zip(path, {name: z.read(name) for name in ("metadata.json", "config.json")})
+
+
+#: Bad model files: id -> (file name, writer or None for a missing path, regex the message must match).
+BAD = {
+    "not-a-zip": ("m.keras", lambda p: p.write_text("this is not a zip"), r"not a Keras \.keras archive"),
+    "random-bytes": ("r.keras", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+                     r"not a Keras \.keras archive"),
+    "zip-without-metadata": ("n.keras", lambda p: _zip(p, {"config.json": "{}"}),
+                             r"not a Keras \.keras archive.*metadata"),
+    "keras3-broken-config": ("k3.keras", lambda p: _zip(p, {"metadata.json": '{"keras_version": "3.5.0"}',
+                                                            "config.json": "{not json"}), r": keras: "),
+    "keras3-without-weights": ("w.keras", _keras3_without_weights, r": keras: .*weights"),
+    "tf_keras-broken-config": ("k2.keras", lambda p: _zip(p, {"metadata.json": '{"keras_version": "2.16.0"}',
+                                                              "config.json": "{not json"}), r": tf_keras: "),
+    "corrupt-h5": ("m.h5", lambda p: p.write_bytes(b"\x89HDF garbage"), r": tf_keras: .*; keras: "),
+    "unknown-suffix": ("m.onnx", lambda p: p.write_bytes(b"onnx"), r"unknown file type '\.onnx'"),
+    "missing": ("missing.keras", None, r"no such file or folder"),
+    "folder-not-SavedModel": ("folder", lambda p: p.mkdir(), r"tf_keras: .*SavedModel"),
+}
+
+
+@pytest.fixture(params=list(BAD))
+def bad_file(request, tmp_path):
+    name, write, pattern = BAD[request.param]
+    path = tmp_path / name
+    if write is not None:
+        write(path)
+    return path, pattern
+
+
+def test_load_model_errors_name_the_path(bad_file):
+    path, pattern = bad_file
+    with pytest.raises(lrp_grad.ModelFileError) as info:
+        lrp_grad.load_model(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot load model {str(path)!r}: "), message
+    assert len(message.splitlines()) == 1, message
+    assert re.search(pattern, message), (pattern, message)
+    assert isinstance(info.value, lrp_grad.LRPError)
+
+
+@pytest.mark.parametrize("command", ["explain", "export"])
+def test_cli_bad_model_file_is_one_line_on_stderr(bad_file, command, tmp_path, capsys):
+    path, pattern = bad_file
+    argv = (["explain", "--model", str(path), "--images", str(tmp_path / "img.png"), "--out", str(tmp_path / "o")]
+            if command == "explain" else ["export", str(path), str(tmp_path / "saved")])
+    status, out, err = run_cli(argv, capsys)
+    assert status not in (0, None), status
+    assert "Traceback" not in err and out == "", (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lrp-grad {command}: cannot load model {str(path)!r}: "), lines[0]
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+    assert not (tmp_path / "o").exists() and not (tmp_path / "saved").exists()

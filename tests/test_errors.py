@@ -1,21 +1,29 @@
 """Every bad input gets a specific exception whose message names the thing and the fix.
 
-Each test shows the failing call and, where there is one, that the suggested fix works.
+Each test shows the failing call and, where there is one, that the suggested fix works. Every error
+path that involves a model is checked with models of both Keras packages (``K``: Keras 3 and
+tf-keras), plus the Keras 3 specifics: a subclassed ``keras.Model``, an unbuilt Sequential,
+``keras.ops`` operations without an LRP rule, custom Keras 3 layers.
 """
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras as keras
 
+import kit
 import lrp_grad
 from lrp_grad import (InvalidInputError, InvalidRuleError, InvalidTargetError, UnsupportedLayerError,
                       UnsupportedModelError)
-from kit import L, cnn, mlp
+from kit import cnn
+from lrp_grad.frontends import package_of
+
+IDS = {"keras": "keras3", "tf_keras": "tf_keras"}
 
 
-@pytest.fixture(scope="module")
-def model():
-    return cnn((8, 8, 1), "same")
+@pytest.fixture(scope="module", params=kit.PACKAGES, ids=[IDS[p] for p in kit.PACKAGES])
+def model(request):
+    model = cnn((8, 8, 1), "same", K=kit.package(request.param))
+    assert package_of(model) == request.param
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +35,25 @@ def x_ok(n=2):
     return np.random.default_rng(0).uniform(0, 1, (n, 8, 8, 1)).astype(np.float32)
 
 
+def raw_op_names(K, model):
+    """The names Keras gave the raw operations (not layers) recorded in ``model``'s graph, in order:
+    Keras 3 ``Operation`` objects, tf-keras ``TFOpLambda`` layers. (Keras numbers repeated names
+    per session, so a test must not hard-code ``'sin'`` vs ``'sin_3'``.)"""
+    if K.__name__ == "keras":
+        return [op.name for op in model.operations if not isinstance(op, K.layers.Layer)]
+    return [layer.name for layer in model.layers if type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda")]
+
+
+def sym(K, keras3_name, tf_name):
+    """How an error message names a raw operation: ``keras.ops.<f>`` (Keras 3) or ``tf.<f>`` (tf-keras)."""
+    return f"keras.ops.{keras3_name}" if K.__name__ == "keras" else f"tf.{tf_name}"
+
+
 # ----------------------------------------------------------------------------- unsupported layers
 
-def test_unsupported_layers_are_all_listed_with_the_fix():
-    inp = keras.Input((8, 8, 3))
+def test_unsupported_layers_are_all_listed_with_the_fix(K):
+    L = K.layers
+    inp = K.Input((8, 8, 3))
     h = L.Conv2D(4, 3, name="conv")(inp)
     h = L.Permute((2, 1, 3), name="perm")(h)
     h = L.Lambda(lambda t: t * 2.0, name="lam")(h)
@@ -38,42 +61,111 @@ def test_unsupported_layers_are_all_listed_with_the_fix():
     h = L.Flatten()(h)
     h = L.Dense(5, activation="softmax", name="hidden_softmax")(h)
     out = L.Dense(3, name="head")(h)
-    model = keras.Model(inp, out)
+    model = K.Model(inp, out, name="zoo")
     with pytest.raises(UnsupportedLayerError) as info:
         lrp_grad.explain(model, np.zeros((1, 8, 8, 3)))
     msg = str(info.value)
-    assert "4 layer(s)" in msg
-    assert "'perm' (Permute): no handler for this layer class" in msg
-    assert "'lam' (Lambda): no handler" in msg
-    assert "'up' (UpSampling2D): interpolation='bilinear'; only 'nearest' is supported" in msg
-    assert "'hidden_softmax' (Dense): softmax is only supported as the model's last operation" in msg
+    assert "4 layer(s) of model 'zoo' cannot be explained" in msg, msg
+    assert "'perm' (Permute): no handler for this layer class" in msg, msg
+    assert "'lam' (Lambda): no handler" in msg, msg
+    assert "'up' (UpSampling2D): interpolation='bilinear'; only 'nearest' is supported" in msg, msg
+    assert "'hidden_softmax' (Dense): softmax is only supported as the model's last operation" in msg, msg
     assert "lrp_grad.register_handler(LayerClass" in msg and "Supported layer classes: " in msg
     assert [name for name, _, _ in info.value.layers] == ["perm", "lam", "up", "hidden_softmax"]
+    assert [cls for _, cls, _ in info.value.layers] == ["Permute", "Lambda", "UpSampling2D", "Dense"]
 
 
-def test_unknown_activation_and_channels_first():
-    inp = keras.Input((3, 8, 8))
+def test_unknown_activation_and_channels_first(K):
+    L = K.layers
+    inp = K.Input((3, 8, 8))
     h = L.Conv2D(2, 3, data_format="channels_first", name="cf")(inp)
     h = L.Flatten()(h)
     out = L.Dense(2, activation=lambda t: t * t, name="square")(h)
     with pytest.raises(UnsupportedLayerError) as info:
-        lrp_grad.Explainer(keras.Model(inp, out))
+        lrp_grad.Explainer(K.Model(inp, out))
     msg = str(info.value)
-    assert "'cf' (Conv2D): data_format='channels_first'; only 'channels_last' is supported" in msg
-    assert "'square' (Dense): activation" in msg and "not a known elementwise activation" in msg
+    assert "'cf' (Conv2D): data_format='channels_first'; only 'channels_last' is supported" in msg, msg
+    assert "'square' (Dense): activation" in msg and "not a known elementwise activation" in msg, msg
 
 
-class Doubler(keras.layers.Layer):
-    def call(self, x):
-        return 2.0 * x
+def test_unsupported_raw_operation_is_named_by_its_operation(K):
+    """``keras.ops.sin`` (Keras 3) / ``tf.math.sin`` (tf-keras) between layers has no LRP rule: the
+    error names the operation as Keras recorded it and the function the user called."""
+    L, ops = K.layers, kit.ops_of(K)
+    inp = K.Input((4,))
+    h = L.Dense(3, name="d1")(inp)
+    model = K.Model(inp, L.Dense(2, name="d2")(ops.sin(h)))
+    (name,) = raw_op_names(K, model)
+    sin = sym(K, "sin", "math.sin")
+    with pytest.raises(UnsupportedLayerError) as info:
+        lrp_grad.Explainer(model)
+    msg = str(info.value)
+    assert f"1 layer(s) of model {model.name!r} cannot be explained" in msg, msg
+    assert f"  - '{name}' (operation {sin}): operation {sin} has no LRP handler; " in msg, msg
+    assert "Wrap it in a layer and register a handler (lrp_grad.register_handler)" in msg, msg
+    ((got_name, got_class, why),) = info.value.layers
+    assert (got_name, got_class) == (name, sin)
+    assert why.startswith(f"operation {sin} has no LRP handler; supported operations: ")
+    # The named fix works: the same function in a registered layer.
+    Sin = type("Sin", (L.Layer,), {"call": lambda self, t: ops.sin(t)})
+    wrapped = K.Model(inp, model.get_layer("d2")(Sin(name="sin_layer")(h)))
+    lrp_grad.register_handler(Sin, "passthrough")
+    try:
+        R = lrp_grad.explain(wrapped, np.ones((2, 4), np.float32), target=0)
+        assert R.shape == (2, 4) and np.all(np.isfinite(R))
+    finally:
+        lrp_grad.unregister_handler(Sin)
 
 
-def test_register_handler_before_and_after():
-    inp = keras.Input((5,))
-    out = L.Dense(3)(Doubler(name="doubler")(inp))
-    model = keras.Model(inp, out)
+def test_subtracting_two_tensors_is_refused(K):
+    """``x - y`` of two tensors (``keras.ops.subtract`` or the ``-`` operator) has no LRP rule; a
+    constant shift (``x - 1``) is fine."""
+    L, ops = K.layers, kit.ops_of(K)
+    inp = K.Input((4,))
+    h = L.Dense(3, name="d1")(inp)
+    g = L.Dense(3, name="d2")(inp)
+    d = ops.subtract(h, g)
+    e = d - h  # the operator records the same function
+    model = K.Model(inp, L.Dense(2, name="head")(e))
+    names = raw_op_names(K, model)
+    assert len(names) == 2, names
+    sub = sym(K, "subtract", "math.subtract")
+    with pytest.raises(UnsupportedLayerError) as info:
+        lrp_grad.Explainer(model)
+    msg = str(info.value)
+    assert f"2 layer(s) of model {model.name!r} cannot be explained" in msg, msg
+    for name in names:
+        assert (f"  - '{name}' (operation {sub}): {sub} of two tensors is not supported (no LRP rule for it); "
+                "supported are sums of tensors (x + y)") in msg, msg
+    assert [(n, c) for n, c, _ in info.value.layers] == [(n, sub) for n in names]
+    shifted = K.Model(inp, L.Dense(2, name="head2")(h - 1.0))
+    assert lrp_grad.explain(shifted, np.ones((2, 4), np.float32)).shape == (2, 4)
+
+
+def _doubler_class(K):
+    class Doubler(K.layers.Layer):
+        def call(self, x):
+            return 2.0 * x
+
+    return Doubler
+
+
+#: A custom layer of each package, both named ``Doubler``.
+DOUBLERS = {name: _doubler_class(kit.package(name)) for name in kit.PACKAGES}
+
+
+def _doubler_model(K):
+    inp = K.Input((5,))
+    return K.Model(inp, K.layers.Dense(3, name="dense")(DOUBLERS[K.__name__](name="doubler")(inp)))
+
+
+def test_register_handler_before_and_after(K):
+    Doubler = DOUBLERS[K.__name__]
+    model = kit.randomize(_doubler_model(K))
+    other = next(p for p in kit.PACKAGES if p != K.__name__)
+    other_model = _doubler_model(kit.package(other))
     x = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
-    with pytest.raises(UnsupportedLayerError, match=r"'doubler' \(Doubler\): no handler"):
+    with pytest.raises(UnsupportedLayerError, match=r"'doubler' \(Doubler\): no handler for this layer class"):
         lrp_grad.explain(model, x)
     lrp_grad.register_handler(Doubler, "passthrough")
     try:
@@ -84,25 +176,42 @@ def test_register_handler_before_and_after():
         z = (2 * x) @ kernel
         bias = model.layers[-1].bias.numpy()[0]
         np.testing.assert_allclose(R, 2 * x * kernel / (z + bias)[:, None], rtol=1e-4)
+        # Classes are matched exactly: the other package's Doubler is still unknown.
+        with pytest.raises(UnsupportedLayerError, match=r"'doubler' \(Doubler\): no handler"):
+            lrp_grad.explain(other_model, x)
     finally:
         lrp_grad.unregister_handler(Doubler)
+    assert "Doubler" not in lrp_grad.supported_layers()
+    with pytest.raises(UnsupportedLayerError, match=r"'doubler' \(Doubler\): no handler"):
+        lrp_grad.explain(model, x)
+    # Also with the options of the call that worked (explain() caches its compiled pass per model
+    # and options; unregistering the handler must not leave it usable there).
+    with pytest.raises(UnsupportedLayerError, match=r"'doubler' \(Doubler\): no handler"):
+        lrp_grad.explain(model, x, target=0, rule=lrp_grad.Epsilon(1e-9), initial="one")
 
 
-def test_register_handler_rejects_bad_arguments():
-    with pytest.raises(TypeError, match=r"must be a keras.layers.Layer \(Keras 3\) or tf_keras.layers.Layer subclass, got 'Dense'"):
+def test_register_handler_rejects_bad_arguments(K):
+    Doubler = DOUBLERS[K.__name__]
+    start = r"register_handler: layer_class must be a keras.layers.Layer \(Keras 3\) or tf_keras.layers.Layer subclass, got "
+    with pytest.raises(TypeError, match=start + "'Dense'"):
         lrp_grad.register_handler("Dense", "passthrough")
-    with pytest.raises(ValueError, match="unknown handler shortcut 'pass'"):
+    with pytest.raises(TypeError, match=start + "<"):  # an instance, not the class
+        lrp_grad.register_handler(Doubler(name="d"), "passthrough")
+    with pytest.raises(ValueError, match=r"unknown handler shortcut 'pass'; use one of \['gradient', 'identity', 'passthrough'\]"):
         lrp_grad.register_handler(Doubler, "pass")
-    with pytest.raises(TypeError, match="must be a lrp_grad.handlers.Handler"):
+    with pytest.raises(TypeError, match="handler must be a lrp_grad.handlers.Handler or one of .* got 3"):
         lrp_grad.register_handler(Doubler, 3)
+    assert "Doubler" not in lrp_grad.supported_layers()  # nothing was registered by the failed calls
 
 
 # ----------------------------------------------------------------------------- unsupported models
 
-def test_subclassed_model_is_rejected():
-    class Net(keras.Model):
+def test_subclassed_model_is_rejected(K):
+    L = K.layers
+
+    class Net(K.Model):
         def __init__(self):
-            super().__init__()
+            super().__init__(name="net")
             self.dense = L.Dense(2)
 
         def call(self, x):
@@ -110,33 +219,60 @@ def test_subclassed_model_is_rejected():
 
     net = Net()
     net(np.zeros((1, 3), np.float32))
-    with pytest.raises(UnsupportedModelError, match="is a subclassed tf_keras.Model.*Functional API"):
+    pkg = K.__name__
+    with pytest.raises(UnsupportedModelError) as info:
         lrp_grad.Explainer(net)
+    msg = str(info.value)
+    assert f"model 'net' (Net) is a subclassed {pkg}.Model; lrp_grad needs the layer graph" in msg, msg
+    assert f"Functional API (inputs = {pkg}.Input(...); outputs = ...; {pkg}.Model(inputs, outputs))" in msg, msg
+    # Used as a layer of a Functional model, it is a layer without a handler.
+    inp = K.Input((3,))
+    outer = K.Model(inp, L.Dense(2, name="head")(net(inp)), name="outer")
+    with pytest.raises(UnsupportedLayerError) as info:
+        lrp_grad.Explainer(outer)
+    assert ("1 layer(s) of model 'outer' cannot be explained:\n"
+            "  - 'net' (Net): no handler for this layer class (a subclassed model used as a layer)") in str(info.value)
+    assert [(n, c) for n, c, _ in info.value.layers] == [("net", "Net")]
 
 
-def test_unbuilt_sequential_is_rejected_with_the_fix():
-    model = keras.Sequential([L.Dense(2)])
-    with pytest.raises(UnsupportedModelError, match="has no known input shape yet.*model.build"):
+def test_unbuilt_sequential_is_rejected_with_the_fix(K):
+    L = K.layers
+    model = K.Sequential([L.Dense(2)], name="unbuilt")
+    with pytest.raises(UnsupportedModelError) as info:
         lrp_grad.Explainer(model)
+    msg = str(info.value)
+    assert "Sequential model 'unbuilt' has no known input shape yet" in msg, msg
+    assert f"{K.__name__}.Input(shape)" in msg and "model.build((None, ...))" in msg, msg
     model.build((None, 3))
     assert lrp_grad.explain(model, np.ones((1, 3))).shape == (1, 3)
+    called = K.Sequential([L.Dense(2)], name="called")
+    called(np.ones((1, 4), np.float32))  # calling it on data builds it too
+    assert lrp_grad.explain(called, np.ones((1, 4))).shape == (1, 4)
 
 
-def test_multi_input_and_multi_output_models_are_rejected():
-    a, b = keras.Input((3,)), keras.Input((3,))
-    two_in = keras.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])))
-    with pytest.raises(UnsupportedModelError, match=r"has 2 input\(s\) and 1 output\(s\).*exactly one input"):
+def test_multi_input_and_multi_output_models_are_rejected(K):
+    L = K.layers
+    a, b = K.Input((3,)), K.Input((3,))
+    two_in = K.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])), name="two_in")
+    with pytest.raises(UnsupportedModelError,
+                       match=r"model 'two_in' has 2 input\(s\) and 1 output\(s\); lrp_grad explains models with exactly one input"):
         lrp_grad.Explainer(two_in)
-    two_out = keras.Model(a, [L.Dense(2)(a), L.Dense(3)(a)])
-    with pytest.raises(UnsupportedModelError, match=r"has 1 input\(s\) and 2 output\(s\)"):
+    two_out = K.Model(a, [L.Dense(2)(a), L.Dense(3)(a)], name="two_out")
+    with pytest.raises(UnsupportedModelError, match=r"model 'two_out' has 1 input\(s\) and 2 output\(s\)"):
         lrp_grad.Explainer(two_out)
 
 
-def test_non_model_and_non_classifier_output():
+def test_non_model_and_non_classifier_output(K):
     with pytest.raises(UnsupportedModelError, match=r"must be a keras.Model \(Keras 3\) or a tf_keras.Model.*got str.*lrp_grad.load_model\(path\)"):
         lrp_grad.Explainer("model.h5")
-    inp = keras.Input((4, 4, 1))
-    seg = keras.Model(inp, L.Conv2D(2, 1)(inp))
+    # A layer of the package is not a model either; the message names its class and module.
+    with pytest.raises(UnsupportedModelError) as info:
+        lrp_grad.Explainer(K.layers.Dense(2))
+    msg = str(info.value)
+    assert msg.startswith("model must be a keras.Model (Keras 3) or a tf_keras.Model, Sequential or Functional; "
+                          f"got Dense ({K.__name__}."), msg
+    inp = K.Input((4, 4, 1))
+    seg = K.Model(inp, K.layers.Conv2D(2, 1)(inp))
     with pytest.raises(UnsupportedModelError, match=r"output shape \(None, 4, 4, 2\).*\(batch, classes\)"):
         lrp_grad.Explainer(seg)
 
@@ -212,7 +348,7 @@ def test_bad_batch_size_and_jit(ex):
     with pytest.raises(InvalidInputError, match="batch_size must be a positive int or None, got 0"):
         ex(x_ok(), batch_size=0)
     with pytest.raises(ValueError, match="jit_compile must be True, False or None, got 'yes'"):
-        lrp_grad.Explainer(mlp(), jit_compile="yes")
+        lrp_grad.Explainer(ex.model, jit_compile="yes")
 
 
 # ----------------------------------------------------------------------------- bad rules

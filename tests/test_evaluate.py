@@ -1,21 +1,28 @@
 """Faithfulness metrics on an analytic model whose exact relevance ordering is known."""
 import numpy as np
 import pytest
-import tf_keras as keras
 
 import lrp_grad
 from lrp_grad import evaluate
+from lrp_grad.frontends import package_of
+from kit import PACKAGES, package
+
+IDS = {"keras": "keras3", "tf_keras": "tf_keras"}
 
 
-@pytest.fixture(scope="module")
-def linear():
-    """Two classes: logit_1 = w . x, logit_0 = 0, so p(1) = sigmoid(w . x) and x * w is exact relevance."""
+@pytest.fixture(scope="module", params=PACKAGES, ids=IDS.get)
+def linear(request):
+    """Two classes: logit_1 = w . x, logit_0 = 0, so p(1) = sigmoid(w . x) and x * w is exact relevance.
+
+    Built with each Keras package (Keras 3 and tf-keras)."""
+    keras = package(request.param)
     inp = keras.Input((4, 4, 1), dtype="float64")
     flat = keras.layers.Flatten(dtype="float64")(inp)
     out = keras.layers.Dense(2, use_bias=False, dtype="float64")(flat)
     model = keras.Model(inp, out)
     w = np.random.default_rng(0).normal(size=16)
     model.layers[-1].set_weights([np.stack([np.zeros(16), w], 1)])
+    assert package_of(model) == request.param
     x = np.random.default_rng(1).uniform(-1, 1, (6, 4, 4, 1))
     return model, w, x
 
@@ -94,3 +101,21 @@ def test_bad_arguments(linear):
         evaluate.seed_flip(model, x, np.ones(6, int), x[:, :, :3])
     with pytest.raises(ValueError, match="perturbation must be 'flip', 'zero' or 'uniform', got 'blur'"):
         evaluate.perturbation_curve(model, x, np.ones(6, int), x, perturbation="blur")
+
+
+@pytest.mark.parametrize("ending", ["logits", "softmax activation", "Softmax layer"])
+def test_probabilities_apply_softmax_once(K, ending):
+    """A model ending in softmax (activation or layer) gives its output as is; logits get a softmax."""
+    inp = K.Input((5,), dtype="float64")
+    dense = K.layers.Dense(3, activation="softmax" if ending == "softmax activation" else None, dtype="float64")
+    out = dense(inp)
+    if ending == "Softmax layer":
+        out = K.layers.Softmax(dtype="float64")(out)
+    model = K.Model(inp, out)
+    dense.set_weights([np.random.default_rng(0).normal(size=(5, 3)), np.array([0.5, -0.5, 0.0])])
+    x = np.random.default_rng(1).normal(size=(4, 5))
+    p = evaluate.probabilities(model, x, batch_size=3)
+    out = np.asarray(model(x), np.float64)
+    expected = out if ending != "logits" else np.exp(out) / np.exp(out).sum(1, keepdims=True)
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-12)

@@ -1,4 +1,5 @@
-"""The exported SavedModel runs in a fresh process without lrp_grad and gives the same relevance."""
+"""The exported SavedModel runs in a fresh process without lrp_grad and gives the same relevance
+(models of either Keras package: Keras 3 and tf-keras)."""
 import json
 import subprocess
 import sys
@@ -7,11 +8,13 @@ import textwrap
 import numpy as np
 
 import lrp_grad
+from lrp_grad.frontends import package_of
 from kit import cnn
 
 
-def test_export_runs_without_lrp_grad(tmp_path):
-    model = cnn((8, 8, 2), "same", strides=2)
+def test_export_runs_without_lrp_grad(tmp_path, K):
+    model = cnn((8, 8, 2), "same", strides=2, K=K)
+    assert package_of(model) == K.__name__
     ex = lrp_grad.Explainer(model, rule="epsilon_plus_flat")
     x = np.random.default_rng(0).uniform(-1, 1, (5, 8, 8, 2)).astype(np.float32)
     target = np.array([0, 1, 2, 3, 4], np.int32)

@@ -1,12 +1,27 @@
-"""End to end on real architectures: keras.applications (random weights) and a trained CIFAR-10 CNN."""
+"""End to end on real architectures: keras.applications (random weights) and a trained CIFAR-10 CNN,
+with each Keras package (Keras 3 and tf-keras)."""
+import importlib.util
+import pathlib
+import warnings
+
 import numpy as np
 import pytest
-import tf_keras as keras
 
 import lrp_grad
-from kit import rel_err, to_float64
+from lrp_grad.frontends import package_of
+from kit import PACKAGES, package, rel_err, to_float64
 
 APPLICATIONS = ["VGG16", "ResNet50", "MobileNetV2", "DenseNet121", "EfficientNetB0"]
+IDS = {"keras": "keras3", "tf_keras": "tf_keras"}
+#: Keras 3 applications in the default run (each costs ~20-30 s, mostly tracing); the rest are slow.
+KERAS3_DEFAULT = {"ResNet50", "MobileNetV2"}
+#: Input size per package: tf-keras at the ImageNet default, Keras 3 at a small size the
+#: constructors accept with weights=None (same layers, a quarter of the compute).
+SIZES = {"tf_keras": 224, "keras": 64}
+CASES = [pytest.param("tf_keras", name, id=f"tf_keras-{name}") for name in APPLICATIONS] + [
+    pytest.param("keras", name, id=f"keras3-{name}", marks=() if name in KERAS3_DEFAULT else pytest.mark.slow)
+    for name in APPLICATIONS
+]
 
 
 def softmax(logits):
@@ -14,10 +29,14 @@ def softmax(logits):
     return p / p.sum(1, keepdims=True)
 
 
-@pytest.mark.parametrize("name", APPLICATIONS)
-def test_keras_applications_end_to_end(name):
-    model = getattr(keras.applications, name)(weights=None)  # random weights: no download
-    x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+@pytest.mark.parametrize("pkg, name", CASES)
+def test_keras_applications_end_to_end(pkg, name):
+    keras = package(pkg)
+    size = SIZES[pkg]
+    shape = None if size == 224 else (size, size, 3)
+    model = getattr(keras.applications, name)(weights=None, input_shape=shape)  # random weights: no download
+    assert package_of(model) == pkg
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
     probabilities = model(x).numpy()
     for rule in ("epsilon_plus_flat", "seed_ab"):
         ex = lrp_grad.Explainer(model, rule=rule)
@@ -32,14 +51,23 @@ def test_keras_applications_end_to_end(name):
     assert bool(folded) == has_bn
 
 
-@pytest.fixture(scope="module")
-def cifar():
+@pytest.fixture(scope="module", params=PACKAGES, ids=IDS.get)
+def cifar(request):
+    """The trained CIFAR-10 CNN (a tf-keras .h5 file) as a model of each package: lrp_grad's loader
+    reads it with tf-keras, Keras 3 reads the same file with its legacy-h5 loader."""
     pytest.importorskip("PIL")
     try:
         x, y = lrp_grad.datasets.cifar10_samples()
         model = lrp_grad.datasets.cifar10_model()
     except ImportError as e:
         pytest.skip(str(e))
+    if request.param == "keras":
+        spec = importlib.util.find_spec("cifar_10_model")
+        path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "trained_models" / "cnn_model.h5"
+        with warnings.catch_warnings():  # the file's Conv2D(input_shape=...): Keras 3's advice to its author
+            warnings.filterwarnings("ignore", message="Do not pass an `input_shape`", category=UserWarning)
+            model = package("keras").saving.load_model(path, compile=False)
+    assert package_of(model) == request.param
     return model, x.astype(np.float32), y
 
 
@@ -55,6 +83,7 @@ def test_cifar10_real_model_canonized_logits_and_relevance(cifar):
         assert np.all(np.isfinite(R)) and np.abs(R).sum() > 0, rule
 
 
+@pytest.mark.parametrize("cifar", ["tf_keras"], indirect=True)  # the core's numerics: one package suffices
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
 def test_cifar10_reduced_precision_alpha_beta(cifar, compute_dtype):
     """z- on its own in reduced precision: as z - z+ its rounding flipped the sign of small z-,

@@ -11,12 +11,15 @@ import tensorflow as tf
 
 import lrp_grad
 from lrp_grad.stream import load, load_shards
-from kit import cnn
+from lrp_grad.frontends import package_of
+from kit import PACKAGES, cnn, package
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = cnn((8, 8, 1), "same")
+@pytest.fixture(scope="module", params=PACKAGES, ids={"keras": "keras3", "tf_keras": "tf_keras"}.get)
+def setup(request):
+    """An Explainer of a small CNN of each Keras package (Keras 3 and tf-keras) and 23 labelled images."""
+    model = cnn((8, 8, 1), "same", K=package(request.param))
+    assert package_of(model) == request.param
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (23, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 5, 23)
@@ -58,17 +61,23 @@ def test_npy_and_shard_output(setup, tmp_path):
 
 
 def test_resume_after_kill(setup, tmp_path):
-    """A run killed mid-way (os._exit after 2 batches) resumes and ends identical to one run."""
+    """A run killed mid-way (os._exit after 2 batches) resumes and ends identical to one run.
+
+    The model is saved and reloaded in the killed process (lrp_grad.load_model), so the resume also
+    checks that a reloaded model of either package matches the manifest. The single-.npy output is
+    package-neutral and costs a second process: tf-keras only."""
     ex, x, y = setup
+    outs = ("out", "out.npy") if package_of(ex.model) == "tf_keras" else ("out",)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     ex.model.save(tmp_path / "m.keras")
     script = textwrap.dedent(f"""
-        import os, sys, numpy as np, tf_keras as keras, lrp_grad
+        import os, sys, numpy as np, lrp_grad
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         x, y = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'y.npy')!r})
-        ex = lrp_grad.Explainer(keras.models.load_model({str(tmp_path / 'm.keras')!r}, compile=False),
-                                rule=lrp_grad.AlphaBeta(2, 1))
+        model = lrp_grad.load_model({str(tmp_path / 'm.keras')!r})
+        assert lrp_grad.frontends.package_of(model) == {package_of(ex.model)!r}, model
+        ex = lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1))
         def dying():
             for i, item in enumerate(zip(x, y)):
                 if i == 12:
@@ -76,7 +85,7 @@ def test_resume_after_kill(setup, tmp_path):
                 yield item
         ex.explain_dataset(dying(), batch_size=5, out={str(tmp_path / 'out')!r}, progress=False, length=23)
     """)
-    for out in ("out", "out.npy"):
+    for out in outs:
         code = script.replace(str(tmp_path / "out") + "'", str(tmp_path / out) + "'")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 3, proc.stderr[-2000:]
@@ -92,7 +101,7 @@ def test_resume_refuses_another_model_or_rule(setup, tmp_path):
     ex, x, y = setup
     ex.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", progress=False)
     other = lrp_grad.Explainer(ex.model, rule=lrp_grad.Epsilon())
-    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*different model, rule or batch size \(differs in \['rule'\]\)"):
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*different model, rule, target choice or batch size \(differs in \['rule'\]\)"):
         other.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", resume=True, progress=False)
     with pytest.raises(lrp_grad.InvalidInputError, match=r"differs in \['batch_size'\]"):
         ex.explain_dataset(zip(x, y), batch_size=6, out=tmp_path / "o", resume=True, progress=False)
@@ -106,7 +115,7 @@ def test_bad_elements_name_their_index(setup):
     with pytest.raises(lrp_grad.InvalidInputError, match="dataset element 0 has dtype bool"):
         ex.explain_dataset([np.zeros((8, 8, 1), bool)], target="predicted", progress=False)
     with pytest.raises(lrp_grad.InvalidInputError, match="target='label' needs \\(image, label\\) elements"):
-        ex.explain_dataset(x, progress=False)
+        ex.explain_dataset(x, target="label", progress=False)
     with pytest.raises(lrp_grad.InvalidInputError, match="needs the dataset length"):
         ex.explain_dataset(iter(x), target=1, out="r.npy", progress=False)
 
