@@ -90,7 +90,9 @@ def test_resume_after_kill(setup, tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 3, proc.stderr[-2000:]
         manifest_dir = tmp_path / (out if out == "out" else out + ".parts")
-        assert json.loads((manifest_dir / "manifest.json").read_text())["done"] == 10
+        # batches are written in a background thread: the kill may catch the second one unwritten
+        # (then it is not in the manifest and is explained again), never half-recorded
+        assert json.loads((manifest_dir / "manifest.json").read_text())["done"] in (5, 10)
         res = ex.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / out, resume=True, progress=False, length=23)
         relevance = load_shards(tmp_path / out) if out == "out" else np.load(tmp_path / out)
         np.testing.assert_array_equal(relevance, ex(x, target=y, batch_size=5))
