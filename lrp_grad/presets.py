@@ -1,8 +1,9 @@
 """Named composites from the LRP literature, as functions and by name.
 
 Layers without weights that still take a rule (average pooling, Add, an unfolded BatchNorm) get
-``Epsilon(epsilon)`` in every preset but :func:`seed_ab` (Zennit does the same with its ``Norm``
-rule for pooling and sums).
+``Epsilon(epsilon)`` in every preset (Zennit does the same with its ``Norm`` rule for pooling and
+sums), and so they do when a single rule other than Z/Epsilon is given
+(:func:`lrp_grad.composites.single_rule`).
 
 >>> lrp_grad.explain(model, x, rule="epsilon_plus_flat")                        # doctest: +SKIP
 >>> lrp_grad.explain(model, x, rule=lrp_grad.presets.epsilon_gamma_box(-1, 1))  # doctest: +SKIP
@@ -49,9 +50,12 @@ def epsilon_gamma_box(low=0.0, high=1.0, gamma: float = 0.25, epsilon: float = 1
 
 
 def seed_ab(alpha: float = 2.0, beta: float = 1.0) -> Composite:
-    """The student report's setting: the a/b rule everywhere (Bach et al. 2015; the seed used
-    a=2, b=1 and a=3, b=2)."""
-    return Composite([("linear", AlphaBeta(alpha, beta))], name=f"seed_ab({alpha:g}, {beta:g})")
+    """The student report's setting: the a/b rule on every Dense and Conv layer (Bach et al. 2015;
+    the seed used a=2, b=1 and a=3, b=2); weight-free linear layers (pooling, Add, unfolded
+    BatchNorm), which the seed's models did not have, get ``Epsilon(1e-6)`` as in the other
+    presets (a/b there multiplies the relevance by ``alpha``)."""
+    return Composite([("weighted", AlphaBeta(alpha, beta)), ("linear", Epsilon(1e-6))],
+                     name=f"seed_ab({alpha:g}, {beta:g})")
 
 
 _BY_NAME = {

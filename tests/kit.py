@@ -297,7 +297,8 @@ def to_npref_graph(model):
             add({"type": "act", "fn": "relu6"}, ins, oid)
         elif name == "LeakyReLU":
             slope = layer.negative_slope if hasattr(layer, "negative_slope") else layer.alpha
-            add({"type": "act", "fn": "leaky_relu", "alpha": float(slope)}, ins, oid)
+            # TensorFlow's LeakyRelu op holds its slope in float32, even for float64 tensors
+            add({"type": "act", "fn": "leaky_relu", "alpha": float(np.float32(slope))}, ins, oid)
         elif name == "ELU":
             add({"type": "act", "fn": "elu", "alpha": float(layer.alpha)}, ins, oid)
         else:
@@ -332,4 +333,20 @@ def npref_explain(model, x, target, rule, layer_rules=None, initial="logit"):
     rows = np.arange(len(x))
     r_out[rows, target] = logits[rows, target] if initial == "logit" else 1.0
     per_layer = {k: npref_rule(r) for k, r in (layer_rules or {}).items()}
+    if not isinstance(rule, (lg_rules().Z, lg_rules().Epsilon)):
+        # lrp_grad's single-rule policy (composites.single_rule): weight-free linear layers get
+        # Epsilon(1e-6) unless the test says otherwise
+        for i, layer in enumerate(layers):
+            if layer["type"] in WEIGHT_FREE and i not in per_layer:
+                per_layer[i] = npref_rule(lg_rules().Epsilon(1e-6))
     return npref.lrp(layers, x, r_out, npref_rule(rule), layer_rules=per_layer)[0]
+
+
+#: npref layer types that are weight-free linear layers in lrp_grad (families pool, merge, norm).
+WEIGHT_FREE = ("avgpool", "global_avgpool", "add", "batchnorm")
+
+
+def lg_rules():
+    import lrp_grad.rules
+
+    return lrp_grad.rules

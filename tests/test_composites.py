@@ -83,7 +83,8 @@ def test_presets_by_name_and_function(K, model):
         np.testing.assert_allclose(lrp_grad.explain(model, x, target=0, rule=name),  # two compiled passes:
                                    lrp_grad.explain(model, x, target=0, rule=getattr(presets, name)()),  # rounding
                                    rtol=1e-5, atol=1e-8)
-    assert presets.seed_ab(3, 2).resolve(model)["pool"] == AlphaBeta(3, 2)
+    seed = presets.seed_ab(3, 2).resolve(model)  # a/b on Dense/Conv, epsilon on weight-free layers
+    assert seed["c1"] == AlphaBeta(3, 2) and seed["pool"] == lrp_grad.Epsilon(1e-6)
     box = presets.epsilon_gamma_box(-1.0, 2.0).resolve(model)
     assert box["c1"] == ZBox(-1.0, 2.0) and box["c2"] == Gamma(0.25)
     assert "c1" not in presets.epsilon_gamma_box().resolve(mlp(K=K))  # no conv: no z^B layer

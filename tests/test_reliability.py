@@ -219,3 +219,23 @@ def test_evaluate_takes_uint8_and_one_hot_labels(K):
         evaluate.seed_flip(model, x, y + 0.5, rel)
     with pytest.raises(ValueError, match=r"attribution: y has shape \(5,\); pass one class index per image, shape \(6,\)"):
         evaluate.attribution(model, x, y[:5], "gradient")
+
+
+@pytest.mark.parametrize("name", ["ResNet50", pytest.param("DenseNet121", marks=pytest.mark.slow),
+                                  pytest.param("EfficientNetB0", marks=pytest.mark.slow)])
+def test_default_rule_stays_finite_and_near_the_logit_on_applications(name):
+    """AlphaBeta(2, 1) given alone used to be applied to GAP/Add/unfolded BatchNorm too, where it
+    doubles the relevance (ResNet50: sums ~3e3 x the logit; NaN on ResNetRS). Now the weight-free
+    layers get epsilon: the sum stays within a small factor of the logit (measured: ResNet50 and
+    DenseNet121 1.00, EfficientNetB0 0.4 with random weights)."""
+    K = kit.package("keras")
+    size = 64 if name.startswith("EfficientNet") else 32  # its SE gates at 1x1 maps: issue of graph gating
+    model = getattr(K.applications, name)(weights=None, input_shape=(size, size, 3), classes=10,
+                                          classifier_activation=None)
+    x = np.random.default_rng(10).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    R, report = lrp_grad.explain(model, x, return_layers=True)
+    ratio = R.reshape(2, -1).sum(1) / report.output
+    assert np.all(np.isfinite(R)) and np.all((ratio > 0.25) & (ratio < 4)), ratio
+    rules = lrp_grad.Explainer(model).rules
+    weight_free = [label for label, *_ in rules._rows if _[1] in ("pool", "merge", "norm")]
+    assert weight_free and all(rules[label] == lrp_grad.Epsilon(1e-6) for label in weight_free)
