@@ -14,23 +14,13 @@ import keras  # noqa: E402  (Keras 3; `import tf_keras as keras` works the same 
 
 import lrp_grad  # noqa: E402
 from lrp_grad.datasets import mnist_digits  # noqa: E402
-
-
-def seed_cnn():
-    """The seed report's conv-pool-conv-pool-dense-out CNN (logits output), in Keras 3."""
-    L = keras.layers
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(2),
-        L.Conv2D(64, 3, activation="relu"), L.MaxPooling2D(2),
-        L.Flatten(), L.Dense(128, activation="relu"), L.Dense(10),
-    ], name="seed_cnn")
+from lrp_grad.demo import seed_cnn  # noqa: E402  (the seed report's conv-pool-conv-pool-dense-out CNN)
 
 
 def main():
     keras.utils.set_random_seed(0)
     (x_train, y_train), (x_test, y_test) = mnist_digits()
-    model = seed_cnn()
+    model = seed_cnn(keras)  # built with Keras 3
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=2, batch_size=64, verbose=0)
     acc = model.evaluate(x_test, y_test, verbose=0)[1]

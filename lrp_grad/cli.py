@@ -36,25 +36,22 @@ def _quiet_tensorflow():
         os.close(saved)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _int_at_least(minimum: int, what: str, hint: str = ""):
+    """An argparse type: an integer >= ``minimum``, named ``what`` in its messages."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (an integer >= {minimum})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not {what} (an integer >= {minimum}{hint})")
+        return value
+
+    return parse
 
 
-def _class_index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a class index (an integer >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a class index (an integer >= 0; omit --target for the "
-                                         "predicted class)")
-    return value
+_positive_int = _int_at_least(1, "a positive count")
+_class_index = _int_at_least(0, "a class index", "; omit --target for the predicted class")
 
 
 def _scale(text: str) -> float:
@@ -245,7 +242,7 @@ def _export(args) -> int:
     ex = Explainer(model, rule=args.rule)
     path = ex.export(out)
     print(f"wrote a SavedModel to {path} with signatures 'explain' (images, target) and 'serving_default' (images); "
-          f"rule baked in: {ex.rule.name} ({args.rule})")
+          f"rule baked in: {ex.rule.name}")
     return 0
 
 

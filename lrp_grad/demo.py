@@ -64,9 +64,11 @@ class _Progress:
             self.bar.close()
 
 
-def seed_cnn():
-    """The seed report's architecture: conv-pool-conv-pool-dense-out (logits output)."""
-    from .frontends.tf_keras import keras
+def seed_cnn(keras=None):
+    """The seed report's architecture: conv-pool-conv-pool-dense-out (logits output), built with
+    the Keras package module ``keras`` (default tf-keras, which the demo's cache uses)."""
+    if keras is None:
+        from .frontends.tf_keras import keras
 
     L = keras.layers
     return keras.Sequential([

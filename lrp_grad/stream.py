@@ -457,7 +457,7 @@ def _stream(explainer, data, target, batch_size, sink, batches, progress, length
 class _Writer:
     """Writes batches (and records them in the manifest) in a background thread, so that hashing
     and writing a batch overlap the explanation of the next one (TensorFlow releases the GIL).
-    At most two batches wait; a write error is raised at the next ``put`` or at ``close``."""
+    One batch at a time is in flight; a write error is raised at the next ``put`` or at ``close``."""
 
     def __init__(self, sink, batches, batch_size, worker):
         import queue
@@ -474,14 +474,19 @@ class _Writer:
         while True:
             item = self.queue.get()
             if item is None:
+                self.queue.task_done()
                 return
             if self.error is None:
                 try:
                     _write_batch(sink, *item, batches, batch_size, worker)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     self.error = e
+            self.queue.task_done()
 
     def put(self, start, x, R, summary):
+        # The previous batch was written while this one was explained; wait for it, so that at
+        # most one batch is ever in flight (a kill loses at most the last batch handed over).
+        self.queue.join()
         if self.error is not None:
             self._raise()
         self.queue.put((start, x, R, summary))

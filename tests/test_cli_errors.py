@@ -42,7 +42,7 @@ CASES = {
     "negative target": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--target", "-1"],
                         r"argument --target: -1 is not a class index"),
     "batch size 0": (["explain", "--model", "{m}", "--dataset", "{root}", "--out", "{tmp}/o", "--batch-size", "0"],
-                     r"argument --batch-size: 0 must be at least 1"),
+                     r"argument --batch-size: 0 is not a positive count \(an integer >= 1\)"),
     "scale nan": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--scale", "nan"],
                   r"argument --scale: 'nan' must be a finite, non-zero number"),
     "out is a file": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{root}/file.txt"],
@@ -100,3 +100,17 @@ def test_cli_start_is_quiet(files, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == "", f"the CLI printed to stderr:\n{out.stderr}"
+
+
+def test_export_prints_the_rule_and_dataset_summaries_store_classes_as_ints(files, tmp_path, capsys):
+    import json
+
+    code = cli.main(["export", str(files / "m.keras"), str(tmp_path / "sm"), "--rule", "alphabeta:2,1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "rule baked in: AlphaBeta(alpha=2.0, beta=1.0, bias=True)" in out, out
+    code = cli.main(["explain", "--model", str(files / "m.keras"), "--dataset", str(files), "--out",
+                     str(tmp_path / "d"), "--no-progress"])
+    assert code == 0
+    summary = json.loads((tmp_path / "d" / "summaries.json").read_text())["a.png"]
+    assert isinstance(summary["predicted"], int) and isinstance(summary["target"], int)
+    assert isinstance(summary["target_logit"], float)

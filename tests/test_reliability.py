@@ -90,10 +90,9 @@ def test_repeated_explain_calls_reuse_one_compiled_pass_and_free_the_model(K):
     assert ref() is None, "explain()'s cache kept the model alive"
 
 
-def test_cached_explain_replans_when_a_folded_batchnorm_changes_sign():
-    """BatchNorm folded through a max pooling needs positive scales at plan time; explain() after
-    training flipped one re-plans instead of failing (an Explainer asks to be rebuilt)."""
-    K = kit.package("keras")
+def _bn_through_max_pool(K):
+    """Conv-ReLU-BN-MaxPool-Dense with positive BN scales (folded forward through the max pool),
+    and ``flip()`` that makes them negative, as training might."""
     L = K.layers
     model = K.Sequential([K.Input((6, 6, 1)), L.Conv2D(3, 3, activation="relu", name="c"),
                           L.BatchNormalization(name="bn"), L.MaxPooling2D(2, name="mp"),
@@ -101,26 +100,26 @@ def test_cached_explain_replans_when_a_folded_batchnorm_changes_sign():
     bn = model.get_layer("bn")
     gamma, beta, mean, var = bn.get_weights()
     bn.set_weights([np.abs(gamma) + 0.5, beta, mean, var])
+    return model, lambda: bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+
+
+def test_cached_explain_replans_when_a_folded_batchnorm_changes_sign():
+    """BatchNorm folded through a max pooling needs positive scales at plan time; explain() after
+    training flipped one re-plans instead of failing (an Explainer asks to be rebuilt)."""
+    model, flip = _bn_through_max_pool(kit.package("keras"))
     x = np.random.default_rng(4).uniform(0, 1, (2, 6, 6, 1)).astype("float32")
     lrp_grad.explain(model, x, rule=lrp_grad.Epsilon(1e-6))
-    bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+    flip()
     R = lrp_grad.explain(model, x, rule=lrp_grad.Epsilon(1e-6))
     np.testing.assert_allclose(R, lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))(x), rtol=1e-5, atol=1e-7)
 
 
 def test_explainer_whose_folded_batchnorm_changed_sign_says_rebuild():
-    K = kit.package("tf_keras")
-    L = K.layers
-    model = K.Sequential([K.Input((6, 6, 1)), L.Conv2D(3, 3, activation="relu", name="c"),
-                          L.BatchNormalization(name="bn"), L.MaxPooling2D(2, name="mp"),
-                          L.Flatten(name="f"), L.Dense(2, name="d")])
-    bn = model.get_layer("bn")
-    gamma, beta, mean, var = bn.get_weights()
-    bn.set_weights([np.abs(gamma) + 0.5, beta, mean, var])
+    model, flip = _bn_through_max_pool(kit.package("tf_keras"))
     ex = lrp_grad.Explainer(model)
     x = np.random.default_rng(5).uniform(0, 1, (2, 6, 6, 1)).astype("float32")
     ex(x)
-    bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+    flip()
     with pytest.raises(lrp_grad.StaleExplainerError, match=r"^BatchNormalization 'bn' was folded .*Build a new Explainer\.$"):
         ex(x)
 
