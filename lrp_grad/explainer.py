@@ -480,8 +480,10 @@ class Explainer:
         return t.astype(np.int32)
 
     def _explain_with_logits(self, x, target):
-        """``(relevance, logits)`` of one checked batch; ``target`` ``None`` = predicted."""
-        x = self._check_x(x)
+        """``(relevance, logits)`` of one batch that :func:`lrp_grad.stream._check_block` already
+        checked (shape, dtype, finite values): only cast here, not checked a second time on the
+        streaming hot path. ``target`` ``None`` = predicted."""
+        x = np.asarray(x).astype(self.dtype, copy=False)
         t = self._check_target(target, len(x))
         fn, _ = self._function(bool(np.all(x >= 0)), "logit", False)
         R, logits, _ = self._run_batch(fn, x, t)
