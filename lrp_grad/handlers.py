@@ -21,7 +21,12 @@ Handler kinds:
 ``identity``
     The identity at inference (Dropout and friends).
 ``gate``
-    Multiply: all relevance goes to the gated signal, none to the gate.
+    Multiply: all relevance goes to the gated signal, none to the gate; which input is the gate
+    is read from the graph (:mod:`lrp_grad.gating`).
+``forward``
+    Computed, never given relevance: the planner's handler (:data:`FORWARD_ONLY`) for a layer
+    without a handler of its own on a branch that only feeds gates (an attention softmax, an
+    unsupported operation inside a squeeze-and-excitation branch).
 
 Raw operations (:class:`~lrp_grad.frontends.RawOp`: ``x + y``, ``x * 2``, ``keras.ops.*``,
 tf-keras' ``TFOpLambda``) get the handler of the layer they stand for, by kind: a sum of tensors
@@ -31,7 +36,7 @@ over non-batch axes are weight-free linear layers of the ``pool`` family.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -43,7 +48,7 @@ from .frontends import RawOp, activation_name, is_layer, is_layer_class, layer_c
 __all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",
            "KINDS", "FAMILIES"]
 
-KINDS = ("linear", "passthrough", "gradient", "identity", "gate")
+KINDS = ("linear", "passthrough", "gradient", "identity", "gate", "forward")
 #: Families of linear layers; composites map rules to them.
 FAMILIES = ("dense", "conv", "pool", "norm", "merge")
 
@@ -51,17 +56,17 @@ FAMILIES = ("dense", "conv", "pool", "norm", "merge")
 ELEMENTWISE = frozenset(
     "linear relu relu6 elu selu celu tanh sigmoid hard_sigmoid softplus softsign swish silu gelu "
     "exponential leaky_relu mish hard_swish hard_silu hard_tanh log_sigmoid sparse_plus squareplus "
-    "soft_shrink hard_shrink tanh_shrink sparse_sigmoid".split()
+    "soft_shrink hard_shrink tanh_shrink sparse_sigmoid threshold".split()
 )
 #: Activations whose output is never negative: the next layer may skip the ``x-`` half.
 NONNEG = frozenset("relu relu6 sigmoid hard_sigmoid softplus exponential sparse_plus squareplus "
                    "sparse_sigmoid".split())
 #: Output activations that are skipped when they are the model's last operation: the logits
 #: (their input) are explained, not the probabilities.
-HEADS = frozenset(("softmax", "sigmoid"))
+HEADS = frozenset(("softmax", "sigmoid", "log_softmax"))
 #: Elementwise activations with ``f(0) = 0``.
 ZERO_AT_ZERO = ELEMENTWISE - frozenset(
-    "sigmoid hard_sigmoid softplus exponential log_sigmoid sparse_plus squareplus sparse_sigmoid".split())
+    "sigmoid hard_sigmoid softplus exponential log_sigmoid sparse_plus squareplus sparse_sigmoid threshold".split())
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ class Context:
         activation, or the next ReLU layer, which the planner then skips) inside the layer's LRP
         op. Set by the planner only where the relevance reaching that ReLU's output is zero
         wherever the output is zero (see :func:`lrp_grad.propagate.linear`).
+    gate, gate_problem : int or None, str or None
+        For ``gate`` handlers: which input is the gate, as the planner read it from the graph
+        (:func:`lrp_grad.gating.gate_index`), or why none could be told.
     """
 
     rule: object = None
@@ -97,6 +105,8 @@ class Context:
     input_shapes: tuple = ()
     compute_dtype: str | None = None
     fuse_relu: bool = False
+    gate: int | None = None
+    gate_problem: str | None = None
 
 
 def _no_problem(layer, ctx):
@@ -168,10 +178,10 @@ class Handler:
 
 def _activation_problem(fn, is_output):
     name = activation_name(fn)
-    if name in ELEMENTWISE or (name == "softmax" and is_output):
+    if name in ELEMENTWISE or (name in ("softmax", "log_softmax") and is_output):
         return None
-    if name == "softmax":
-        return "softmax is only supported as the model's last operation (it is then skipped)"
+    if name in ("softmax", "log_softmax"):
+        return f"{name} is only supported as the explained output's last operation (it is then skipped)"
     return (
         f"activation {name!r} is not a known elementwise activation; register the layer with "
         "register_handler if relevance should pass through it"
@@ -275,8 +285,6 @@ def _conv_problem(layer, ctx):
     problem = _channels_last(layer)
     if problem:
         return problem
-    if getattr(layer, "groups", 1) != 1:
-        return f"groups={layer.groups}; grouped convolutions are not supported yet"
     return _activation_problem(layer.activation, ctx.is_output)
 
 
@@ -402,6 +410,39 @@ def _rescaling(layer, inputs, ctx):
     return propagate.passthrough(lambda t: t * scale + offset, x)
 
 
+def _layer_scale(layer, inputs, ctx):
+    """ConvNeXt's LayerScale ``x * gamma`` (per channel, no bias): for a bias-free elementwise
+    scale every rule gives each input all of its output's relevance, so relevance passes."""
+    (x,) = inputs
+    gamma = tf.cast(tf.convert_to_tensor(layer.gamma), x.dtype)
+    return propagate.passthrough(lambda t: t * gamma, x)
+
+
+def _custom_scale(layer, inputs, ctx):
+    """InceptionResNetV2's CustomScaleLayer ``x + scale * r`` (the residual join): a sum of the
+    shortcut and the scaled branch under the layer's rule, as an Add of ``x`` and ``scale * r``;
+    the scaled branch passes its relevance on to ``r``."""
+    x, r = inputs
+    scale = tf.constant(float(layer.scale), x.dtype)
+    branch = propagate.passthrough(lambda t: t * scale, r)
+    nonneg = (ctx.nonneg[0], ctx.nonneg[1] and float(layer.scale) >= 0)
+    return _add(layer, [x, branch], replace(ctx, nonneg=nonneg))
+
+
+def _custom_scale_problem(layer, ctx):
+    if len(ctx.input_shapes) != 2:
+        return f"called on {len(ctx.input_shapes)} tensors; CustomScaleLayer adds a scaled branch to one shortcut"
+    shapes = {_static(s) for s in ctx.input_shapes}
+    if len(shapes) != 1:
+        return (f"adds tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} (broadcasting); only "
+                "same-shaped shortcut and branch are supported")
+    return None
+
+
+def _custom_scale_nonneg(layer, flags):
+    return all(flags) and float(layer.scale) >= 0
+
+
 def _relu_nonneg(layer, flags):
     return float(layer.negative_slope) == 0.0 and float(layer.threshold) >= 0.0
 
@@ -425,7 +466,7 @@ def is_plain_relu(layer) -> bool:
 def _softmax_problem(layer, ctx):
     if ctx.is_output:
         return None
-    return "softmax is only supported as the model's last operation (it is then skipped)"
+    return "softmax is only supported as the explained output's last operation (it is then skipped)"
 
 
 def _upsampling_problem(layer, ctx):
@@ -435,23 +476,8 @@ def _upsampling_problem(layer, ctx):
     return _channels_last(layer)
 
 
-def _size(shape):
-    dims = list(shape)[1:]
-    return None if any(d is None for d in dims) else int(np.prod(dims))
-
-
-def _gate_index(shapes):
-    """Index of the gate input of a Multiply (the broadcast one), or None when ambiguous."""
-    if len(shapes) != 2:
-        return None
-    a, b = (_size(s) for s in shapes)
-    if a is None or b is None or a == b:
-        return None
-    return 0 if a < b else 1
-
-
 def _multiply(layer, inputs, ctx):
-    gate = _gate_index(ctx.input_shapes)
+    gate = ctx.gate
     signal = 1 - gate
 
     @tf.custom_gradient
@@ -465,9 +491,8 @@ def _multiply(layer, inputs, ctx):
 
 
 def _multiply_problem(layer, ctx):
-    if _gate_index(ctx.input_shapes) is None:
-        return ("Multiply is supported as gating (one input broadcast against the other, e.g. "
-                "squeeze-and-excitation); cannot tell the gate from the signal here")
+    if ctx.gate is None:
+        return ctx.gate_problem or "cannot tell the gate from the signal"
     return None
 
 
@@ -488,6 +513,16 @@ def _fused_away(layer, inputs, ctx):
 
 #: The handler the planner gives a ReLU layer fused into the linear layer below it.
 FUSED_RELU = Handler("identity", _fused_away, nonneg=lambda layer, flags: True, zero_in_zero_out=True)
+
+def _forward_only(layer, inputs, ctx):
+    """The layer's (or operation's) own forward; no gradient flows through it."""
+    out = layer.fn(*inputs) if isinstance(layer, RawOp) else _own_call(layer, inputs)
+    return tf.nest.map_structure(tf.stop_gradient, out)
+
+
+#: The handler the planner gives an otherwise unsupported layer whose output only reaches the
+#: explained output through gates: the gate gets no relevance, so the branch needs no LRP rule.
+FORWARD_ONLY = Handler("forward", _forward_only, zero_in_zero_out=True)
 
 #: The built-in handlers by class name; each holds for that class in both Keras packages.
 _BY_NAME = {
@@ -510,6 +545,8 @@ _BY_NAME = {
                                        fuses_relu=True),
     "BatchNormalization": Handler("linear", _batch_norm, _batch_norm_problem, family="norm", fuses_relu=True),
     "Add": Handler("linear", _add, nonneg=_keeps_sign, family="merge", fuses_relu=True),
+    "CustomScaleLayer": Handler("linear", _custom_scale, _custom_scale_problem, _custom_scale_nonneg, "merge",
+                                fuses_relu=True),
     # routing layers: the plain gradient moves relevance back (positions or copies: zero stays zero)
     "MaxPooling2D": Handler("gradient", _max_pool_2d, _channels_last, _keeps_sign, zero_in_zero_out=True),
     "MaxPooling1D": _ROUTE,
@@ -549,6 +586,7 @@ _BY_NAME = {
                                 zero_in_zero_out=True),
     "Softmax": Handler("identity", _identity, _softmax_problem),
     "Rescaling": Handler("passthrough", _rescaling),  # f(0) = offset: not zero_in_zero_out
+    "LayerScale": Handler("passthrough", _layer_scale, zero_in_zero_out=True),
     "Normalization": _OPAQUE_PASS,
     "LayerNormalization": _OPAQUE_PASS,
 }
@@ -618,7 +656,7 @@ def _raw_reduce_problem(op, ctx):
 
 def _raw_activation_problem(op, ctx):
     if op.activation == "softmax" and not ctx.is_output:
-        return "softmax is only supported as the model's last operation (it is then skipped)"
+        return "softmax is only supported as the explained output's last operation (it is then skipped)"
     return None
 
 

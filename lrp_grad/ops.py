@@ -52,31 +52,57 @@ def _dilate_kernel(w, rates):
 
 
 def conv_op(layer) -> LinearOp:
-    """Conv1D / Conv2D (channels last), with causal padding folded into the op."""
+    """Conv1D / Conv2D (channels last), with causal padding folded into the op and ``groups``."""
     rank = len(layer.kernel_size)
     strides = list(layer.strides)
     dilations = list(layer.dilation_rate)
     causal = layer.padding == "causal"
     padding = "VALID" if causal else layer.padding.upper()
     left = (layer.kernel_size[0] - 1) * dilations[0] if causal else 0
+    groups = int(getattr(layer, "groups", 1) or 1)
 
     def forward(x, w):
         if causal:  # padding inside the op: pad zeros are not inputs (matters for Flat, WSquare)
             x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
         return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations)
 
+    def dense_transpose(s, w, shape):
+        if rank == 1:
+            return tf.nn.conv1d_transpose(s, w, shape, strides, padding)
+        return tf.nn.conv2d_transpose(s, w, shape, strides, padding)
+
     def transpose(s, w, x):
         shape = tf.shape(x)
         if causal:
             shape = shape + tf.constant([0, left, 0])
         w = _dilate_kernel(w, dilations)
-        if rank == 1:
-            out = tf.nn.conv1d_transpose(s, w, shape, strides, padding)
+        if groups == 1:
+            out = dense_transpose(s, w, shape)
         else:
-            out = tf.nn.conv2d_transpose(s, w, shape, strides, padding)
+            out = _grouped_transpose(s, w, shape, groups, rank, strides, padding, dense_transpose)
         return out[:, left:] if causal else out
 
-    return LinearOp(forward, transpose)
+    # A grouped kernel holds C_in / groups input channels: inputs cannot be concatenated along them.
+    return LinearOp(forward, transpose, in_axis=-2 if groups == 1 else None)
+
+
+def _grouped_transpose(s, w, shape, groups, rank, strides, padding, dense_transpose):
+    """The transpose of a grouped convolution (TensorFlow has no CPU kernel for it).
+
+    One group per input channel (ConvNeXt's ``groups=C``) is a depthwise convolution, whose
+    transpose exists; otherwise each group is transposed on its own slice of the output channels
+    and the results are concatenated along the input channels."""
+    per_in, out_channels = w.shape[-2], w.shape[-1]
+    per_out = out_channels // groups
+    if per_in == 1 and rank == 2:
+        kernel = tf.reshape(w, [w.shape[0], w.shape[1], groups, per_out])
+        return tf.nn.depthwise_conv2d_backprop_input(shape, kernel, s, [1] + strides + [1], padding)
+    parts = []
+    for g in range(groups):
+        part_shape = tf.concat([shape[:-1], [per_in]], 0)
+        parts.append(dense_transpose(s[..., g * per_out:(g + 1) * per_out], w[..., g * per_out:(g + 1) * per_out],
+                                     part_shape))
+    return tf.concat(parts, axis=-1)
 
 
 def conv_transpose_op(layer) -> LinearOp:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import handlers
+from . import gating, handlers
 from .frontends import Graph, Node, activation_name, class_name, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 from .composites import RuleMap, as_composite
@@ -48,26 +48,29 @@ def _unsupported(graph, problems):
     )
 
 
-def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute_dtype=None) -> Plan:
+def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=None, output=None) -> Plan:
     """Check the whole model and decide, per layer call, the handler, rule and input signs.
 
     Parameters
     ----------
     model : keras.Model or tf_keras.Model
-        Single-input, single-output Sequential or Functional model (Keras 3 or tf-keras).
+        Sequential or Functional model (Keras 3 or tf-keras), with any number of inputs.
     rule : Rule, Composite or str
         A rule for every rule-taking layer, a composite, or a preset name.
-    input_nonneg : bool
-        Whether the model input is known to be ``>= 0``.
+    input_nonneg : bool or tuple of bool
+        Whether the model input is known to be ``>= 0`` (per input for several inputs).
     canonizers : sequence of Canonizer, optional
         Forward-preserving rewrites; default :data:`~lrp_grad.canonizers.DEFAULT_CANONIZERS`.
     compute_dtype : str, optional
         Reduced precision for the linear ops (``'bfloat16'``, ``'float16'``).
+    output : str or int, optional
+        What to explain (see :func:`lrp_grad.frontends.walk`): an output name or index, or a layer name.
 
     Raises
     ------
     UnsupportedModelError
-        For subclassed or multi-input/output models, Keras 3 on another backend, quantized layers.
+        For subclassed models, several outputs without ``output``, an unknown output, Keras 3 on
+        another backend, quantized layers.
     UnsupportedLayerError
         Listing every layer without a handler or with an unsupported configuration.
     InvalidRuleError
@@ -76,15 +79,31 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
     composite = as_composite(rule)
 
     # 1. Walk the layer graph (this also rejects unsupported model kinds) and canonize it.
-    graph = walk(model)
+    graph = walk(model, output)
     graph = canonize(graph, DEFAULT_CANONIZERS if canonizers is None else canonizers)
 
-    # 2. Find every layer's handler; collect all problems so the user sees them at once.
-    problems, found = [], []
+    # 2. Find every layer's handler and every product's gate.
+    producers = {t: node for node in graph.nodes for t in node.outputs}
+    handler_of = lambda node: node.handler or handlers.handler_for(node.layer)  # noqa: E731
+    entries = []
     for node in graph.nodes:
-        handler = node.handler or handlers.handler_for(node.layer)
+        handler = handler_of(node)
         ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
                                input_shapes=node.input_shapes, compute_dtype=compute_dtype)
+        if handler is not None and handler.kind == "gate":
+            gate, why = gating.gate_index(node, producers, handler_of)
+            ctx = replace(ctx, gate=gate, gate_problem=why)
+        entries.append((node, handler, ctx))
+
+    # 3. Collect all problems so the user sees them at once. A layer on a branch that only feeds
+    #    gates gets no relevance: without a handler (or with an unsupported setting) it is still
+    #    computed, by its own forward (handlers.FORWARD_ONLY).
+    problems, found = [], []
+    gate_only = _gate_only(graph, entries)
+    for i, (node, handler, ctx) in enumerate(entries):
+        if i in gate_only and (handler is None or handler.check(node.layer, ctx)):
+            found.append((node, handlers.FORWARD_ONLY, ctx))
+            continue
         if handler is None:
             hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
             problems.append((node.layer, f"no handler for this layer class{hint}"))
@@ -96,12 +115,13 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
     if problems:
         raise _unsupported(graph, problems)
 
-    # 3. Give every rule-taking layer its rule.
+    # 4. Give every rule-taking layer its rule.
     linear = [(node.label, node.layer, h.family) for node, h, _ in found if h.kind == "linear"]
     rules = iter(composite.assign(linear))
 
-    # 4. Propagate the sign knowledge (lets the split rules skip the x- half).
-    nonneg = {graph.input_id: bool(input_nonneg)}
+    # 5. Propagate the sign knowledge (lets the split rules skip the x- half).
+    flags = input_nonneg if isinstance(input_nonneg, tuple) else (input_nonneg,) * len(graph.input_ids)
+    nonneg = {t: bool(f) for t, f in zip(graph.input_ids, flags)}
     steps = []
     for node, handler, ctx in found:
         flags = tuple(nonneg.get(t, False) for t in node.inputs)
@@ -112,6 +132,22 @@ def build_plan(model, rule, input_nonneg: bool = False, canonizers=None, compute
             nonneg[t] = out_flag
         steps.append(Step(node, handler, ctx))
     return Plan(graph, _fuse_relus(graph, steps))
+
+
+def _gate_only(graph, entries) -> set:
+    """Indices of the nodes whose outputs reach the explained output only through gate inputs
+    (or not at all): they receive no relevance. Consumers come after their producers, so one
+    backward sweep decides every tensor."""
+    relevant, gate_only = {graph.output_id}, set()
+    for i in reversed(range(len(entries))):
+        node, handler, ctx = entries[i]
+        if not any(t in relevant for t in node.outputs):
+            gate_only.add(i)
+            continue
+        for k, t in enumerate(node.inputs):
+            if not (handler is not None and handler.kind == "gate" and ctx.gate == k):
+                relevant.add(t)
+    return gate_only
 
 
 def _zero_safe(graph, steps, consumers) -> dict:
@@ -176,18 +212,19 @@ def _fuse_relus(graph, steps) -> tuple:
 
 
 def run(plan: Plan, x, collect: bool = False):
-    """Execute the rewritten forward pass on ``x``.
+    """Execute the rewritten forward pass on ``x`` (a tensor, or a list of one per model input).
 
     Returns the output tensor and, with ``collect``, a dict ``label -> output tensor`` of every
     layer call (in forward order), whose gradients are the per-layer relevances.
     """
-    tensors = {plan.graph.input_id: x}
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    tensors = dict(zip(plan.graph.input_ids, xs))
     collected = {}
     for step in plan.steps:
         inputs = [tensors[t] for t in step.node.inputs]
         out = step.handler.apply(step.node.layer, inputs, step.context)
-        (out_id,) = step.node.outputs
-        tensors[out_id] = out
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        tensors.update(zip(step.node.outputs, outs))
         if collect:
-            collected[step.node.label] = out
+            collected[step.node.label] = outs[0]
     return tensors[plan.graph.output_id], collected

@@ -23,7 +23,7 @@ from .graph import RAW_KINDS, Graph, Node, RawOp, class_name, layer_label
 
 __all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "RAW_KINDS", "frontend_for", "check_model", "walk",
            "activation_name", "class_name", "is_instance", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
-           "load_model", "package_of"]
+           "load_model", "output_names", "package_of"]
 
 #: The available front ends, Keras 3 first.
 FRONTENDS = tuple(f for f in (keras3, tf_keras) if getattr(f, "available", True))
@@ -55,13 +55,6 @@ def check_model(model):
     """Raise :class:`UnsupportedModelError` unless ``model`` can be walked; returns its front end."""
     frontend = frontend_for(model)
     frontend.check_model(model)
-    inputs, outputs = frontend.io(model)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise UnsupportedModelError(
-            f"model {model.name!r} has {len(inputs)} input(s) and {len(outputs)} output(s); lrp_grad "
-            "explains models with exactly one input and one output. Wrap the part to explain in a "
-            "single-input, single-output Model."
-        )
     return frontend
 
 
@@ -95,38 +88,118 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
         if inner is not None:
             _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls)
             continue
-        nodes.append(Node(obj, in_ids, out_ids, label, tuple(_shape(t) for t in ins)))
+        nodes.append(Node(obj, in_ids, out_ids, label, tuple(_shape(t) for t in ins),
+                          tuple(_shape(t) for t in outs)))
 
 
-def walk(model) -> Graph:
-    """Return the model's layer calls in execution order (checks the model first)."""
+def output_names(model) -> list:
+    """The names of the model's outputs (its output layers' names), in order."""
     frontend = check_model(model)
-    (inp,), (out,) = frontend.io(model)
-    input_id, output_id = str(id(inp)), str(id(out))
+    _, outputs = frontend.io(model)
+    return _output_names(model, outputs)
+
+
+def _output_names(model, outputs) -> list:
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(outputs):
+        names = [_tensor_name(t, f"output_{i}") for i, t in enumerate(outputs)]
+    return [str(n) for n in names]
+
+
+def _select_output(model, output, outputs, names, nodes):
+    """``(tensor id, output name, shape)`` of the output to explain (see :func:`walk`)."""
+    shown = ", ".join(repr(n) for n in names)
+    if output is None:
+        if len(outputs) != 1:
+            raise UnsupportedModelError(
+                f"model {model.name!r} has {len(outputs)} outputs ({shown}); say which one to explain: "
+                f"Explainer(model, output={names[0]!r}) or output=0 (an index).")
+        return str(id(outputs[0])), names[0], _shape(outputs[0])
+    if isinstance(output, bool) or not isinstance(output, (int, str)):
+        raise UnsupportedModelError(
+            f"output={output!r} must be an output name ({shown}), an output index (0..{len(outputs) - 1}) or the "
+            "name of a layer whose output to explain.")
+    if isinstance(output, int):
+        if not -len(outputs) <= output < len(outputs):
+            raise UnsupportedModelError(
+                f"output={output} is out of range: model {model.name!r} has {len(outputs)} output(s) ({shown}).")
+        return str(id(outputs[output])), names[output], _shape(outputs[output])
+    if output in names:
+        i = names.index(output)
+        return str(id(outputs[i])), output, _shape(outputs[i])
+    by_label = [n for n in nodes if n.label == output]
+    by_name = by_label or [n for n in nodes if getattr(n.layer, "name", None) == output]
+    if len(by_name) > 1:
+        labels = ", ".join(repr(n.label) for n in by_name)
+        raise UnsupportedModelError(
+            f"output={output!r}: layer {output!r} is called {len(by_name)} times in model {model.name!r}; name one "
+            f"call: {labels}.")
+    if not by_name:
+        layers = [n.label for n in nodes]
+        hint = ", ".join(repr(x) for x in layers[:12]) + (", ..." if len(layers) > 12 else "")
+        raise UnsupportedModelError(
+            f"output={output!r} is neither an output of model {model.name!r} ({shown}) nor one of its layers "
+            f"({hint}).")
+    node = by_name[0]
+    if len(node.outputs) != 1:
+        raise UnsupportedModelError(
+            f"output={output!r}: layer {layer_label(node.layer)} has {len(node.outputs)} outputs; only layers with "
+            "one output can be explained.")
+    return node.outputs[0], output, node.output_shapes[0]
+
+
+def _prune(nodes, output_id):
+    """The nodes the output depends on, in execution order."""
+    needed, kept = {output_id}, []
+    for node in reversed(nodes):
+        if any(t in needed for t in node.outputs):
+            kept.append(node)
+            needed.update(node.inputs)
+    return tuple(reversed(kept))
+
+
+def _dtype_name(t) -> str:
+    return t.dtype.name if hasattr(t.dtype, "name") else str(t.dtype)
+
+
+def walk(model, output=None) -> Graph:
+    """Return the model's layer calls in execution order (checks the model first).
+
+    ``output`` selects what is explained: ``None`` (the only output), an output name or index,
+    or the name (or ``'name#k'`` call label) of any layer, whose output is then explained. Only
+    the calls that output depends on are kept.
+    """
+    frontend = check_model(model)
+    inputs, outputs = frontend.io(model)
+    input_ids = [str(id(t)) for t in inputs]
     nodes = []
-    _inline(frontend, model, [input_id], [output_id], "", "", nodes, {})
-    out_shape = _shape(out)
+    _inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {})
+    names = _output_names(model, outputs)
+    output_id, output_name, out_shape = _select_output(model, output, outputs, names, nodes)
+    if output_id in input_ids:
+        raise UnsupportedModelError(f"output={output!r} is a model input; there is nothing to explain.")
     last = out_shape[-1] if out_shape.rank else None
-    dtype = inp.dtype.name if hasattr(inp.dtype, "name") else str(inp.dtype)
     return Graph(
         model=model,
-        nodes=tuple(nodes),
-        input_id=input_id,
+        nodes=_prune(nodes, output_id),
+        input_ids=tuple(input_ids),
         output_id=output_id,
-        input_shape=tuple(_shape(inp)[1:]),
-        dtype=dtype,
-        n_outputs=int(last) if last is not None else None,
+        input_shapes=tuple(tuple(_shape(t)[1:]) for t in inputs),
+        dtypes=tuple(_dtype_name(t) for t in inputs),
+        n_outputs=int(last) if last is not None and out_shape.rank >= 2 else None,
         output_shape=tuple(out_shape[1:]),
-        input_name=_input_name(inp),
+        input_names=tuple(_tensor_name(t, f"input_{i}") for i, t in enumerate(inputs)),
         package=frontend.PACKAGE,
+        output_name=output_name,
+        output_names=tuple(names),
     )
 
 
-def _input_name(t) -> str:
-    """The name of the model input (its InputLayer), as the per-layer report shows it."""
+def _tensor_name(t, default) -> str:
+    """The name of the layer that made a symbolic tensor (an InputLayer for inputs)."""
     history = getattr(t, "_keras_history", None)
     layer = getattr(history, "layer", None) or getattr(history, "operation", None)
-    return getattr(layer, "name", None) or getattr(t, "name", None) or "input"
+    return getattr(layer, "name", None) or getattr(t, "name", None) or default
 
 
 def activation_name(fn) -> str:
@@ -153,11 +226,12 @@ def activation_name(fn) -> str:
 
 
 def layer_classes(*names: str) -> tuple:
-    """Every available package's layer classes of these class names (``'Dense'`` -> both Denses)."""
+    """Every available package's layer classes of these class names (``'Dense'`` -> both Denses),
+    from ``layers`` and the few layer classes ``applications`` defines (``LayerScale``)."""
     out = []
     for frontend in FRONTENDS:
         for name in names:
-            cls = getattr(frontend.layers, name, None)
+            cls = getattr(frontend.layers, name, None) or frontend.APPLICATION_LAYERS.get(name)
             if isinstance(cls, type):
                 out.append(cls)
     return tuple(out)

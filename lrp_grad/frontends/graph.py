@@ -29,24 +29,48 @@ class Node:
     outputs: tuple
     label: str  # 'outer/inner' path of the layer name, with '#k' for the k-th call of a shared layer
     input_shapes: tuple = ()  # tf.TensorShape per input, batch axis included
+    output_shapes: tuple = ()  # tf.TensorShape per output, batch axis included
     handler: object = None
     params: object = None
 
 
 @dataclass(frozen=True)
 class Graph:
-    """A single-input, single-output model as a list of nodes in execution order."""
+    """A model as a list of nodes in execution order, from its inputs to the one output explained.
+
+    ``output_id`` is the tensor explained: the model's output, one of several outputs, or a hidden
+    layer's output (the nodes it does not depend on are left out).
+    """
 
     model: object
     nodes: tuple
-    input_id: str
+    input_ids: tuple  # one tensor id per model input, in the model's order
     output_id: str
-    input_shape: tuple  # without the batch axis; entries may be None
-    dtype: str
-    n_outputs: int | None  # size of the last axis of the output (classes), if known
+    input_shapes: tuple  # per input, without the batch axis; entries may be None
+    dtypes: tuple  # per input
+    n_outputs: int | None  # size of the last axis of an output of rank >= 2 (classes, channels)
     output_shape: tuple = ()  # without the batch axis
-    input_name: str = "input"
+    input_names: tuple = ("input",)
     package: str = "tf_keras"  # which front end walked it: 'tf_keras' or 'keras'
+    output_name: str = "output"
+    output_names: tuple = ()  # all of the model's outputs
+
+    # The single-input view most of the product uses.
+    @property
+    def input_id(self) -> str:
+        return self.input_ids[0]
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.input_shapes[0]
+
+    @property
+    def dtype(self) -> str:
+        return self.dtypes[0]
+
+    @property
+    def input_name(self) -> str:
+        return self.input_names[0]
 
 
 #: Canonical kinds of raw operations. ``arith`` ops (add, subtract, multiply, divide, negative)

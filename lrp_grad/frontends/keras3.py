@@ -28,6 +28,23 @@ layers = keras.layers if available else None
 Layer = keras.layers.Layer if available else None
 Model = keras.Model if available else None
 
+
+def _application_layers() -> dict:
+    """Layer classes that ``keras.applications`` defines for itself (not in ``keras.layers``)."""
+    found = {}
+    if not available:
+        return found
+    for module, name in (("convnext", "LayerScale"), ("inception_resnet_v2", "CustomScaleLayer")):
+        try:
+            found[name] = getattr(__import__(f"keras.src.applications.{module}", fromlist=[name]), name)
+        except (ImportError, AttributeError):  # pragma: no cover - another Keras 3 layout
+            pass
+    return found
+
+
+#: Class name -> layer class, for the application layers the handlers know.
+APPLICATION_LAYERS = _application_layers()
+
 # Operation class name -> canonical kind
 _KINDS = {
     **dict.fromkeys(["Add"], "add"),

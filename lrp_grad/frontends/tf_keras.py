@@ -21,6 +21,21 @@ layers = keras.layers
 Layer = keras.layers.Layer
 Model = keras.Model
 
+
+def _application_layers() -> dict:
+    """Layer classes that ``tf_keras.applications`` defines for itself (not in ``tf_keras.layers``)."""
+    found = {}
+    for module, name in (("convnext", "LayerScale"), ("inception_resnet_v2", "CustomScaleLayer")):
+        try:
+            found[name] = getattr(__import__(f"tf_keras.src.applications.{module}", fromlist=[name]), name)
+        except (ImportError, AttributeError):  # pragma: no cover - another tf-keras layout
+            pass
+    return found
+
+
+#: Class name -> layer class, for the application layers the handlers know.
+APPLICATION_LAYERS = _application_layers()
+
 # symbol (TFOpLambda.symbol, without the 'tf.' prefix) -> canonical kind
 _KINDS = {
     **dict.fromkeys(["__operators__.add", "math.add", "add", "math.add_n", "add_n"], "add"),
