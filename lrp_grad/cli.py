@@ -192,6 +192,13 @@ def _explain(args) -> int:
     from .explainer import Explainer
 
     model = _load_model(args.model, "explain")
+    if len(model.inputs) != 1:
+        names = ", ".join(repr(getattr(t, "name", "?")) for t in model.inputs)
+        raise SystemExit(f"lrp-grad explain: the model has {len(model.inputs)} inputs ({names}); the command line "
+                         "explains single-input image models. Use lrp_grad.explain(model, [x1, x2, ...]) in Python.")
+    if len(model.outputs) != 1:
+        raise SystemExit(f"lrp-grad explain: the model has {len(model.outputs)} outputs; the command line explains "
+                         "single-output classifiers. Use lrp_grad.Explainer(model, output=...) in Python.")
     shape = tuple(model.input_shape[1:])
     if len(shape) != 3 or None in shape:
         raise SystemExit(f"lrp-grad explain: the model input {model.input_shape} is not a fixed-size image (H, W, C).")

@@ -125,17 +125,21 @@ def _default_jit() -> bool:
 
 
 class Explainer:
-    """Explains a tf-keras classifier with LRP; builds once and reuses the compiled pass.
+    """Explains a Keras model's output with LRP; builds once and reuses the compiled pass.
 
     Parameters
     ----------
-    model : tf_keras.Model
-        Single-input, single-output Sequential or Functional classifier with output
-        ``(batch, classes)``. A final softmax or sigmoid (layer, activation or operation) is skipped: the logits are
-        explained. The model is never modified.
+    model : keras.Model or tf_keras.Model
+        Sequential or Functional model (Keras 3 or tf-keras) with one or several inputs. A final
+        softmax or sigmoid (layer, activation or operation) of the explained output is skipped:
+        its input (the logits) is explained. The model is never modified.
     rule : Rule, Composite or str, optional
         A rule for every rule-taking layer, a :class:`~lrp_grad.Composite`, or a preset name
         (see :mod:`lrp_grad.presets`); default ``AlphaBeta(2, 1)`` (the seed report's a/b rule).
+    output : str or int, optional
+        What to explain: the model's only output (default), one of several outputs by name or
+        index, or any layer's output by the layer's name (``'name#k'`` for the k-th call of a
+        shared layer). A model with several outputs needs it.
     canonizers : sequence of Canonizer, optional
         Forward-preserving rewrites applied first; default folds BatchNorm into the preceding
         Dense/Conv layer (:class:`~lrp_grad.canonizers.FoldBatchNorm`). ``[]`` disables them.
@@ -156,10 +160,13 @@ class Explainer:
     >>> ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))   # doctest: +SKIP
     >>> R = ex(x, target=y)                                           # doctest: +SKIP
     >>> R, report = ex(x, target=y, return_layers=True)               # doctest: +SKIP
+    >>> R_img, R_meta = ex([x_img, x_meta])                           # doctest: +SKIP
+    >>> seg = lrp_grad.Explainer(unet, output="mask")                 # doctest: +SKIP
+    >>> R = seg(x, target=region[..., None] * np.eye(3)[1])          # doctest: +SKIP
     """
 
-    def __init__(self, model, rule=None, *, canonizers=None, jit_compile: bool | None = None, strategy=None,
-                 compute_dtype: str | None = None):
+    def __init__(self, model, rule=None, *, output=None, canonizers=None, jit_compile: bool | None = None,
+                 strategy=None, compute_dtype: str | None = None):
         rule = as_composite(DEFAULT_RULE if rule is None else rule)
         if jit_compile not in (None, True, False):
             raise ValueError(f"jit_compile must be True, False or None, got {jit_compile!r}.")
@@ -179,23 +186,29 @@ class Explainer:
         self.compute_dtype = compute_dtype
         self.rule = rule
         self.canonizers = canonizers
+        self.output = output
         self.jit_compile = _default_jit() if jit_compile is None else jit_compile
-        # Plans for signed and for non-negative inputs; the first now so errors come early.
-        self._plans = {False: rewrite.build_plan(model, rule, input_nonneg=False, canonizers=canonizers,
-                                                 compute_dtype=compute_dtype)}
-        graph = self._plans[False].graph
-        if len(graph.output_shape) != 1 or graph.n_outputs is None:
-            raise UnsupportedModelError(
-                f"model {model.name!r} has output shape {(None,) + graph.output_shape}; lrp_grad explains "
-                "classifiers whose output is (batch, classes)."
-            )
+        # Plans per input-sign pattern; the signed one now so errors come early.
+        first = rewrite.build_plan(model, rule, input_nonneg=False, canonizers=canonizers,
+                                   compute_dtype=compute_dtype, output=output)
+        graph = first.graph
+        self.n_inputs = len(graph.input_ids)
+        self._plans = {(False,) * self.n_inputs: first}
+        #: Name of the explained output (an output layer's or a hidden layer's name).
+        self.output_name = graph.output_name
+        #: Shape of the explained output without the batch axis.
+        self.output_shape = tuple(graph.output_shape)
+        #: Size of the output's last axis (classes of a classifier, channels of a feature map), or
+        #: ``None`` for one number per sample.
         self.n_classes = graph.n_outputs
-        self.input_shape = graph.input_shape
+        self.input_shapes = tuple(tuple(s) for s in graph.input_shapes)
+        self.input_names = tuple(graph.input_names)
+        self.input_shape = self.input_shapes[0]
         # An integer input (e.g. uint8 pixels, then Rescaling) is explained in float32: relevance
         # is fractional, and casting float batches to the integer dtype would zero it. A
         # float16/bfloat16 input too: the rules' divisions need float32's range and precision.
-        dtype = np.dtype(graph.dtype) if graph.dtype != "bfloat16" else None
-        self.dtype = dtype if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float32)
+        self.dtypes = tuple(_explained_dtype(d) for d in graph.dtypes)
+        self.dtype = self.dtypes[0]
         self._input_name = graph.input_name
         self._functions = {}
         #: How many times a compiled pass was traced (for retracing checks).
@@ -206,89 +219,217 @@ class Explainer:
         self._concrete = {}
 
     def __repr__(self):
-        return f"Explainer(model={self.model.name!r}, rule={self.rule.name}, jit_compile={self.jit_compile})"
+        out = "" if self.output is None else f", output={self.output!r}"
+        return f"Explainer(model={self.model.name!r}{out}, rule={self.rule.name}, jit_compile={self.jit_compile})"
 
     @property
     def rules(self):
         """:class:`~lrp_grad.composites.RuleMap` layer -> rule (what will happen; printable)."""
-        return self._plans[False].rules
+        return self._plans[(False,) * self.n_inputs].rules
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the explained output is ``(batch, classes)`` (class targets, a predicted class)."""
+        return len(self.output_shape) == 1 and self.n_classes is not None
+
+    def _require_classifier(self, what: str):
+        """Refuse single-input classifier features for other models, naming what is not supported."""
+        if self.n_inputs != 1:
+            raise UnsupportedModelError(
+                f"{what} explains single-input models; model {self.model.name!r} has {self.n_inputs} inputs "
+                f"({', '.join(map(repr, self.input_names))}). Call the Explainer on lists of batches instead.")
+        if not self.is_classifier:
+            raise UnsupportedModelError(
+                f"{what} explains classifiers with output (batch, classes); the output {self.output_name!r} "
+                f"has shape {(None,) + self.output_shape}. Call the Explainer with target= a mask instead.")
 
     # -----------------------------------------------------------------------------------------
     # Validation
 
-    def _check_x(self, x) -> np.ndarray:
+    def _check_inputs(self, x):
+        """``(list of arrays, structure)``: one checked array per model input; ``structure`` says
+        how to return the relevance (``None``: a single array, ``'list'``, or the dict's keys)."""
+        if self.n_inputs == 1:
+            if isinstance(x, Mapping):
+                if set(x) != {self.input_names[0]}:
+                    raise InvalidInputError(
+                        f"x is a dict with keys {sorted(map(str, x))}; model {self.model.name!r} has one input, "
+                        f"{self.input_names[0]!r}.")
+                return [self._check_x(x[self.input_names[0]])], list(x)
+            if isinstance(x, (list, tuple)) and len(x) == 1 and not np.isscalar(x[0]) and np.ndim(x[0]) == len(self.input_shape) + 1:
+                return [self._check_x(x[0])], "list"
+            return [self._check_x(x)], None
+        names = ", ".join(map(repr, self.input_names))
+        if isinstance(x, Mapping):
+            missing = [k for k in self.input_names if k not in x]
+            extra = [k for k in x if k not in self.input_names]
+            if missing or extra:
+                raise InvalidInputError(
+                    f"x is a dict with keys {sorted(map(str, x))}; model {self.model.name!r} has inputs {names}"
+                    + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else "") + ".")
+            xs, structure = [x[k] for k in self.input_names], list(self.input_names)
+        elif isinstance(x, (list, tuple)):
+            if len(x) != self.n_inputs:
+                raise InvalidInputError(
+                    f"x is a list of {len(x)} arrays; model {self.model.name!r} has {self.n_inputs} inputs ({names}): "
+                    "pass one batch per input, in that order, or a dict by input name.")
+            xs, structure = list(x), "list"
+        else:
+            raise InvalidInputError(
+                f"model {self.model.name!r} has {self.n_inputs} inputs ({names}); pass x as a list of one batch "
+                "per input, in that order, or a dict by input name.")
+        checked = [self._check_x(v, i) for i, v in enumerate(xs)]
+        sizes = {len(v) for v in checked}
+        if len(sizes) != 1:
+            shown = ", ".join(f"{n!r}: {len(v)}" for n, v in zip(self.input_names, checked))
+            raise InvalidInputError(f"the inputs' batches differ in length ({shown}); every input needs one row "
+                                    "per sample.")
+        return checked, structure
+
+    def _pack(self, parts, structure):
+        """The relevance in the structure ``x`` was given in."""
+        if structure is None:
+            return parts[0]
+        if structure == "list":
+            return list(parts)
+        return {k: parts[self.input_names.index(k)] for k in structure}
+
+    def _check_x(self, x, index: int = 0) -> np.ndarray:
+        shape_of_input = self.input_shapes[index]
+        dtype = self.dtypes[index]
+        what = "x" if self.n_inputs == 1 else f"input {self.input_names[index]!r}"
         if isinstance(x, tf.Tensor):
             x = x.numpy()
         try:
             x = np.asarray(x)
         except (ValueError, TypeError) as e:
-            raise InvalidInputError(f"x could not be converted to an array: {e}") from None
+            raise InvalidInputError(f"{what} could not be converted to an array: {e}") from None
         if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
             raise InvalidInputError(
-                f"x has dtype {x.dtype}; it must hold real numbers (float or integer images), "
-                f"it is cast to the model's {self.dtype}."
+                f"{what} has dtype {x.dtype}; it must hold real numbers (float or integer images), "
+                f"it is cast to the model's {dtype}."
             )
-        want = (None,) + tuple(self.input_shape)
-        shown = "(batch, " + ", ".join("any" if d is None else str(d) for d in self.input_shape) + ")"
-        if x.ndim == len(want) - 1 and all(d is None or d == s for d, s in zip(self.input_shape, x.shape)):
+        want = (None,) + tuple(shape_of_input)
+        shown = "(batch, " + ", ".join("any" if d is None else str(d) for d in shape_of_input) + ")"
+        if x.ndim == len(want) - 1 and all(d is None or d == s for d, s in zip(shape_of_input, x.shape)):
             raise InvalidInputError(
-                f"x has shape {x.shape} but model {self.model.name!r} expects a batch {shown}; "
-                "for a single image pass x[None]."
+                f"{what} has shape {x.shape} but model {self.model.name!r} expects a batch {shown}; "
+                f"for a single sample pass {'x' if self.n_inputs == 1 else 'it'}[None]."
             )
         if x.ndim != len(want):
             raise InvalidInputError(
-                f"x has shape {x.shape} (rank {x.ndim}) but model {self.model.name!r} expects rank "
+                f"{what} has shape {x.shape} (rank {x.ndim}) but model {self.model.name!r} expects rank "
                 f"{len(want)}: {shown}."
             )
         for axis, (d, s) in enumerate(zip(want, x.shape)):
             if d is not None and d != s:
                 raise InvalidInputError(
-                    f"x has shape {x.shape} but model {self.model.name!r} expects {shown}: "
+                    f"{what} has shape {x.shape} but model {self.model.name!r} expects {shown}: "
                     f"axis {axis} is {s}, expected {d}."
                 )
         if x.shape[0] == 0:
-            raise InvalidInputError("x is an empty batch (shape[0] == 0); pass at least one sample.")
-        x = x.astype(self.dtype, copy=False)
+            raise InvalidInputError(f"{what} is an empty batch (shape[0] == 0); pass at least one sample.")
+        x = x.astype(dtype, copy=False)
         if not np.all(np.isfinite(x)):
             bad = np.argwhere(~np.isfinite(x))[0]
             raise InvalidInputError(
-                f"x contains NaN or Inf (first at index {tuple(int(i) for i in bad)}, value "
+                f"{what} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}, value "
                 f"{x[tuple(bad)]}); relevance of non-finite inputs is undefined. Clean the data first."
             )
         return x
 
-    def _check_target(self, target, n: int) -> np.ndarray:
+    def _out_shown(self) -> str:
+        return str((None,) + self.output_shape)
+
+    def _check_target(self, target, n: int):
+        """``('index', (n,) int32)`` (``-1``: the predicted class) or ``('mask', array)``."""
         if target is None:
-            return np.full((n,), -1, np.int32)  # -1: the predicted class, chosen in the graph
-        t = np.asarray(target.numpy() if isinstance(target, tf.Tensor) else target)
-        if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
+            if self.is_classifier:
+                return "index", np.full((n,), -1, np.int32)  # -1: the predicted class, chosen in the graph
+            if all(d == 1 for d in self.output_shape):  # one number per sample (e.g. a regression)
+                return "mask", np.ones((1,) * (len(self.output_shape) + 1), self.dtype)
             raise InvalidTargetError(
-                f"target must be an int or an integer array of shape (n,) = ({n},), got "
-                f"{target!r} with dtype {t.dtype}."
+                f"output {self.output_name!r} has shape {self._out_shown()}, which has no predicted class; pass "
+                "target= a channel index (last axis, summed over the other axes) or a mask broadcastable to the "
+                "output (the explained quantity is sum(output * mask) per sample).")
+        t = np.asarray(target.numpy() if isinstance(target, tf.Tensor) else target)
+        if (t.dtype == bool or np.issubdtype(t.dtype, np.floating)) and t.ndim > 0:
+            return "mask", self._check_mask(t, n)
+        if t.ndim == 0 and not np.issubdtype(t.dtype, np.integer) or t.dtype == bool:
+            raise InvalidTargetError(
+                f"target must be an int or an integer array of shape (n,) = ({n},), or a float/bool mask "
+                f"shaped like the output {self._out_shown()}; got {target!r} with dtype {t.dtype}."
             )
+        if not np.issubdtype(t.dtype, np.integer):
+            raise InvalidTargetError(
+                f"target must be an int, an integer array of shape (n,) = ({n},), or a float/bool mask "
+                f"broadcastable to the output {self._out_shown()}; got {target!r} with dtype {t.dtype}."
+            )
+        if self.n_classes is None:
+            raise InvalidTargetError(
+                f"output {self.output_name!r} has shape {self._out_shown()} (one number per sample): it is "
+                "explained without a target (or with a float mask); got an integer target.")
         if t.ndim == 0:
             t = np.full((n,), int(t))
         elif t.shape != (n,):
             raise InvalidTargetError(
                 f"target has shape {t.shape} but must be an int or have shape (n,) = ({n},), one "
-                "class index per sample."
+                "class index per sample (or, as floats, a mask broadcastable to the output "
+                f"{self._out_shown()})."
             )
         bad = np.flatnonzero((t < 0) | (t >= self.n_classes))
         if bad.size:
             i = int(bad[0])
+            units = "classes" if self.is_classifier else f"channels on the last axis of output {self.output_name!r}"
             raise InvalidTargetError(
                 f"target[{i}] = {int(t[i])} is out of range for model {self.model.name!r} with "
-                f"{self.n_classes} classes (valid: 0..{self.n_classes - 1})."
+                f"{self.n_classes} {units} (valid: 0..{self.n_classes - 1})."
             )
-        return t.astype(np.int32)
+        return "index", t.astype(np.int32)
+
+    def _check_mask(self, m: np.ndarray, n: int) -> np.ndarray:
+        """A mask as ``(n or 1, ...)`` of the output's rank + 1, checked against the output shape.
+
+        Per sample: the output's rank + 1 with ``n`` (or 1) rows; shared: the output's rank. Axes
+        of size 1 broadcast. A float vector of length ``n`` for a classifier is refused: it could
+        be class indices stored as floats, or a mask over the classes."""
+        rank = len(self.output_shape)
+        shown = self._out_shown()
+        if self.is_classifier and m.ndim == 1 and m.dtype != bool and len(m) == n:
+            raise InvalidTargetError(
+                f"target is a float array of shape {m.shape}, which is ambiguous for a classifier: class indices "
+                "must be integers (target.astype(int)); a mask over the classes shared by all samples needs a "
+                f"batch axis, shape (1, {self.n_classes}).")
+        if m.ndim == rank + 1:
+            if m.shape[0] not in (n, 1):
+                raise InvalidTargetError(
+                    f"target mask has shape {m.shape}: a per-sample mask needs n = {n} rows (axis 0 is "
+                    f"{m.shape[0]}); the output is {shown}.")
+        elif m.ndim == rank:
+            m = m[None]
+        else:
+            raise InvalidTargetError(
+                f"target mask has shape {m.shape} (rank {m.ndim}) but output {self.output_name!r} is {shown}: "
+                f"pass a per-sample mask (n, ...) of rank {rank + 1} or a shared mask of rank {rank} (axes of "
+                "size 1 broadcast).")
+        for axis, (size, out) in enumerate(zip(m.shape[1:], self.output_shape), start=1):
+            if size != 1 and out is not None and size != out:
+                raise InvalidTargetError(
+                    f"target mask of shape {m.shape[1:]} per sample does not broadcast to output "
+                    f"{self.output_name!r} of shape {shown}: axis {axis} is {size}, the output's is {out}.")
+        m = m.astype(self.dtype)
+        if not np.all(np.isfinite(m)):
+            raise InvalidTargetError("target mask contains NaN or Inf.")
+        return m
 
     def _check_initial(self, initial, target, n: int):
+        full = (n,) + self.output_shape
         if isinstance(initial, str):
             if initial not in _INITIAL_MODES:
                 raise InvalidTargetError(
                     f"initial={initial!r} is not known; use 'logit' (the target logit, default), "
                     "'one' (1 at the target), a callable (logits, target) -> relevance, or an "
-                    f"array of shape (n, classes) = ({n}, {self.n_classes})."
+                    f"array of shape {'(n, classes)' if self.is_classifier else '(n, ...)'} = {full}."
                 )
             return initial, None
         if callable(initial):
@@ -296,13 +437,14 @@ class Explainer:
         r0 = np.asarray(initial)
         if not (np.issubdtype(r0.dtype, np.floating) or np.issubdtype(r0.dtype, np.integer)) or r0.dtype == bool:
             raise InvalidTargetError(f"initial relevance array has dtype {r0.dtype}; it must be real numbers.")
-        if r0.shape == (self.n_classes,):
-            r0 = np.broadcast_to(r0, (n, self.n_classes))
-        if r0.shape != (n, self.n_classes):
-            raise InvalidTargetError(
-                f"initial relevance array has shape {r0.shape}; it must be (n, classes) = "
-                f"({n}, {self.n_classes}) or (classes,) = ({self.n_classes},)."
-            )
+        if r0.shape == self.output_shape:
+            r0 = np.broadcast_to(r0, full)
+        if r0.shape != full:
+            if self.is_classifier:
+                want = f"(n, classes) = {full} or (classes,) = ({self.n_classes},)"
+            else:
+                want = f"(n, ...) = {full} or the shape of one output, {self.output_shape}"
+            raise InvalidTargetError(f"initial relevance array has shape {r0.shape}; it must be {want}.")
         if target is not None:
             raise InvalidTargetError(
                 "pass either target= or an initial relevance array, not both: the array already "
@@ -315,53 +457,90 @@ class Explainer:
     # -----------------------------------------------------------------------------------------
     # The compiled pass
 
-    def _plan(self, input_nonneg: bool):
-        if input_nonneg not in self._plans:
-            self._plans[input_nonneg] = rewrite.build_plan(
-                self.model, self.rule, input_nonneg=input_nonneg, canonizers=self.canonizers,
-                compute_dtype=self.compute_dtype,
+    def _plan(self, input_nonneg):
+        key = input_nonneg if isinstance(input_nonneg, tuple) else (bool(input_nonneg),) * self.n_inputs
+        if key not in self._plans and getattr(self, "_signed_only", False):
+            key = (False,) * self.n_inputs
+        if key not in self._plans:
+            self._plans[key] = rewrite.build_plan(
+                self.model, self.rule, input_nonneg=key, canonizers=self.canonizers,
+                compute_dtype=self.compute_dtype, output=self.output,
             )
-        return self._plans[input_nonneg]
+        return self._plans[key]
 
-    def _function(self, input_nonneg: bool, mode, return_layers: bool):
-        key = (input_nonneg, mode, return_layers)
+    def _function(self, input_nonneg, mode, return_layers: bool, select="index", mask_shape=None):
+        """The compiled pass ``fn(*inputs, second) -> (relevances, output, per-layer sums)``.
+
+        ``select``: how the explained quantity is chosen: ``'index'`` (``second`` holds a class /
+        channel index per sample, ``-1`` the predicted class), ``'mask'`` (``second`` is a mask
+        of shape ``mask_shape`` multiplied with the output) or ``'array'`` (``second`` is the
+        initial relevance itself; ``mode == 'array'``).
+        """
+        input_nonneg = input_nonneg if isinstance(input_nonneg, tuple) else (bool(input_nonneg),) * self.n_inputs
+        if mode == "array":
+            select = "array"
+        key = (input_nonneg, mode, return_layers, select, mask_shape)
         if key in self._functions:
             return self._functions[key]
         plan = self._plan(input_nonneg)
         n_classes = self.n_classes
-        x_spec = tf.TensorSpec((None,) + tuple(self.input_shape), self.dtype)
-        second = tf.TensorSpec((None, n_classes), self.dtype) if mode == "array" else tf.TensorSpec((None,), tf.int32)
+        rank = len(self.output_shape) + 1
+        specs = [tf.TensorSpec((None,) + tuple(shape), dtype) for shape, dtype in zip(self.input_shapes, self.dtypes)]
+        if select == "array":
+            second = tf.TensorSpec((None,) + self.output_shape, self.dtype)
+        elif select == "mask":
+            second = tf.TensorSpec((None,) + tuple(mask_shape[1:]), self.dtype)
+        else:
+            second = tf.TensorSpec((None,), tf.int32)
+        classifier = self.is_classifier
 
-        def lrp_pass(x, target_or_r0):
+        def lrp_pass(*args):
             self.trace_count += 1  # runs only while tracing
+            xs, target_or_r0 = list(args[:-1]), args[-1]
             with tf.GradientTape() as tape:
-                tape.watch(x)
-                logits, layers = rewrite.run(plan, x, collect=return_layers)
-            if mode == "array":
-                r0 = target_or_r0
+                for x in xs:
+                    tape.watch(x)
+                logits, layers = rewrite.run(plan, xs, collect=return_layers)
+            if select == "array":
+                r0 = tf.cast(target_or_r0, logits.dtype)
             else:
-                predicted = tf.argmax(logits, -1, output_type=tf.int32)
-                target = tf.where(target_or_r0 < 0, predicted, target_or_r0)
-                onehot = tf.one_hot(target, n_classes, dtype=logits.dtype)
+                if select == "mask":
+                    chosen = tf.cast(target_or_r0, logits.dtype)
+                    target = target_or_r0
+                else:
+                    if classifier:
+                        predicted = tf.argmax(logits, -1, output_type=tf.int32)
+                        target = tf.where(target_or_r0 < 0, predicted, target_or_r0)
+                    else:
+                        target = target_or_r0
+                    onehot = tf.one_hot(target, n_classes, dtype=logits.dtype)
+                    chosen = tf.reshape(onehot, [-1] + [1] * (rank - 2) + [n_classes])
                 if mode == "logit":
-                    r0 = onehot * logits
+                    r0 = chosen * logits
                 elif mode == "one":
-                    r0 = onehot
+                    r0 = chosen * tf.ones_like(logits)
                 else:
                     r0 = tf.convert_to_tensor(mode(logits, target), dtype=logits.dtype)
                     r0 = tf.ensure_shape(r0, logits.shape)
             r0 = tf.stop_gradient(r0)
-            sources = [x] + list(layers.values())
+            sources = xs + list(layers.values())
             grads = tape.gradient(
                 logits, sources, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
             sums = [tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), -1) for g in grads]
-            return grads[0], logits, sums
+            if len(xs) > 1:  # the inputs' total first: conservation holds over all inputs together
+                sums = [tf.add_n(sums[:len(xs)])] + sums
+            return tuple(grads[:len(xs)]), logits, sums
 
         # autograph=False: the pass has no tensor-dependent Python control flow to convert.
-        fn = tf.function(lrp_pass, input_signature=[x_spec, second], jit_compile=self.jit_compile, autograph=False)
+        fn = tf.function(lrp_pass, input_signature=specs + [second], jit_compile=self.jit_compile, autograph=False)
         self._functions[key] = (fn, list(plan.steps))
         return self._functions[key]
+
+    def _report_labels(self, steps) -> list:
+        if self.n_inputs == 1:
+            return [self._input_name] + [s.node.label for s in steps]
+        return ["inputs (total)", *self.input_names] + [s.node.label for s in steps]
 
     # -----------------------------------------------------------------------------------------
     # Public calls
@@ -371,18 +550,26 @@ class Explainer:
 
         Parameters
         ----------
-        x : array_like
+        x : array_like, list or dict
             Batch shaped like the model input ``(n, ...)``; cast to the model's float dtype (a
-            model with an integer input, e.g. uint8 pixels, is explained in float32).
-        target : int, array_like of int or 'all', optional
-            Class to explain per sample (shape ``(n,)``) or for all; default the predicted class.
-            Several classes per image: an ``(n, k)`` array with ``k >= 2`` or ``'all'``; the result
-            then has shape ``(n, k, ...)`` and is computed in one batched call. An ``(n, 1)`` array
-            is refused as ambiguous (pass ``(n,)`` for one class per image).
+            model with an integer input, e.g. uint8 pixels, is explained in float32). For a model
+            with several inputs: a list of batches in the model's input order, or a dict by input
+            name (:attr:`input_names`); the relevance comes back in the same structure.
+        target : int, array_like of int, 'all', or a float/bool mask, optional
+            Integers: the class (for a ``(n, classes)`` output) or channel (last axis, summed over
+            the other axes) to explain, per sample (shape ``(n,)``) or for all; default the
+            predicted class of a classifier, and the whole output when it is one number per
+            sample (a ``(n, 1)`` regression). Several classes per image: an ``(n, k)`` integer
+            array with ``k >= 2`` or ``'all'``; the result then has shape ``(n, k, ...)``. An
+            ``(n, 1)`` integer array is refused as ambiguous. A float or bool array is a *mask*
+            broadcastable to the output, per sample ``(n, ...)`` or shared ``(...)``: the
+            explained quantity is ``sum(output * mask)`` per sample (e.g. one class inside a
+            region of a segmentation map).
         initial : {'logit', 'one'} or callable or array_like
-            Relevance at the output: the target logit (default, the seed's ``f(x)``), ``1`` at the
-            target, ``initial(logits, target) -> (n, classes)`` built from TensorFlow ops, or an
-            explicit ``(n, classes)`` array (then ``target`` must be omitted).
+            Relevance at the output: the selected output values (default, the seed's ``f(x)``),
+            ``1`` at the selection (the mask itself for a mask), ``initial(logits, target) ->
+            relevance`` built from TensorFlow ops, or an explicit array shaped like the output
+            ``(n, ...)`` (then ``target`` must be omitted).
         return_layers : bool
             Also return a :class:`RelevanceReport` of per-layer relevance sums.
         batch_size : int, optional
@@ -392,43 +579,65 @@ class Explainer:
 
         Returns
         -------
-        numpy.ndarray or (numpy.ndarray, RelevanceReport)
+        numpy.ndarray (list or dict for several inputs), or (that, RelevanceReport)
             Relevance shaped like ``x``, in the model's dtype.
         """
-        x = self._check_x(x)
-        n = x.shape[0]
+        xs, structure = self._check_inputs(x)
+        n = xs[0].shape[0]
         per_class = self._per_class_targets(target, n)
         if per_class is not None:
             # k targets of the same images: the images repeated k times, in batches of at least
             # _MULTI_TARGET_ROWS rows (few images: one call instead of k; many: no giant batch).
             k = per_class.shape[1]
             rows = batch_size if batch_size is not None else max(n, _MULTI_TARGET_ROWS)
-            out = self(np.repeat(x, k, axis=0), per_class.reshape(-1), initial=initial,
-                       return_layers=return_layers, batch_size=rows)
+            repeated = [np.repeat(v, k, axis=0) for v in xs]
+            out = self(self._pack(repeated, structure if structure is not None else None) if self.n_inputs > 1
+                       else repeated[0], per_class.reshape(-1), initial=initial, return_layers=return_layers,
+                       batch_size=rows)
+            R, report = out if return_layers else (out, None)
+            parts = self._unpack(R, structure)
+            parts = [p.reshape((n, k) + v.shape[1:]) for p, v in zip(parts, xs)]
+            R = self._pack(parts, structure)
             if not return_layers:
-                return out.reshape((n, k) + x.shape[1:])
-            R, report = out
+                return R
             sums = {name: v.reshape(n, k) for name, v in report.items()}
-            return R.reshape((n, k) + x.shape[1:]), RelevanceReport(sums)
+            return R, RelevanceReport(sums)
         mode, r0 = self._check_initial(initial, target, n)
-        t = self._check_target(target, n) if r0 is None else None
+        if r0 is not None:
+            select, second = "array", r0
+        else:
+            select, second = self._check_target(target, n)
+            if callable(mode) and select == "mask":
+                raise InvalidTargetError("a callable initial= takes class/channel targets, not a mask; pass "
+                                         "initial='logit' or 'one' with a mask.")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-        input_nonneg = bool(np.all(x >= 0))
-        fn, steps = self._function(input_nonneg, mode, return_layers)
-        second = r0 if r0 is not None else t
+        input_nonneg = tuple(bool(np.all(v >= 0)) for v in xs)
+        fn, steps = self._function(input_nonneg, mode, return_layers, select,
+                                   second.shape if select == "mask" else None)
+        shared = select == "mask" and second.shape[0] == 1
         step = min(n, self.auto_batch_size()) if batch_size is None else batch_size
         parts, sums = [], []
         for start in range(0, n, step):
-            R, _, s = self._run_batch(fn, x[start:start + step], second[start:start + step])
+            rows = [v[start:start + step] for v in xs]
+            s = np.broadcast_to(second, (len(rows[0]),) + second.shape[1:]) if shared else second[start:start + step]
+            R, _, layer_sums = self._run_batch(fn, rows, s)
             parts.append(R)
-            sums.append(s)
-        R = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            sums.append(layer_sums)
+        R = [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts)]
+        R = self._pack(R, structure)
         if not return_layers:
             return R
-        labels = [self._input_name] + [s.node.label for s in steps]
+        labels = self._report_labels(steps)
         per_layer = {k: np.concatenate([b[i] for b in sums]) for i, k in enumerate(labels)}
         return R, RelevanceReport(per_layer)
+
+    def _unpack(self, R, structure) -> list:
+        if structure is None:
+            return [R]
+        if structure == "list":
+            return list(R)
+        return [R[k] for k in self.input_names]
 
     #: Bytes an explanation keeps per activation element and sample: the forward value, the
     #: relevance and the rules' temporaries (z, z+, the stabilised denominator), in float32.
@@ -446,7 +655,7 @@ class Explainer:
         """
         if getattr(self, "_auto_batch", None) is None:
             elements = 0
-            for node in self._plans[False].graph.nodes:
+            for node in self.rules_graph.nodes:
                 for shape in node.input_shapes:
                     dims = list(shape)[1:]
                     elements += int(np.prod([d or 1 for d in dims])) if dims else 1
@@ -455,16 +664,24 @@ class Explainer:
             self._auto_batch = int(np.clip(free * self._MEMORY_SHARE // per_sample, 1, 4096))
         return self._auto_batch
 
+    @property
+    def rules_graph(self):
+        """The canonized graph the explainer runs (the signed-input plan's)."""
+        return self._plans[(False,) * self.n_inputs].graph
+
     def _per_class_targets(self, target, n):
         """``(n, k)`` class indices when several targets per image are asked for, else ``None``."""
         if isinstance(target, str):
             if target != "all":
                 raise InvalidTargetError(f"target={target!r} is not known; use an int, an int array, or 'all'.")
+            if self.n_classes is None:
+                raise InvalidTargetError(f"target='all' needs an output with classes or channels; output "
+                                         f"{self.output_name!r} has shape {self._out_shown()}.")
             return np.tile(np.arange(self.n_classes, dtype=np.int32), (n, 1))
         if target is None or isinstance(target, (int, np.integer)):
             return None
         t = np.asarray(target.numpy() if isinstance(target, tf.Tensor) else target)
-        if t.ndim != 2:
+        if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer) or t.dtype == bool:
             return None
         if t.shape == (n, 1):
             raise InvalidTargetError(
@@ -484,59 +701,59 @@ class Explainer:
         checked (shape, dtype, finite values): only cast here, not checked a second time on the
         streaming hot path. ``target`` ``None`` = predicted."""
         x = np.asarray(x).astype(self.dtype, copy=False)
-        t = self._check_target(target, len(x))
+        _, t = self._check_target(target, len(x))
         fn, _ = self._function(bool(np.all(x >= 0)), "logit", False)
-        R, logits, _ = self._run_batch(fn, x, t)
+        (R,), logits, _ = self._run_batch(fn, [x], t)
         return R, logits
 
-    def _run_batch(self, fn, x, second):
-        """``(relevance, logits, per-layer sums)`` of one batch as numpy, padded to an XLA bucket."""
-        rows = len(x)
+    def _run_batch(self, fn, xs, second):
+        """``(relevances, logits, per-layer sums)`` of one batch as numpy, padded to an XLA bucket."""
+        rows = len(xs[0])
         if self.jit_compile:
-            x, second = _pad_to_bucket(x), _pad_to_bucket(second)
-            self.compiled_batch_sizes.add(len(x))
+            xs, second = [_pad_to_bucket(v) for v in xs], _pad_to_bucket(np.asarray(second))
+            self.compiled_batch_sizes.add(len(xs[0]))
         try:
-            R, logits, sums = self._run(fn, x, second)
+            R, logits, sums = self._run(fn, xs, second)
         except tf.errors.InvalidArgumentError as e:
             if _FOLD_MARK not in str(e):
                 raise
             raise StaleExplainerError(_first_line(str(e), _FOLD_MARK)) from None
         except tf.errors.ResourceExhaustedError:
             raise LRPMemoryError(
-                f"out of memory explaining a batch of {rows} images of shape {tuple(x.shape[1:])} with model "
+                f"out of memory explaining a batch of {rows} samples of shape {tuple(xs[0].shape[1:])} with model "
                 f"{self.model.name!r}; pass a smaller batch_size= (e.g. batch_size={max(1, rows // 4)})."
             ) from None
-        return R.numpy()[:rows], logits.numpy()[:rows], [v.numpy()[:rows] for v in sums]
+        return [r.numpy()[:rows] for r in R], logits.numpy()[:rows], [v.numpy()[:rows] for v in sums]
 
-    def _run(self, fn, x, second):
+    def _run(self, fn, xs, second):
         """Call the compiled pass on one batch, split across the strategy's replicas if any."""
         replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
-        if replicas == 1 or len(x) < replicas:
+        if replicas == 1 or len(xs[0]) < replicas:
             # The concrete function skips the polymorphic dispatch (~0.15 ms a call, measured).
             if fn not in self._concrete:
                 self._concrete[fn] = fn.get_concrete_function()
-            return self._concrete[fn](tf.constant(x), tf.constant(second))
-        bounds = np.linspace(0, len(x), replicas + 1).astype(int)
+            return self._concrete[fn](*[tf.constant(v) for v in xs], tf.constant(second))
+        bounds = np.linspace(0, len(xs[0]), replicas + 1).astype(int)
 
         def shard(values):
             return lambda ctx: tf.constant(values[bounds[ctx.replica_id_in_sync_group]:
                                                   bounds[ctx.replica_id_in_sync_group + 1]])
 
-        xs = self.strategy.experimental_distribute_values_from_function(shard(x))
-        ss = self.strategy.experimental_distribute_values_from_function(shard(second))
+        parts = [self.strategy.experimental_distribute_values_from_function(shard(v)) for v in xs]
+        ss = self.strategy.experimental_distribute_values_from_function(shard(np.asarray(second)))
         if fn not in self._distributed:
             strategy = self.strategy
 
             @tf.function(autograph=False)
-            def distributed(xs, ss):
+            def distributed(parts, ss):
                 # A plain callable: strategy.run re-wraps tf.functions and would bind PerReplica values.
-                return strategy.run(lambda a, b: fn(a, b), args=(xs, ss))
+                return strategy.run(lambda *a: fn(*a), args=(*parts, ss))
 
             self._distributed[fn] = distributed
-        out = self._distributed[fn](xs, ss)
+        out = self._distributed[fn](parts, ss)
         gather = lambda v: tf.concat(self.strategy.experimental_local_results(v), 0)  # noqa: E731 (replica order)
         R, logits, sums = out
-        return gather(R), gather(logits), [gather(v) for v in sums]
+        return [gather(r) for r in R], gather(logits), [gather(v) for v in sums]
 
     def explain_dataset(self, data, target="auto", *, batch_size: int = 256, out=None, resume: bool = False,
                         progress: bool = True, length: int | None = None, worker=None):
@@ -595,10 +812,17 @@ class Explainer:
         return export(self, path)
 
     def forward(self, x) -> np.ndarray:
-        """The rewritten model's output on ``x`` (the logits; a final softmax or sigmoid is skipped)."""
-        x = self._check_x(x)
-        out, _ = rewrite.run(self._plans[False], tf.constant(x))
+        """The rewritten model's explained output on ``x`` (the logits: a final softmax or sigmoid
+        is skipped)."""
+        xs, _ = self._check_inputs(x)
+        out, _ = rewrite.run(self._plan((False,) * self.n_inputs), [tf.constant(v) for v in xs])
         return out.numpy()
+
+
+def _explained_dtype(name: str) -> np.dtype:
+    """float32/float64 inputs keep their dtype; integer and half-precision inputs are explained in float32."""
+    dtype = np.dtype(name) if name != "bfloat16" else None
+    return dtype if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float32)
 
 
 #: ``explain()``'s compiled explainers: model -> {options key: Explainer}. Held weakly by the
@@ -608,7 +832,7 @@ _CACHE = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
 
 
-def _option_key(rule, canonizers, jit_compile, compute_dtype):
+def _option_key(rule, canonizers, jit_compile, compute_dtype, output=None):
     """A hashable key of ``explain()``'s options, or ``None`` when one of them is not hashable.
 
     Rules and preset names hash by value; a Composite (which holds a dict) by identity, kept
@@ -622,7 +846,7 @@ def _option_key(rule, canonizers, jit_compile, compute_dtype):
             return ("object", id(v), v)
 
     key = (handlers.registry_version, part(rule), part(None if canonizers is None else tuple(canonizers)),
-           jit_compile, compute_dtype)
+           jit_compile, compute_dtype, part(output))
     try:
         hash(key)
     except TypeError:
@@ -630,9 +854,9 @@ def _option_key(rule, canonizers, jit_compile, compute_dtype):
     return key
 
 
-def _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype):
+def _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype, output=None):
     """The Explainer of ``explain()`` for these options, built once per model and options."""
-    key = _option_key(rule, canonizers, jit_compile, compute_dtype)
+    key = _option_key(rule, canonizers, jit_compile, compute_dtype, output)
     with _CACHE_LOCK:
         try:
             per_model = _CACHE.setdefault(model, {})
@@ -640,16 +864,18 @@ def _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype):
             per_model, key = None, None
         if key is not None and key in per_model:
             return per_model[key], True
-        return _build_cached(model, rule, canonizers, jit_compile, compute_dtype, per_model, key)
+        return _build_cached(model, rule, canonizers, jit_compile, compute_dtype, output, per_model, key)
 
 
-def _build_cached(model, rule, canonizers, jit_compile, compute_dtype, per_model, key):
-    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype)
+def _build_cached(model, rule, canonizers, jit_compile, compute_dtype, output, per_model, key):
+    ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype,
+                   output=output)
     if key is not None:
         ex._plan(True)  # both plans now: later ones would need the model itself
         proxy = weakref.proxy(model)
         ex.model = proxy
         ex._plans = {k: replace(p, graph=replace(p.graph, model=proxy)) for k, p in ex._plans.items()}
+        ex._signed_only = True  # mixed input signs use the signed plan (exact for any input)
         per_model[key] = ex
     return ex, key is not None
 
@@ -662,13 +888,13 @@ def _evict(model, ex):
                 del per_model[k]
 
 
-def explain(model, x, target=None, *, rule=None, initial="logit", return_layers: bool = False,
+def explain(model, x, target=None, *, rule=None, output=None, initial="logit", return_layers: bool = False,
             batch_size: int | None = None, canonizers=None, jit_compile: bool | None = None,
             compute_dtype: str | None = None):
     """Explain ``model``'s decision on the batch ``x`` with LRP in one call.
 
     See :class:`Explainer` for the parameters. The compiled pass is cached per model and options
-    (``rule``, ``canonizers``, ``jit_compile``, ``compute_dtype``), so repeated calls cost about
+    (``rule``, ``output``, ``canonizers``, ``jit_compile``, ``compute_dtype``), so repeated calls cost about
     what an :class:`Explainer` call does; the cache holds models weakly (deleting a model frees
     its explainers). It reads the model's current weights on every call, and registering or
     unregistering a handler starts new entries; a model whose layers were changed in place
@@ -679,7 +905,7 @@ def explain(model, x, target=None, *, rule=None, initial="logit", return_layers:
     >>> R = lrp_grad.explain(model, x)                                    # doctest: +SKIP
     >>> R = lrp_grad.explain(model, x, target=3, rule=lrp_grad.ZPlus())  # doctest: +SKIP
     """
-    ex, cached = _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype)
+    ex, cached = _cached_explainer(model, rule, canonizers, jit_compile, compute_dtype, output)
     try:
         return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)
     except StaleExplainerError:
@@ -688,5 +914,6 @@ def explain(model, x, target=None, *, rule=None, initial="logit", return_layers:
         if not cached:
             raise
         _evict(model, ex)
-        ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype)
+        ex = Explainer(model, rule=rule, canonizers=canonizers, jit_compile=jit_compile, compute_dtype=compute_dtype,
+                       output=output)
         return ex(x, target, initial=initial, return_layers=return_layers, batch_size=batch_size)

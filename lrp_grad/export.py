@@ -28,6 +28,7 @@ def export(explainer, path) -> pathlib.Path:
 
     The exported graph uses the signed-input form of the rules, which is exact for any input.
     """
+    explainer._require_classifier("export")
     path = pathlib.Path(path)
     fn, _ = explainer._function(False, "logit", False)
     images = tf.TensorSpec((None,) + tuple(explainer.input_shape), explainer.dtype, name="images")
@@ -50,12 +51,12 @@ def export(explainer, path) -> pathlib.Path:
                                             message="target must hold one class per image")]
         with tf.control_dependencies(checks):
             target = tf.identity(target)
-        relevance, logits, _ = fn(images, target)
+        (relevance,), logits, _ = fn(images, target)
         return {"relevance": relevance, "logits": logits}
 
     @tf.function(input_signature=[images], autograph=False)
     def serving_default(images):
-        relevance, logits, _ = fn(images, -tf.ones(tf.shape(images)[:1], tf.int32))
+        (relevance,), logits, _ = fn(images, -tf.ones(tf.shape(images)[:1], tf.int32))
         return {"relevance": relevance, "logits": logits, "target": tf.argmax(logits, -1, output_type=tf.int32)}
 
     module.explain = explain

@@ -332,6 +332,7 @@ def _write_error(path, e):
 def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, resume=False, progress=True,
                     length=None, worker=None) -> DatasetResult:
     """See :meth:`lrp_grad.Explainer.explain_dataset`."""
+    explainer._require_classifier("explain_dataset")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
     if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1):

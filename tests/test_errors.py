@@ -69,7 +69,7 @@ def test_unsupported_layers_are_all_listed_with_the_fix(K):
     assert "'perm' (Permute): no handler for this layer class" in msg, msg
     assert "'lam' (Lambda): no handler" in msg, msg
     assert "'up' (UpSampling2D): interpolation='bilinear'; only 'nearest' is supported" in msg, msg
-    assert "'hidden_softmax' (Dense): softmax is only supported as the model's last operation" in msg, msg
+    assert "'hidden_softmax' (Dense): softmax is only supported as the explained output's last operation" in msg, msg
     assert "lrp_grad.register_handler(LayerClass" in msg and "Supported layer classes: " in msg
     assert [name for name, _, _ in info.value.layers] == ["perm", "lam", "up", "hidden_softmax"]
     assert [cls for _, cls, _ in info.value.layers] == ["Permute", "Lambda", "UpSampling2D", "Dense"]
@@ -250,19 +250,26 @@ def test_unbuilt_sequential_is_rejected_with_the_fix(K):
     assert lrp_grad.explain(called, np.ones((1, 4))).shape == (1, 4)
 
 
-def test_multi_input_and_multi_output_models_are_rejected(K):
+def test_multi_output_model_without_output_is_refused_with_the_names(K):
     L = K.layers
-    a, b = K.Input((3,)), K.Input((3,))
-    two_in = K.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])), name="two_in")
+    a = K.Input((3,), name="a")
+    two_out = K.Model(a, [L.Dense(2, name="cls")(a), L.Dense(3, name="box")(a)], name="two_out")
     with pytest.raises(UnsupportedModelError,
-                       match=r"model 'two_in' has 2 input\(s\) and 1 output\(s\); lrp_grad explains models with exactly one input"):
-        lrp_grad.Explainer(two_in)
-    two_out = K.Model(a, [L.Dense(2)(a), L.Dense(3)(a)], name="two_out")
-    with pytest.raises(UnsupportedModelError, match=r"model 'two_out' has 1 input\(s\) and 2 output\(s\)"):
+                       match=r"model 'two_out' has 2 outputs \('cls', 'box'\); say which one to explain: "
+                             r"Explainer\(model, output='cls'\) or output=0"):
         lrp_grad.Explainer(two_out)
+    with pytest.raises(UnsupportedModelError, match=r"output='nope' is neither an output of model 'two_out' "
+                                                    r"\('cls', 'box'\) nor one of its layers \('(cls|box)', '(box|cls)'\)"):
+        lrp_grad.Explainer(two_out, output="nope")
+    with pytest.raises(UnsupportedModelError, match=r"output=2 is out of range: model 'two_out' has 2 output"):
+        lrp_grad.Explainer(two_out, output=2)
+    with pytest.raises(UnsupportedModelError, match=r"output=1.5 must be an output name"):
+        lrp_grad.Explainer(two_out, output=1.5)
+    assert lrp_grad.Explainer(two_out, output="box").n_classes == 3
+    assert lrp_grad.Explainer(two_out, output=0).output_name == "cls"
 
 
-def test_non_model_and_non_classifier_output(K):
+def test_non_model_and_output_without_a_predicted_class(K):
     with pytest.raises(UnsupportedModelError, match=r"must be a keras.Model \(Keras 3\) or a tf_keras.Model.*got str.*lrp_grad.load_model\(path\)"):
         lrp_grad.Explainer("model.h5")
     # A layer of the package is not a model either; the message names its class and module.
@@ -272,9 +279,10 @@ def test_non_model_and_non_classifier_output(K):
     assert msg.startswith("model must be a keras.Model (Keras 3) or a tf_keras.Model, Sequential or Functional; "
                           f"got Dense ({K.__name__}."), msg
     inp = K.Input((4, 4, 1))
-    seg = K.Model(inp, K.layers.Conv2D(2, 1)(inp))
-    with pytest.raises(UnsupportedModelError, match=r"output shape \(None, 4, 4, 2\).*\(batch, classes\)"):
-        lrp_grad.Explainer(seg)
+    seg = K.Model(inp, K.layers.Conv2D(2, 1, name="seg")(inp))
+    with pytest.raises(InvalidTargetError, match=r"output 'seg' has shape \(None, 4, 4, 2\), which has no predicted "
+                                                 r"class; pass target= a channel index"):
+        lrp_grad.explain(seg, np.ones((1, 4, 4, 1)))
 
 
 # ----------------------------------------------------------------------------- bad x

@@ -148,7 +148,7 @@ def test_out_of_memory_names_batch_size(monkeypatch):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
     monkeypatch.setattr(ex, "_run", oom)
-    with pytest.raises(lrp_grad.LRPMemoryError, match=r"out of memory explaining a batch of 8 images.*batch_size=2"):
+    with pytest.raises(lrp_grad.LRPMemoryError, match=r"out of memory explaining a batch of 8 samples.*batch_size=2"):
         ex(np.zeros((8, 7), "float32"))
 
 
