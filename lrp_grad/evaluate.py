@@ -189,13 +189,25 @@ def aopc(curve) -> np.ndarray:
 
 
 def _gradient(model, x, y):
+    """``d logit[y] / dx``. TensorFlow has no CPU kernel for the gradient of a grouped
+    convolution (ConvNeXt, RegNet); XLA has one, so such models are differentiated under XLA."""
     import tensorflow as tf
 
     x = tf.constant(x, dtype=model.inputs[0].dtype)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        logit = tf.gather(model(x, training=False), tf.constant(y, tf.int64), batch_dims=1)
-    return tape.gradient(logit, x).numpy()
+    y = tf.constant(y, tf.int64)
+
+    def grad(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logit = tf.gather(model(x, training=False), y, batch_dims=1)
+        return tape.gradient(logit, x)
+
+    try:
+        return grad(x, y).numpy()
+    except tf.errors.InvalidArgumentError as e:
+        if "grouped convolutions are not supported" not in str(e):
+            raise
+        return tf.function(grad, jit_compile=True, autograph=False)(x, y).numpy()
 
 
 def _lime(model, x, y, num_samples=500, seed=0, progress=None):

@@ -198,6 +198,7 @@ class Explainer:
         self.output_name = graph.output_name
         #: Shape of the explained output without the batch axis.
         self.output_shape = tuple(graph.output_shape)
+        self._model_output = graph.output_name in graph.output_names
         #: Size of the output's last axis (classes of a classifier, channels of a feature map), or
         #: ``None`` for one number per sample.
         self.n_classes = graph.n_outputs
@@ -380,7 +381,8 @@ class Explainer:
         bad = np.flatnonzero((t < 0) | (t >= self.n_classes))
         if bad.size:
             i = int(bad[0])
-            units = "classes" if self.is_classifier else f"channels on the last axis of output {self.output_name!r}"
+            units = ("classes" if self.is_classifier and self._model_output else
+                     f"channels on the last axis of output {self.output_name!r}")
             raise InvalidTargetError(
                 f"target[{i}] = {int(t[i])} is out of range for model {self.model.name!r} with "
                 f"{self.n_classes} {units} (valid: 0..{self.n_classes - 1})."
@@ -395,7 +397,7 @@ class Explainer:
         be class indices stored as floats, or a mask over the classes."""
         rank = len(self.output_shape)
         shown = self._out_shown()
-        if self.is_classifier and m.ndim == 1 and m.dtype != bool and len(m) == n:
+        if self.is_classifier and self.n_classes > 1 and m.ndim == 1 and m.dtype != bool and len(m) == n:
             raise InvalidTargetError(
                 f"target is a float array of shape {m.shape}, which is ambiguous for a classifier: class indices "
                 "must be integers (target.astype(int)); a mask over the classes shared by all samples needs a "
@@ -479,6 +481,7 @@ class Explainer:
         input_nonneg = input_nonneg if isinstance(input_nonneg, tuple) else (bool(input_nonneg),) * self.n_inputs
         if mode == "array":
             select = "array"
+        mask_shape = None if mask_shape is None else tuple(mask_shape[1:])  # any number of rows
         key = (input_nonneg, mode, return_layers, select, mask_shape)
         if key in self._functions:
             return self._functions[key]
@@ -489,7 +492,7 @@ class Explainer:
         if select == "array":
             second = tf.TensorSpec((None,) + self.output_shape, self.dtype)
         elif select == "mask":
-            second = tf.TensorSpec((None,) + tuple(mask_shape[1:]), self.dtype)
+            second = tf.TensorSpec((None,) + mask_shape, self.dtype)
         else:
             second = tf.TensorSpec((None,), tf.int32)
         classifier = self.is_classifier

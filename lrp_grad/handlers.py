@@ -476,6 +476,14 @@ def _upsampling_problem(layer, ctx):
     return _channels_last(layer)
 
 
+def _upsample_nearest(layer, inputs, ctx):
+    """Nearest upsampling as repeats (what ``UpSampling2D`` computes): tf-keras calls
+    ``tf.image.resize``, whose gradient XLA cannot compile for an unknown batch size."""
+    (x,) = inputs
+    sh, sw = (int(v) for v in layer.size)
+    return tf.repeat(tf.repeat(x, sh, axis=1), sw, axis=2)
+
+
 def _multiply(layer, inputs, ctx):
     gate = ctx.gate
     signal = 1 - gate
@@ -559,7 +567,7 @@ _BY_NAME = {
     "ZeroPadding1D": _ROUTE,
     "Cropping2D": _ROUTE,
     "Cropping1D": _ROUTE,
-    "UpSampling2D": Handler("gradient", _call, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
+    "UpSampling2D": Handler("gradient", _upsample_nearest, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
     "Multiply": Handler("gate", _multiply, _multiply_problem, zero_in_zero_out=True),
     # identity at inference
     "Dropout": IDENTITY,

@@ -61,10 +61,15 @@ def conv_op(layer) -> LinearOp:
     left = (layer.kernel_size[0] - 1) * dilations[0] if causal else 0
     groups = int(getattr(layer, "groups", 1) or 1)
 
+    def dense_forward(x, w):
+        return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations)
+
     def forward(x, w):
         if causal:  # padding inside the op: pad zeros are not inputs (matters for Flat, WSquare)
             x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
-        return tf.nn.convolution(x, w, strides=strides, padding=padding, dilations=dilations)
+        if groups == 1:
+            return dense_forward(x, w)
+        return _grouped_forward(x, w, groups, rank, strides, padding, dilations, dense_forward)
 
     def dense_transpose(s, w, shape):
         if rank == 1:
@@ -84,6 +89,20 @@ def conv_op(layer) -> LinearOp:
 
     # A grouped kernel holds C_in / groups input channels: inputs cannot be concatenated along them.
     return LinearOp(forward, transpose, in_axis=-2 if groups == 1 else None)
+
+
+def _grouped_forward(x, w, groups, rank, strides, padding, dilations, dense_forward):
+    """A grouped convolution as ops TensorFlow's graph optimiser leaves alone: its CPU fusion of a
+    grouped Conv2D with the following BiasAdd is unimplemented (``Fused conv implementation does
+    not support grouped convolutions``). One group per input channel is a depthwise convolution;
+    otherwise each group is convolved on its own channels and the results concatenated."""
+    per_in, out_channels = w.shape[-2], w.shape[-1]
+    per_out = out_channels // groups
+    if per_in == 1 and rank == 2:
+        kernel = tf.reshape(w, [w.shape[0], w.shape[1], groups, per_out])
+        return tf.nn.depthwise_conv2d(x, kernel, [1] + strides + [1], padding, dilations=dilations)
+    return tf.concat([dense_forward(x[..., g * per_in:(g + 1) * per_in], w[..., g * per_out:(g + 1) * per_out])
+                      for g in range(groups)], axis=-1)
 
 
 def _grouped_transpose(s, w, shape, groups, rank, strides, padding, dense_transpose):

@@ -93,20 +93,27 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
 
 
 def output_names(model) -> list:
-    """The names of the model's outputs (its output layers' names), in order."""
+    """The names of the model's outputs, in order: the keys of a dict of outputs, else the output
+    layers' names."""
     frontend = check_model(model)
     _, outputs = frontend.io(model)
-    return _output_names(model, outputs)
+    return _output_names(frontend, model, outputs)[0]
 
 
-def _output_names(model, outputs) -> list:
-    names = list(getattr(model, "output_names", None) or [])
-    if len(names) != len(outputs):
-        names = [_tensor_name(t, f"output_{i}") for i, t in enumerate(outputs)]
-    return [str(n) for n in names]
+def _output_names(frontend, model, outputs):
+    """``(names, aliases)``: the outputs' names (dict keys, else layer names) and, for a dict of
+    outputs, the layer names that may name them too."""
+    layer_names = list(getattr(model, "output_names", None) or [])
+    if len(layer_names) != len(outputs):
+        layer_names = [_tensor_name(t, f"output_{i}") for i, t in enumerate(outputs)]
+    layer_names = [str(n) for n in layer_names]
+    keys = frontend.output_keys(model)
+    if keys is not None and len(keys) == len(outputs):
+        return [str(k) for k in keys], layer_names
+    return layer_names, layer_names
 
 
-def _select_output(model, output, outputs, names, nodes):
+def _select_output(model, output, outputs, names, nodes, aliases=(), input_names=()):
     """``(tensor id, output name, shape)`` of the output to explain (see :func:`walk`)."""
     shown = ", ".join(repr(n) for n in names)
     if output is None:
@@ -124,9 +131,14 @@ def _select_output(model, output, outputs, names, nodes):
             raise UnsupportedModelError(
                 f"output={output} is out of range: model {model.name!r} has {len(outputs)} output(s) ({shown}).")
         return str(id(outputs[output])), names[output], _shape(outputs[output])
-    if output in names:
-        i = names.index(output)
-        return str(id(outputs[i])), output, _shape(outputs[i])
+    for known in (names, aliases):
+        if output in known:
+            i = list(known).index(output)
+            return str(id(outputs[i])), names[i], _shape(outputs[i])
+    if output in input_names:
+        raise UnsupportedModelError(
+            f"output={output!r} is an input of model {model.name!r}; there is nothing to explain. Name an output "
+            f"({shown}) or a layer.")
     by_label = [n for n in nodes if n.label == output]
     by_name = by_label or [n for n in nodes if getattr(n.layer, "name", None) == output]
     if len(by_name) > 1:
@@ -174,8 +186,9 @@ def walk(model, output=None) -> Graph:
     input_ids = [str(id(t)) for t in inputs]
     nodes = []
     _inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {})
-    names = _output_names(model, outputs)
-    output_id, output_name, out_shape = _select_output(model, output, outputs, names, nodes)
+    names, aliases = _output_names(frontend, model, outputs)
+    input_names = tuple(_tensor_name(t, f"input_{i}") for i, t in enumerate(inputs))
+    output_id, output_name, out_shape = _select_output(model, output, outputs, names, nodes, aliases, input_names)
     if output_id in input_ids:
         raise UnsupportedModelError(f"output={output!r} is a model input; there is nothing to explain.")
     last = out_shape[-1] if out_shape.rank else None
@@ -188,7 +201,7 @@ def walk(model, output=None) -> Graph:
         dtypes=tuple(_dtype_name(t) for t in inputs),
         n_outputs=int(last) if last is not None and out_shape.rank >= 2 else None,
         output_shape=tuple(out_shape[1:]),
-        input_names=tuple(_tensor_name(t, f"input_{i}") for i, t in enumerate(inputs)),
+        input_names=input_names,
         package=frontend.PACKAGE,
         output_name=output_name,
         output_names=tuple(names),

@@ -137,6 +137,12 @@ def io(model):
     return list(_flat(fn.inputs)), list(_flat(fn.outputs))
 
 
+def output_keys(model):
+    """The keys of a model whose outputs are a dict (in the order of :func:`io`), else None."""
+    struct = getattr(_functional(model), "_outputs_struct", None)
+    return sorted(struct) if isinstance(struct, dict) else None  # keras.tree.flatten sorts dict keys
+
+
 def _flat(x):
     return keras.tree.flatten(x)
 

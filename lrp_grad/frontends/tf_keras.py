@@ -89,6 +89,12 @@ def io(model):
     return list(model.inputs), list(model.outputs)
 
 
+def output_keys(model):
+    """The keys of a model whose outputs are a dict (in the order of :func:`io`), else None."""
+    struct = getattr(model, "_nested_outputs", None)
+    return sorted(struct) if isinstance(struct, dict) else None  # tf.nest.flatten sorts dict keys
+
+
 def graph_model(layer):
     """``layer`` itself when it is a nested Sequential/Functional model (to be inlined), else None."""
     if isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
