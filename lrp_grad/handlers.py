@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from . import ops, propagate
 from .frontends import RawOp, activation_name, is_layer, is_layer_class, layer_classes
+from .rules import AlphaBeta, Epsilon, Flat, Z
 
 __all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",
            "KINDS", "FAMILIES"]
@@ -394,7 +395,10 @@ def _identity(layer, inputs, ctx):
 
 def _activation_layer(layer, inputs, ctx):
     (x,) = inputs
-    return _activate(layer.activation, x, ctx)
+    out = _activate(layer.activation, x, ctx)
+    # A linear (or skipped head) activation returns its input: a tensor of its own keeps the
+    # per-layer report from reading the input's relevance (the input may be shared).
+    return tf.identity(out) if out is x else out
 
 
 def _elementwise_layer(layer, inputs, ctx):
@@ -411,8 +415,9 @@ def _rescaling(layer, inputs, ctx):
 
 
 def _layer_scale(layer, inputs, ctx):
-    """ConvNeXt's LayerScale ``x * gamma`` (per channel, no bias): for a bias-free elementwise
-    scale every rule gives each input all of its output's relevance, so relevance passes."""
+    """ConvNeXt's LayerScale ``x * gamma`` (a fixed per-channel scale, no bias): relevance passes
+    unchanged, which is what LRP-0 gives a one-to-one scale (and epsilon up to its stabiliser;
+    a single contribution has no positive/negative parts for alpha-beta to weigh)."""
     (x,) = inputs
     gamma = tf.cast(tf.convert_to_tensor(layer.gamma), x.dtype)
     return propagate.passthrough(lambda t: t * gamma, x)
@@ -424,9 +429,13 @@ def _custom_scale(layer, inputs, ctx):
     the scaled branch passes its relevance on to ``r``."""
     x, r = inputs
     scale = tf.constant(float(layer.scale), x.dtype)
-    branch = propagate.passthrough(lambda t: t * scale, r)
-    nonneg = (ctx.nonneg[0], ctx.nonneg[1] and float(layer.scale) >= 0)
-    return _add(layer, [x, branch], replace(ctx, nonneg=nonneg))
+    if isinstance(ctx.rule, (Z, Epsilon, AlphaBeta, Flat)):  # their shares only see the contributions x, s r
+        branch = propagate.passthrough(lambda t: t * scale, r)
+        nonneg = (ctx.nonneg[0], ctx.nonneg[1] and float(layer.scale) >= 0)
+        return _add(layer, [x, branch], replace(ctx, nonneg=nonneg))
+    # Rules that read the weights themselves (w^2, z^B, gamma): a linear layer with weights (1, s).
+    weights = tf.stack([tf.ones([], x.dtype), scale])
+    return _linear(tf.stack([x, r], axis=-1), ops.SUM_OP, weights, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)
 
 
 def _custom_scale_problem(layer, ctx):

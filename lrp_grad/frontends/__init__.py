@@ -187,7 +187,9 @@ def walk(model, output=None) -> Graph:
     nodes = []
     _inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {})
     names, aliases = _output_names(frontend, model, outputs)
-    input_names = tuple(_tensor_name(t, f"input_{i}") for i, t in enumerate(inputs))
+    keys = frontend.input_keys(model)  # a model called on a dict of inputs is fed by its keys
+    input_names = (tuple(str(k) for k in keys) if keys is not None and len(keys) == len(inputs) else
+                   tuple(_tensor_name(t, f"input_{i}") for i, t in enumerate(inputs)))
     output_id, output_name, out_shape = _select_output(model, output, outputs, names, nodes, aliases, input_names)
     if output_id in input_ids:
         raise UnsupportedModelError(f"output={output!r} is a model input; there is nothing to explain.")

@@ -143,6 +143,12 @@ def output_keys(model):
     return sorted(struct) if isinstance(struct, dict) else None  # keras.tree.flatten sorts dict keys
 
 
+def input_keys(model):
+    """The keys of a model whose inputs are a dict (in the order of :func:`io`), else None."""
+    struct = getattr(_functional(model), "_inputs_struct", None)
+    return sorted(struct) if isinstance(struct, dict) else None
+
+
 def _flat(x):
     return keras.tree.flatten(x)
 

@@ -95,6 +95,12 @@ def output_keys(model):
     return sorted(struct) if isinstance(struct, dict) else None  # tf.nest.flatten sorts dict keys
 
 
+def input_keys(model):
+    """The keys of a model whose inputs are a dict (in the order of :func:`io`), else None."""
+    struct = getattr(model, "_nested_inputs", None)
+    return sorted(struct) if isinstance(struct, dict) else None
+
+
 def graph_model(layer):
     """``layer`` itself when it is a nested Sequential/Functional model (to be inlined), else None."""
     if isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
