@@ -16,6 +16,16 @@ L = keras.layers
 PACKAGES = ("keras", "tf_keras")
 
 
+def application_layers(K):
+    """The layer classes ``K.applications`` defines for itself (ConvNeXt's LayerScale, ...)."""
+    import types
+
+    root = "keras.src.applications" if K.__name__ == "keras" else "tf_keras.src.applications"
+    convnext = __import__(f"{root}.convnext", fromlist=["LayerScale"])
+    irv2 = __import__(f"{root}.inception_resnet_v2", fromlist=["CustomScaleLayer"])
+    return types.SimpleNamespace(LayerScale=convnext.LayerScale, CustomScaleLayer=irv2.CustomScaleLayer)
+
+
 def package(name):
     """The Keras package module ``name`` (``'keras'`` is Keras 3)."""
     return importlib.import_module(name)
@@ -208,25 +218,54 @@ def _act_name(fn):
     return "swish" if name == "silu" else name
 
 
+def _act_params(fn):
+    """The npref ``"alpha"`` of an activation whose parameter differs from npref's default."""
+    name, tf_keras_fn = activation_name(fn), (getattr(fn, "__module__", "") or "").startswith("tf_keras")
+    if name == "hard_sigmoid" and tf_keras_fn:  # tf-keras: clip(0.2 x + 0.5, 0, 1)
+        return {"alpha": 0.2}
+    if name == "leaky_relu" and not tf_keras_fn:  # Keras 3's default slope, a float32 attribute in TF
+        return {"alpha": float(np.float32(0.2))}
+    return {}
+
+
 def _np(v):
     return v.numpy().astype(np.float64)
 
 
 def _weighted_dict(kind, layer, W, **extra):
     return {"type": kind, "W": _np(W), "b": _np(layer.bias) if layer.use_bias else None,
-            "act": _act_name(layer.activation), **extra}
+            "act": _act_name(layer.activation), **_act_params(layer.activation), **extra}
 
 
-def to_npref_graph(model):
+def _multiply_npref(node, producers):
+    """The npref ``multiply`` of a product node, its signal as the library reads it from the graph
+    (:func:`lrp_grad.gating.gate_index`)."""
+    from lrp_grad import gating, handlers
+
+    gate, why = gating.gate_index(node, producers, lambda n: n.handler or handlers.handler_for(n.layer))
+    if gate is None:
+        raise ValueError(f"kit.to_npref_graph: lrp_grad refuses the product {node.label!r}: {why}")
+    return {"type": "multiply", "signal": 1 - gate}
+
+
+def to_npref_graph(model, output=None):
     """Describe a Functional/Sequential model (nested models inlined) as npref DAG layer dicts.
 
-    Uses the raw layer graph (no canonizers), so BatchNorm stays a layer of its own.
+    Uses the raw layer graph (no canonizers), so BatchNorm stays a layer of its own. ``output``
+    selects what is explained, as ``Explainer(output=...)`` (the layers it needs are kept; the
+    last dict is the explained layer). Model inputs after the first become npref ``input``
+    layers (pass ``x`` as a list of arrays to npref then).
     """
     from lrp_grad.frontends import walk
 
-    graph = walk(model)
+    graph = walk(model, output)
     index = {graph.input_id: 0}
     out = []
+    for k, t in enumerate(graph.input_ids[1:], start=1):  # further model inputs
+        out.append({"type": "input", "index": k})
+        index[t] = len(out)
+
+    producers = {t: n for n in graph.nodes for t in n.outputs}
 
     def add(entry, inputs, output_id):
         entry["inputs"] = [index[t] for t in inputs] if isinstance(inputs[0], str) else inputs
@@ -236,16 +275,18 @@ def to_npref_graph(model):
     for node in graph.nodes:
         layer, name = node.layer, type(node.layer).__name__
         ins, (oid,) = node.inputs, node.outputs
-        if isinstance(layer, RawOp):
+        if isinstance(layer, RawOp) and layer.kind == "multiply" and layer.n_tensors == 2:
+            add(_multiply_npref(node, producers), ins, oid)
+        elif isinstance(layer, RawOp):
             add(_raw_npref(layer, node), ins, oid)
         elif name == "Dense":
             add(_weighted_dict("dense", layer, layer.kernel), ins, oid)
         elif name == "Conv2D":
             add(_weighted_dict("conv2d", layer, layer.kernel, strides=tuple(layer.strides), padding=layer.padding,
-                               dilation=tuple(layer.dilation_rate)), ins, oid)
+                               dilation=tuple(layer.dilation_rate), groups=int(layer.groups)), ins, oid)
         elif name == "Conv1D":
             add(_weighted_dict("conv1d", layer, layer.kernel, strides=layer.strides[0], padding=layer.padding,
-                               dilation=layer.dilation_rate[0]), ins, oid)
+                               dilation=layer.dilation_rate[0], groups=int(layer.groups)), ins, oid)
         elif name == "DepthwiseConv2D":
             add(_weighted_dict("depthwise", layer, layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel, strides=tuple(layer.strides),
                                padding=layer.padding, dilation=tuple(layer.dilation_rate)), ins, oid)
@@ -260,6 +301,9 @@ def to_npref_graph(model):
         elif name == "AveragePooling2D":
             add({"type": "avgpool", "pool": tuple(layer.pool_size), "strides": tuple(layer.strides),
                  "padding": layer.padding}, ins, oid)
+        elif name in ("GlobalAveragePooling2D", "GlobalAveragePooling1D") and getattr(layer, "keepdims", False):
+            out.append({"type": "global_avgpool", "inputs": [index[ins[0]]]})
+            add({"type": "reshape", "shape": tuple(node.output_shapes[0])[1:]}, [len(out)], oid)
         elif name in ("GlobalAveragePooling2D", "GlobalAveragePooling1D"):
             add({"type": "global_avgpool"}, ins, oid)
         elif name == "BatchNormalization":
@@ -270,8 +314,11 @@ def to_npref_graph(model):
         elif name == "Concatenate":
             add({"type": "concat"}, ins, oid)
         elif name == "Multiply":
-            sizes = [int(np.prod([d for d in s[1:]])) for s in node.input_shapes]
-            add({"type": "multiply", "signal": int(np.argmax(sizes))}, ins, oid)
+            add(_multiply_npref(node, producers), ins, oid)
+        elif name == "LayerScale":
+            add({"type": "layerscale", "gamma": _np(layer.gamma)}, ins, oid)
+        elif name == "CustomScaleLayer":  # x + scale * r: an add with weights 1 and scale
+            add({"type": "add", "weights": [1.0, float(layer.scale)]}, ins, oid)
         elif name == "MaxPooling2D":
             add({"type": "maxpool", "pool": tuple(layer.pool_size), "strides": tuple(layer.strides),
                  "padding": layer.padding}, ins, oid)
@@ -290,7 +337,7 @@ def to_npref_graph(model):
         elif name in ("Dropout", "SpatialDropout2D"):
             add({"type": "identity"}, ins, oid)
         elif name == "Activation":
-            add({"type": "act", "fn": _act_name(layer.activation)}, ins, oid)
+            add({"type": "act", "fn": _act_name(layer.activation), **_act_params(layer.activation)}, ins, oid)
         elif name == "ReLU" and layer.max_value is None and float(layer.negative_slope) == 0:
             add({"type": "relu"}, ins, oid)
         elif name == "ReLU" and float(layer.max_value) == 6.0:

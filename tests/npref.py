@@ -6,7 +6,8 @@ receptive field, with ``-1`` marking zero-padding positions, which are *not*
 inputs), a weight matrix from patch entries to the ``J`` outputs of the position
 (the same for every position, or one per position for average pooling), a
 connectivity mask (which patch entry feeds which output: depthwise, pooling and
-batch-norm layers are per channel) and a bias.  Explicit contributions
+batch-norm layers are per channel, grouped convolutions per channel group; a
+grouped kernel is written out as the full one, zero across groups) and a bias.  Explicit contributions
 ``z_ij = x_i * w_ij`` are formed with shape ``(rows, K, J)`` and every rule is
 written once as "messages" from those contributions, then scatter-added back to
 the input(s).  No clever algebra is used, so the code can be checked line by line
@@ -20,41 +21,63 @@ receives from all the layers that read it.
 
 Weighted layers (every rule applies; optional fused ``"act"``, default linear):
   dense            W (K, J), b
-  conv2d           W (kh, kw, C, J), b, strides, padding valid|same, dilation
+  conv2d           W (kh, kw, C/groups, J), b, strides, padding valid|same, dilation,
+                   groups (default 1): output channel j reads the input channels
+                   of group j // (J/groups), C/groups of them
   depthwise        W (kh, kw, C, M), b (C*M,); output channel c*M + m reads channel c
-  conv1d           W (k, C, J), b, strides s, padding valid|same|causal, dilation d
+  conv1d           W (k, C/groups, J), b, strides s, padding valid|same|causal, dilation d,
+                   groups (as conv2d)
   conv2d_transpose W (kh, kw, J, C), b, strides, padding valid|same (Keras sizes)
   avgpool          pool, strides (default pool), padding; mean over real inputs only
   global_avgpool   (n, ..., C) -> (n, C)
   batchnorm        gamma, beta, mean, var, eps (default 1e-3): y = a*x + c per channel
-  add              two or more inputs of equal shape, all weights 1, no bias
+  add              two or more inputs of equal shape, no bias; ``"weights"``: one
+                   number per input (default all 1), z = sum_k w_k x_k, contributions
+                   z_k = w_k x_k (InceptionResNetV2's CustomScaleLayer: [1, scale])
 Activations (relevance passes unchanged, gradient is the derivative): the fused
 ``"act"`` of a weighted layer, ``{"type": "relu"}`` and ``{"type": "act", "fn": f}``
-with f in ``ACTIVATIONS`` (``"alpha"``: leaky_relu slope, default 0.3; elu alpha,
-default 1).
+with f in ``ACTIVATIONS`` (``"alpha"``: leaky_relu slope, default 0.3; elu and celu
+alpha, default 1; hard_sigmoid/hard_silu slope, default 1/6 (Keras 3), tf-keras'
+hard_sigmoid 0.2; soft/hard_shrink threshold, default 0.5), and
+``{"type": "layerscale", "gamma": (C,)}``: ConvNeXt's LayerScale ``y = x * gamma``
+per channel (relevance passes unchanged; gradient ``gamma``).
 Routing layers (relevance follows the plain gradient): maxpool, global_maxpool,
 flatten, reshape, identity, concat (last axis), zeropad2d pad ((t,b),(l,r)),
 crop2d crop ((t,b),(l,r)), upsample2d size (sh, sw) (nearest).
 ``multiply`` (two inputs, ``"signal"``: 0 or 1 = position in ``inputs``, default 0):
 ``y = signal * gate`` (the gate may broadcast); LRP gives all relevance to the
 signal and none to the gate; the gradient is the true one for both.
+Several model inputs: pass ``x`` as a list or tuple of numpy arrays ``[x_0, x_1, ...]``;
+``a_0 = x_0`` and ``{"type": "input", "index": k}`` (reads no activation) outputs ``x_k``.
+``lrp`` and ``gradient`` then return one array per model input: what ``a_0`` and the input
+layers of that index receive, summed.
 """
+import math
+
 import numpy as np
 
 RULES = ("z", "epsilon", "alphabeta", "zplus", "flat", "wsquare", "zbox", "gamma")
 WEIGHTED = ("dense", "conv2d", "depthwise", "conv1d", "conv2d_transpose",
             "avgpool", "global_avgpool", "batchnorm", "add")
-ACT_LAYERS = ("relu", "act")
+ACT_LAYERS = ("relu", "act", "layerscale")
 ROUTING = ("maxpool", "global_maxpool", "flatten", "reshape", "identity", "concat",
            "zeropad2d", "crop2d", "upsample2d", "multiply")
-LAYER_TYPES = WEIGHTED + ACT_LAYERS + ROUTING
+SOURCES = ("input",)   # model inputs beyond a_0 (see the module docstring)
+LAYER_TYPES = WEIGHTED + ACT_LAYERS + ROUTING + SOURCES
 ACTIVATIONS = ("linear", "relu", "relu6", "tanh", "sigmoid", "swish", "silu",
-               "leaky_relu", "elu", "softplus")
+               "leaky_relu", "elu", "softplus",
+               "gelu", "gelu_tanh", "selu", "celu", "softsign", "exponential", "mish",
+               "hard_sigmoid", "hard_silu", "hard_swish", "hard_tanh", "log_sigmoid",
+               "squareplus", "sparse_plus", "sparse_sigmoid", "soft_shrink", "hard_shrink",
+               "tanh_shrink")
 _REQUIRED = {"dense": ("W",), "conv2d": ("W",), "depthwise": ("W",), "conv1d": ("W",),
              "conv2d_transpose": ("W",), "avgpool": ("pool",), "maxpool": ("pool",),
              "batchnorm": ("mean", "var"), "reshape": ("shape",), "act": ("fn",),
-             "zeropad2d": ("pad",), "crop2d": ("crop",), "upsample2d": ("size",)}
+             "zeropad2d": ("pad",), "crop2d": ("crop",), "upsample2d": ("size",),
+             "layerscale": ("gamma",)}
 _ARITY = {"add": (2, None), "concat": (1, None), "multiply": (2, 2)}   # default (1, 1)
+_REQUIRED["input"] = ("index",)
+_ARITY["input"] = (0, 0)
 _STAB = 1e-6        # fixed stabiliser used by every rule except epsilon
 _CHUNK = 2_000_000  # max contribution entries held at once (memory bound)
 
@@ -117,7 +140,72 @@ def _act(name, z, alpha=None):
         al = 1.0 if alpha is None else alpha
         e = np.expm1(np.minimum(z, 0.0))
         return np.where(z > 0, z, al * e), np.where(z > 0, 1.0, al * (e + 1.0))
+    if name == "gelu":              # exact: z * Phi(z)
+        Phi = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+        phi = np.exp(-0.5 * z ** 2) / math.sqrt(2.0 * math.pi)
+        return z * Phi, Phi + z * phi
+    if name == "gelu_tanh":         # gelu(approximate=True)
+        c = math.sqrt(2.0 / math.pi)
+        u = c * (z + 0.044715 * z ** 3)
+        t = np.tanh(u)
+        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t ** 2) * c * (1.0 + 3 * 0.044715 * z ** 2)
+    if name == "selu":
+        al, sc = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+        e = np.expm1(np.minimum(z, 0.0))
+        return sc * np.where(z > 0, z, al * e), sc * np.where(z > 0, 1.0, al * (e + 1.0))
+    if name == "celu":              # max(z, 0) + alpha * expm1(min(z, 0) / alpha)
+        al = 1.0 if alpha is None else alpha
+        e = np.expm1(np.minimum(z, 0.0) / al)
+        return np.maximum(z, 0.0) + al * e, np.where(z > 0, 1.0, e + 1.0)
+    if name == "softsign":
+        return z / (1.0 + np.abs(z)), 1.0 / (1.0 + np.abs(z)) ** 2
+    if name == "exponential":
+        return np.exp(z), np.exp(z)
+    if name == "mish":              # z * tanh(softplus(z))
+        t = np.tanh(np.logaddexp(0.0, z))
+        return z * t, t + z * (1.0 - t ** 2) * sig
+    if name in ("hard_sigmoid", "hard_silu", "hard_swish"):
+        # clip(slope * z + 1/2, 0, 1); slope ``alpha``: 1/6 (Keras 3, relu6(z + 3) / 6) by
+        # default, 0.2 for tf-keras' hard_sigmoid
+        sl = 1.0 / 6.0 if alpha is None else alpha
+        u = sl * z + 0.5
+        hs, dhs = np.clip(u, 0.0, 1.0), np.where((u > 0) & (u < 1), sl, 0.0)
+        if name == "hard_sigmoid":
+            return hs, dhs
+        return z * hs, hs + z * dhs
+    if name == "hard_tanh":
+        return np.clip(z, -1.0, 1.0), ((z > -1) & (z < 1)).astype(np.float64)
+    if name == "log_sigmoid":       # -softplus(-z)
+        return -np.logaddexp(0.0, -z), 1.0 - sig
+    if name == "squareplus":        # (z + sqrt(z^2 + b)) / 2, b = 4
+        r = np.sqrt(z ** 2 + 4.0)
+        return 0.5 * (z + r), 0.5 * (1.0 + z / r)
+    if name == "sparse_plus":       # 0 | (z + 1)^2 / 4 | z  at  z <= -1 | -1 < z < 1 | z >= 1
+        return (np.where(z <= -1, 0.0, np.where(z < 1, 0.25 * (z + 1) ** 2, z)),
+                np.where(z <= -1, 0.0, np.where(z < 1, 0.5 * (z + 1), 1.0)))
+    if name == "sparse_sigmoid":    # 0 | (z + 1) / 2 | 1
+        return (np.where(z <= -1, 0.0, np.where(z >= 1, 1.0, 0.5 * (z + 1))),
+                ((z > -1) & (z < 1)) * 0.5)
+    if name in ("soft_shrink", "hard_shrink"):  # threshold ``alpha``, default 0.5
+        th = 0.5 if alpha is None else alpha
+        out = np.abs(z) > th
+        if name == "hard_shrink":
+            return np.where(out, z, 0.0), out.astype(np.float64)
+        return np.where(z > th, z - th, np.where(z < -th, z + th, 0.0)), out.astype(np.float64)
+    if name == "tanh_shrink":
+        t = np.tanh(z)
+        return z - t, t ** 2
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def _act_layer(layer, z):
+    """``(f(z), f'(z))`` of a standalone activation layer (``relu``, ``act``, ``layerscale``)."""
+    if layer["type"] == "layerscale":   # y = z * gamma per channel (last axis)
+        g = _f64(layer["gamma"])
+        if g.shape != (z.shape[-1],):
+            raise ValueError(f"layerscale: gamma shape {g.shape}, expected ({z.shape[-1]},)")
+        return z * g, np.broadcast_to(g, z.shape)
+    return _act(layer.get("fn", "relu"), z, layer.get("alpha"))
 
 
 # ------------------------------------------------------------ window tables --
@@ -248,10 +336,23 @@ def _weighted_view(layer, in_shapes):
         if padding == "causal" and t != "conv1d":
             raise ValueError("'causal' padding only exists for conv1d")
         kh, kw, cin, M = W.shape
-        _check_channels(t, C, cin)
+        G = int(layer.get("groups", 1))
+        if G != 1 and t == "depthwise":
+            raise ValueError("depthwise: 'groups' only exists for conv2d and conv1d")
+        if G < 1 or C % G or M % G:
+            raise ValueError(f"{t}: groups={G} must divide the {C} input and {M} output channels")
+        _check_channels(t, C, cin * G)
         out_hw, sp = _window_table(H, Wd, kh, kw, strides, dilation, padding)
         idx = _expand_channels(sp, C)
-        if t == "depthwise":        # output channel c*M + m reads input channel c only
+        if G != 1:                  # output channel j reads the input channels of group j // (M/G)
+            cg, jg = C // G, M // G
+            Wfull = np.zeros((kh, kw, C, M))
+            for j in range(M):
+                g = j // jg
+                Wfull[:, :, g * cg:(g + 1) * cg, j] = W[:, :, :, j]
+            J, Wm = M, Wfull.reshape(-1, M)
+            conn = np.tile(np.arange(C)[:, None] // cg == np.arange(M)[None, :] // jg, (kh * kw, 1))
+        elif t == "depthwise":      # output channel c*M + m reads input channel c only
             J = C * M
             Wfull = np.zeros((kh, kw, C, J))
             for c in range(C):
@@ -305,7 +406,10 @@ def _weighted_view(layer, in_shapes):
             raise ValueError(f"add: inputs must have equal shapes, got {in_shapes}")
         D, S = int(np.prod(shape)), len(in_shapes)
         idx = np.arange(D)[:, None] + D * np.arange(S)[None, :]   # entry k = input k
-        return idx, np.ones((S, 1)), np.ones((S, 1), bool), np.zeros(1), shape
+        w = _f64(layer["weights"]) if layer.get("weights") is not None else np.ones(S)
+        if w.shape != (S,):
+            raise ValueError(f"add: 'weights' must hold one number per input ({S}), got shape {w.shape}")
+        return idx, w[:, None], np.ones((S, 1), bool), np.zeros(1), shape
     raise ValueError(f"unknown layer type {t!r}; expected one of {WEIGHTED}")
 
 
@@ -436,6 +540,8 @@ def _route(layer, ins, G):
 
     Returns one array per input (the true vector-Jacobian product).
     """
+    if layer["type"] in SOURCES:      # a model input reads no activation
+        return []
     t, a = layer["type"], ins[0]
     if t == "maxpool":
         return [_maxpool_back(layer, a, G)]
@@ -471,6 +577,33 @@ def _route(layer, ins, G):
 
 # ------------------------------------------------------------------ network --
 
+def _is_multi(x):
+    """Whether ``x`` is several model inputs (a list or tuple of numpy arrays)."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, np.ndarray) for v in x)
+
+
+def _model_inputs(x):
+    """The model inputs as a list of float64 arrays (one for a single input)."""
+    return [_f64(v) for v in x] if _is_multi(x) else [_f64(x)]
+
+
+def _source(layer, xs):
+    """Output of an ``input`` layer: model input ``index``."""
+    k = layer["index"]
+    if not isinstance(k, (int, np.integer)) or not 0 <= k < len(xs):
+        raise ValueError(f"input layer: index {k!r} is not a model input 0..{len(xs) - 1}")
+    return xs[int(k)]
+
+
+def _per_input(layers, per, x):
+    """Relevance (or gradient) of each model input: ``a_0``'s plus its input layers'."""
+    out = [per[0]] + [np.zeros(np.shape(v)) for v in x[1:]]
+    for m, layer in enumerate(layers):
+        if layer["type"] in SOURCES:
+            out[int(layer["index"])] = out[int(layer["index"])] + per[m + 1]
+    return out
+
+
 def _inputs(layer, m):
     """Validate layer ``m`` and return the activation indices it reads."""
     t = layer.get("type")
@@ -479,7 +612,7 @@ def _inputs(layer, m):
     missing = [k for k in _REQUIRED.get(t, ()) if k not in layer]
     if missing:
         raise ValueError(f"layer type {t!r} (layer {m}) is missing key(s) {missing}")
-    ks = list(layer.get("inputs", [m]))
+    ks = list(layer.get("inputs", [] if t == "input" else [m]))
     lo, hi = _ARITY.get(t, (1, 1))
     if len(ks) < lo or (hi is not None and len(ks) > hi):
         raise ValueError(f"layer {m} ({t}) got {len(ks)} inputs; expects "
@@ -511,16 +644,19 @@ def forward(layers, x, return_pre=False):
         weighted layers, the input for a standalone activation, the output
         otherwise).
     """
-    acts, pres = [np.asarray(x, dtype=np.float64)], []
+    xs = _model_inputs(x)
+    acts, pres = [xs[0]], []
     for m, layer in enumerate(layers):
         ins = [acts[k] for k in _inputs(layer, m)]
         t = layer["type"]
-        if t in WEIGHTED:
+        if t in SOURCES:
+            pre = a = _source(layer, xs)
+        elif t in WEIGHTED:
             pre = _weighted_forward(layer, ins)
             a = _act(layer.get("act", "linear"), pre, layer.get("alpha"))[0]
         elif t in ACT_LAYERS:
             pre = ins[0]
-            a = _act(layer.get("fn", "relu"), pre, layer.get("alpha"))[0]
+            a = _act_layer(layer, pre)[0]
         else:
             pre = a = _route_forward(layer, ins)
         acts.append(a)
@@ -687,7 +823,7 @@ def lrp(layers, x, R_out, rule, first_rule=None, layer_rules=None):
             _accumulate(per, k, r_k)
     if per[0] is None:
         per[0] = np.zeros(acts[0].shape)
-    return per[0], per
+    return (_per_input(layers, per, x) if _is_multi(x) else per[0]), per
 
 
 def gradient(layers, x, G_out, per_layer=False):
@@ -721,11 +857,12 @@ def gradient(layers, x, G_out, per_layer=False):
             G = G * _act(layer.get("act", "linear"), pres[m], layer.get("alpha"))[1]
             back = _weighted_back(layer, ins, G)
         elif t in ACT_LAYERS:
-            back = [G * _act(layer.get("fn", "relu"), pres[m], layer.get("alpha"))[1]]
+            back = [G * _act_layer(layer, pres[m])[1]]
         else:
             back = _route(layer, ins, G)
         for k, g_k in zip(ks, back):
             _accumulate(per, k, g_k)
     if per[0] is None:
         per[0] = np.zeros(acts[0].shape)
-    return (per[0], per) if per_layer else per[0]
+    g = _per_input(layers, per, x) if _is_multi(x) else per[0]
+    return (g, per) if per_layer else g

@@ -116,6 +116,42 @@ def test_gating_product_and_constant_arithmetic(K):
                          str(rule))
 
 
+def test_branches_that_only_feed_gates_need_no_handler(K):
+    """An attention softmax and an operation without an LRP rule (``x - y`` of two tensors) on a
+    branch that only feeds gates get no relevance, so they are computed by their own forward and
+    not refused; the relevance equals the twin written with supported operations (``x + (-1) y``),
+    and the gate branch's layers get exactly zero. A softmax outside a gate is refused."""
+    L, ops = K.layers, kit.ops_of(K)
+
+    def build(odd):
+        inp = K.Input((6, 4))
+        h = L.Dense(4, name="feat")(inp)
+        a = L.Softmax(axis=1, name="attn")(L.Dense(4, name="score")(inp))
+        b = L.Dense(4, name="other")(inp)
+        g = L.Activation("sigmoid", name="squash")(ops.subtract(a, b) if odd else L.Add()([a, b * -1.0]))
+        m = L.Add(name="join")([L.Multiply(name="gated")([h, g]), L.Multiply(name="attended")([a, h])])
+        return kit.randomize(K.Model(inp, L.Dense(3, name="head")(L.Flatten(name="flat")(m))), seed=4)
+
+    odd, plain = build(True), build(False)
+    plain.set_weights(odd.get_weights())
+    x = np.random.default_rng(4).normal(size=(2, 6, 4)).astype("float32")
+    before = [w.copy() for w in odd.get_weights()]
+    for rule in (lrp_grad.Z(), lrp_grad.AlphaBeta(2, 1)):
+        R, report = lrp_grad.explain(odd, x, rule=rule, return_layers=True)
+        kit.assert_close(R, lrp_grad.explain(plain, x, rule=rule), 1e-6, str(rule))
+        assert np.all(report["attn"] == 0) and np.all(report["score"] == 0), dict(report)
+        np.testing.assert_allclose(report["feat"], report["join"], rtol=1e-5)  # all of it reaches the signal
+    np.testing.assert_allclose(lrp_grad.Explainer(odd).forward(x), odd(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(before, odd.get_weights()))
+
+    inp = K.Input((6, 4))
+    h = L.Softmax(axis=1, name="attn")(L.Dense(4, name="score")(inp))
+    signal = K.Model(inp, L.Dense(3, name="head")(L.Flatten()(h)))
+    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(Softmax\): softmax is only supported as the "
+                                                    r"explained output's last operation"):
+        lrp_grad.Explainer(signal)
+
+
 def test_unsupported_operations_are_named_by_their_operation(K):
     L, ops = K.layers, kit.ops_of(K)
     inp = K.Input((4,))
@@ -180,7 +216,7 @@ def test_same_weights_give_the_same_relevance_in_both_packages(rule):
 
     def plan(ex):
         return [(s.handler.kind, s.handler.family, s.context.rule, s.context.fuse_relu, s.context.nonneg,
-                 s.node.params is not None) for s in ex._plans[False].steps]
+                 s.node.params is not None) for s in ex._plan(False).steps]
 
     assert plan(ex3) == plan(ex2)
     assert "bn1" not in str(ex3.rules)  # folded into c1: not a rule-taking layer any more
@@ -191,12 +227,13 @@ def test_builtin_handler_table_covers_both_packages():
     k3, k2 = kit.package("keras"), kit.package("tf_keras")
     for name, handler in handlers._BY_NAME.items():
         for K in (k3, k2):
-            cls = getattr(K.layers, name, None)
+            cls = getattr(K.layers, name, None) or vars(kit.application_layers(K)).get(name)
             if cls is None:
                 assert (name, K.__name__) == ("ThresholdedReLU", "keras"), f"{name} missing in {K.__name__}"
                 continue
             assert handlers._BUILTIN.get(cls) is handler, f"{K.__name__}.layers.{name} has no handler"
     assert len(layer_classes("Dense")) == 2
+    assert len(layer_classes("LayerScale", "CustomScaleLayer")) == 4  # the applications' own layers
 
 
 def test_no_core_module_checks_one_packages_classes():

@@ -897,3 +897,236 @@ def test_dag_validation_errors():
     for layers, msg in bad:
         with pytest.raises(ValueError, match=msg):
             npref.forward(layers, x)
+
+
+# ============================ grouped convolution, LayerScale, weighted add ==
+
+GROUP_CASES = [  # (name, kind, in_shape, kernel (spatial), groups, out channels, options)
+    ("g2_same", "conv2d", (5, 6, 4), (3, 3), 2, 6, dict(padding="same")),
+    ("g3_valid_s2", "conv2d", (7, 6, 6), (3, 2), 3, 3, dict(strides=(2, 2))),
+    ("g4_dw_mult2_dil2", "conv2d", (6, 6, 4), (2, 2), 4, 8, dict(padding="same", dilation=(2, 2))),
+    ("g2_1d_causal", "conv1d", (9, 4), (3,), 2, 4, dict(padding="causal", dilation=2)),
+    ("g3_1d_same_s2", "conv1d", (9, 6), (2,), 3, 6, dict(padding="same", strides=2)),
+]
+GROUP_NAMES = [c[0] for c in GROUP_CASES]
+
+
+def grouped_case(name, rng, bias=True):
+    """(grouped layer dict, the equal dense (groups=1) layer dict with a block-diagonal kernel, shape)."""
+    _, kind, in_shape, k, G, J, opts = next(c for c in GROUP_CASES if c[0] == name)
+    C = in_shape[-1]
+    W = rng.normal(size=k + (C // G, J))
+    b = rng.normal(size=J) if bias else None
+    full = np.zeros(k + (C, J))               # written out: output j reads the inputs of its group
+    for j in range(J):
+        g = j // (J // G)
+        full[..., g * (C // G):(g + 1) * (C // G), j] = W[..., j]
+    layer = {"type": kind, "W": W, "b": b, "groups": G, **opts}
+    return layer, dict(layer, W=full, groups=1), in_shape
+
+
+def grouped_loop(layer, x):
+    """Grouped convolution as separate convolutions of the channel groups, concatenated."""
+    G, W, b = layer["groups"], layer["W"], layer["b"]
+    cg, jg = x.shape[-1] // G, W.shape[-1] // G
+    parts = []
+    for g in range(G):
+        xs, Ws = x[..., g * cg:(g + 1) * cg], W[..., g * jg:(g + 1) * jg]
+        if layer["type"] == "conv1d":
+            parts.append(loop_conv1d(xs, Ws, None, layer.get("strides", 1), layer.get("padding", "valid"),
+                                     layer.get("dilation", 1)))
+        else:
+            parts.append(loop_conv(xs, Ws, None, layer.get("strides", (1, 1)), layer.get("padding", "valid"),
+                                   layer.get("dilation", (1, 1))))
+    return np.concatenate(parts, axis=-1) + (0 if b is None else b)
+
+
+@pytest.mark.parametrize("case", GROUP_NAMES)
+def test_grouped_conv_forward_is_per_group_convolutions(case):
+    rng = np.random.default_rng(RNG_SEED + 20)
+    layer, full, in_shape = grouped_case(case, rng)
+    x = rng.normal(size=(2,) + in_shape)
+    out = npref.forward([layer], x)[-1]
+    np.testing.assert_allclose(out, grouped_loop(layer, x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, npref.forward([full], x)[-1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", GROUP_NAMES)
+@pytest.mark.parametrize("rule", UNROLL_RULES, ids=lambda r: r["name"])
+def test_grouped_conv_lrp_equals_block_diagonal_conv(case, rule):
+    """Every rule but flat only sees the weights, zero across groups: the grouped conv is the dense
+    conv with the block-diagonal kernel. Flat counts the *connected* inputs: those of the group
+    (the dense conv would count every input channel), checked against the unrolled dense layer."""
+    rng = np.random.default_rng(RNG_SEED + 21)
+    layer, full, in_shape = grouped_case(case, rng)
+    x = rng.normal(size=(2,) + in_shape)
+    R_out = rng.normal(size=npref.forward([layer], x)[-1].shape)
+    drule = dict(rule)
+    if rule["name"] == "zbox":      # per-channel bounds for this input's channels
+        C = in_shape[-1]
+        drule["low"], drule["high"] = -np.linspace(0.5, 1.0, C), np.linspace(0.2, 2.0, C)
+    R, _ = npref.lrp([layer], x, R_out, drule)
+    if rule["name"] == "flat":
+        Wd, _ = affine_map([dict(layer, b=None)], in_shape)
+        Mk = (Wd != 0).astype(float)
+        Rd = R_out.reshape(2, -1) @ (Mk / (Mk.sum(0) + E)).T
+        np.testing.assert_allclose(R, Rd.reshape(R.shape), rtol=1e-9, atol=1e-12)
+        R_full, _ = npref.lrp([full], x, R_out, drule)
+        assert not np.allclose(R, R_full)         # the dense conv would spread over all channels
+    else:
+        R_full, _ = npref.lrp([full], x, R_out, drule)
+        np.testing.assert_allclose(R, R_full, rtol=1e-10, atol=1e-13)
+    assert np.abs(R).sum() > 0
+
+
+@pytest.mark.parametrize("case", GROUP_NAMES)
+def test_grouped_conv_gradient_matches_finite_differences(case):
+    rng = np.random.default_rng(RNG_SEED + 22)
+    layer, _, in_shape = grouped_case(case, rng)
+    layers = [dict(layer, act="tanh"), {"type": "flatten"}]
+    x = rng.normal(size=(1,) + in_shape)
+    G = rng.normal(size=npref.forward(layers, x)[-1].shape)
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G), rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_conv_validation():
+    x = np.ones((1, 4, 4, 4))
+    for layer, msg in [
+        ({"type": "conv2d", "W": np.ones((2, 2, 2, 3)), "groups": 2}, "groups=2 must divide"),
+        ({"type": "conv2d", "W": np.ones((2, 2, 3, 3)), "groups": 3}, "groups=3 must divide"),
+        ({"type": "conv2d", "W": np.ones((2, 2, 4, 4)), "groups": 2}, "expects 8 input channels"),
+        ({"type": "depthwise", "W": np.ones((2, 2, 4, 1)), "groups": 2}, "only exists for conv2d"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            npref.forward([layer], x)
+
+
+def test_layerscale_forward_gradient_and_relevance_pass_through():
+    rng = np.random.default_rng(RNG_SEED + 23)
+    gamma = rng.normal(size=3)
+    x = rng.normal(size=(2, 4, 5, 3))
+    ls = {"type": "layerscale", "gamma": gamma}
+    np.testing.assert_allclose(npref.forward([ls], x)[-1], x * gamma.reshape(1, 1, 1, 3), rtol=1e-15)
+    layers = [conv(rng.normal(size=(2, 2, 3, 3)), rng.normal(size=3), padding="same"), ls,
+              {"type": "act", "fn": "tanh"}, {"type": "flatten"}]
+    G = rng.normal(size=(2, 60))
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G), rtol=1e-5, atol=1e-7)
+    R = rng.normal(size=x.shape)
+    for rule in UNROLL_RULES:
+        _, per = npref.lrp([ls], x, R, rule)
+        np.testing.assert_array_equal(per[0], R)
+    with pytest.raises(ValueError, match="gamma shape"):
+        npref.forward([{"type": "layerscale", "gamma": np.ones(2)}], x)
+    with pytest.raises(ValueError, match="missing"):
+        npref.forward([{"type": "layerscale"}], x)
+
+
+def weighted_add_net(s):
+    """a1 = crop top, a2 = crop bottom of x; a3 = a1 + s * a2."""
+    return [{"type": "crop2d", "crop": ((0, 3), (0, 0))},
+            {"type": "crop2d", "crop": ((3, 0), (0, 0)), "inputs": [0]},
+            {"type": "add", "inputs": [1, 2], "weights": [1.0, s]}]
+
+
+@pytest.mark.parametrize("s", [0.17, -0.6])
+@pytest.mark.parametrize("rule", UNROLL_RULES, ids=lambda r: r["name"])
+def test_weighted_add_lrp_equals_unrolled_dense(rule, s):
+    rng = np.random.default_rng(RNG_SEED + 24)
+    layers, in_shape = weighted_add_net(s), (6, 2, 3)
+    x = rng.normal(size=(2,) + in_shape)
+    acts = npref.forward(layers, x)
+    np.testing.assert_allclose(acts[3], acts[1] + s * acts[2], rtol=1e-15)
+    R_out = rng.normal(size=acts[3].shape)
+    R, _ = npref.lrp(layers, x, R_out, rule)
+    Wd, bd = affine_map(layers, in_shape)
+    np.testing.assert_allclose(bd, 0.0, atol=1e-15)
+    if rule["name"] == "flat":
+        Mk = (Wd != 0).astype(float)
+        Rd = R_out.reshape(2, -1) @ (Mk / (Mk.sum(0) + E)).T
+    else:
+        drule = dict(rule)
+        if rule["name"] == "zbox":
+            for k in ("low", "high"):
+                drule[k] = np.broadcast_to(rule[k], in_shape).reshape(-1)
+        Rd, _ = npref.lrp([dense(Wd)], x.reshape(2, -1), R_out.reshape(2, -1), drule)
+    np.testing.assert_allclose(R, Rd.reshape(R.shape), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", [{"name": "z"}, {"name": "epsilon", "epsilon": 0.3},
+                                  {"name": "alphabeta", "alpha": 2.0, "beta": 1.0}, {"name": "zplus"},
+                                  {"name": "gamma", "gamma": 0.25}], ids=lambda r: r["name"])
+def test_weighted_add_is_an_add_of_the_scaled_branch(rule):
+    """Rules that see only the contributions: x0 + s*x1 is an add of x0 and the branch s*x1, whose
+    relevance goes unchanged to x1 (CustomScaleLayer as lrp_grad handles it)."""
+    rng = np.random.default_rng(RNG_SEED + 25)
+    s = -0.4
+    x = rng.normal(size=(3, 6, 2, 3))
+    layers = weighted_add_net(s)
+    scaled = layers[:2] + [{"type": "layerscale", "gamma": np.full(3, s)},
+                           {"type": "add", "inputs": [1, 3]}]
+    R_out = rng.normal(size=(3, 3, 2, 3))
+    _, per = npref.lrp(layers, x, R_out, rule)
+    _, per2 = npref.lrp(scaled, x, R_out, rule)
+    np.testing.assert_allclose(per[1], per2[1], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(per[2], per2[2], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(per2[3], per2[2], rtol=0, atol=0)   # the scale passes relevance
+
+
+def test_weighted_add_gradient_and_validation():
+    rng = np.random.default_rng(RNG_SEED + 26)
+    layers = weighted_add_net(0.3) + [{"type": "act", "fn": "elu"}, {"type": "flatten"}]
+    x = rng.normal(size=(1, 6, 2, 3))
+    G = rng.normal(size=(1, 18))
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="one number per input"):
+        npref.forward([{"type": "add", "inputs": [0, 0], "weights": [1.0, 2.0, 3.0]}], x)
+
+
+NEW_ACTIVATIONS = {  # name (alpha) -> f, written out from the definitions
+    "gelu": lambda z: z * 0.5 * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2))),
+    "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3))),
+    "selu": lambda z: 1.0507009873554805 * np.where(z > 0, z, 1.6732632423543772 * (np.exp(z) - 1)),
+    "celu": lambda z: np.where(z > 0, z, np.exp(z) - 1),
+    "softsign": lambda z: z / (1 + np.abs(z)),
+    "exponential": np.exp,
+    "mish": lambda z: z * np.tanh(np.log1p(np.exp(z))),
+    "hard_sigmoid": lambda z: np.clip(z + 3, 0, 6) / 6,
+    "hard_silu": lambda z: z * np.clip(z + 3, 0, 6) / 6,
+    "hard_swish": lambda z: z * np.clip(z + 3, 0, 6) / 6,
+    "hard_tanh": lambda z: np.clip(z, -1, 1),
+    "log_sigmoid": lambda z: np.log(1 / (1 + np.exp(-z))),
+    "squareplus": lambda z: (z + np.sqrt(z * z + 4)) / 2,
+    "sparse_plus": lambda z: np.where(z <= -1, 0, np.where(z >= 1, z, (z + 1) ** 2 / 4)),
+    "sparse_sigmoid": lambda z: np.clip((z + 1) / 2, 0, 1),
+    "soft_shrink": lambda z: np.sign(z) * np.maximum(np.abs(z) - 0.5, 0),
+    "hard_shrink": lambda z: np.where(np.abs(z) > 0.5, z, 0),
+    "tanh_shrink": lambda z: z - np.tanh(z),
+}
+ALPHA_ACTIVATIONS = [("celu", 2.0, lambda z: np.where(z > 0, z, 2 * (np.exp(z / 2) - 1))),
+                     ("hard_sigmoid", 0.2, lambda z: np.clip(0.2 * z + 0.5, 0, 1)),
+                     ("soft_shrink", 1.0, lambda z: np.sign(z) * np.maximum(np.abs(z) - 1, 0))]
+
+
+@pytest.mark.parametrize("fn", list(NEW_ACTIVATIONS))
+def test_more_activations_values_gradients_and_lrp_pass_through(fn):
+    z = np.array([[-4.0, -2.5, -1.0, -0.7, -0.2, 0.0, 0.3, 0.6, 1.0, 2.0, 3.5, 5.0]])
+    out = npref.forward([{"type": "act", "fn": fn}], z)[-1]
+    np.testing.assert_allclose(out, NEW_ACTIVATIONS[fn](z), rtol=1e-12, atol=1e-15)
+    fused = npref.forward([dense(np.eye(12), act=fn)], z)[-1]
+    np.testing.assert_allclose(fused, out, rtol=1e-12, atol=1e-15)
+    rng = np.random.default_rng(RNG_SEED + 27)
+    x = rng.normal(size=(2, 7)) * 2
+    layers = [dense(rng.normal(size=(7, 7)) * 0.5), {"type": "act", "fn": fn},
+              dense(rng.normal(size=(7, 3)) * 0.5, act=fn)]
+    G = rng.normal(size=(2, 3))
+    np.testing.assert_allclose(npref.gradient(layers, x, G), fd_gradient(layers, x, G), rtol=1e-5, atol=1e-7)
+    R = rng.normal(size=(2, 7))
+    _, per = npref.lrp([{"type": "act", "fn": fn}], x, R, {"name": "z"})
+    np.testing.assert_array_equal(per[0], R)
+
+
+@pytest.mark.parametrize("fn,alpha,ref", ALPHA_ACTIVATIONS, ids=[a[0] for a in ALPHA_ACTIVATIONS])
+def test_more_activations_parameters(fn, alpha, ref):
+    z = np.linspace(-4, 4, 17)[None]
+    out = npref.forward([{"type": "act", "fn": fn, "alpha": alpha}], z)[-1]
+    np.testing.assert_allclose(out, ref(z), rtol=1e-12, atol=1e-15)
