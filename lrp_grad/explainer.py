@@ -486,16 +486,8 @@ class Explainer:
         if key in self._functions:
             return self._functions[key]
         plan = self._plan(input_nonneg)
-        n_classes = self.n_classes
-        rank = len(self.output_shape) + 1
-        specs = [tf.TensorSpec((None,) + tuple(shape), dtype) for shape, dtype in zip(self.input_shapes, self.dtypes)]
-        if select == "array":
-            second = tf.TensorSpec((None,) + self.output_shape, self.dtype)
-        elif select == "mask":
-            second = tf.TensorSpec((None,) + mask_shape, self.dtype)
-        else:
-            second = tf.TensorSpec((None,), tf.int32)
-        classifier = self.is_classifier
+        specs = self._input_specs()
+        second = self._second_spec(select, mask_shape)
 
         def lrp_pass(*args):
             self.trace_count += 1  # runs only while tracing
@@ -504,28 +496,7 @@ class Explainer:
                 for x in xs:
                     tape.watch(x)
                 logits, layers = rewrite.run(plan, xs, collect=return_layers)
-            if select == "array":
-                r0 = tf.cast(target_or_r0, logits.dtype)
-            else:
-                if select == "mask":
-                    chosen = tf.cast(target_or_r0, logits.dtype)
-                    target = target_or_r0
-                else:
-                    if classifier:
-                        predicted = tf.argmax(logits, -1, output_type=tf.int32)
-                        target = tf.where(target_or_r0 < 0, predicted, target_or_r0)
-                    else:
-                        target = target_or_r0
-                    onehot = tf.one_hot(target, n_classes, dtype=logits.dtype)
-                    chosen = tf.reshape(onehot, [-1] + [1] * (rank - 2) + [n_classes])
-                if mode == "logit":
-                    r0 = chosen * logits
-                elif mode == "one":
-                    r0 = chosen * tf.ones_like(logits)
-                else:
-                    r0 = tf.convert_to_tensor(mode(logits, target), dtype=logits.dtype)
-                    r0 = tf.ensure_shape(r0, logits.shape)
-            r0 = tf.stop_gradient(r0)
+            r0 = self._initial_relevance(logits, target_or_r0, select, mode)
             sources = xs + list(layers.values())
             grads = tape.gradient(
                 logits, sources, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO
@@ -539,6 +510,42 @@ class Explainer:
         fn = tf.function(lrp_pass, input_signature=specs + [second], jit_compile=self.jit_compile, autograph=False)
         self._functions[key] = (fn, list(plan.steps))
         return self._functions[key]
+
+    def _input_specs(self) -> list:
+        return [tf.TensorSpec((None,) + tuple(shape), dtype) for shape, dtype in zip(self.input_shapes, self.dtypes)]
+
+    def _second_spec(self, select, mask_shape):
+        """The ``TensorSpec`` of the compiled pass's last argument (see :meth:`_function`)."""
+        if select == "array":
+            return tf.TensorSpec((None,) + self.output_shape, self.dtype)
+        if select == "mask":
+            return tf.TensorSpec((None,) + tuple(mask_shape), self.dtype)
+        return tf.TensorSpec((None,), tf.int32)
+
+    def _initial_relevance(self, logits, target_or_r0, select, mode):
+        """The relevance at the explained output, inside the compiled pass (no gradient through it)."""
+        if select == "array":
+            return tf.stop_gradient(tf.cast(target_or_r0, logits.dtype))
+        n_classes, rank = self.n_classes, len(self.output_shape) + 1
+        if select == "mask":
+            chosen = tf.cast(target_or_r0, logits.dtype)
+            target = target_or_r0
+        else:
+            if self.is_classifier:
+                predicted = tf.argmax(logits, -1, output_type=tf.int32)
+                target = tf.where(target_or_r0 < 0, predicted, target_or_r0)
+            else:
+                target = target_or_r0
+            onehot = tf.one_hot(target, n_classes, dtype=logits.dtype)
+            chosen = tf.reshape(onehot, [-1] + [1] * (rank - 2) + [n_classes])
+        if mode == "logit":
+            r0 = chosen * logits
+        elif mode == "one":
+            r0 = chosen * tf.ones_like(logits)
+        else:
+            r0 = tf.convert_to_tensor(mode(logits, target), dtype=logits.dtype)
+            r0 = tf.ensure_shape(r0, logits.shape)
+        return tf.stop_gradient(r0)
 
     def _report_labels(self, steps) -> list:
         if self.n_inputs == 1:
@@ -605,14 +612,7 @@ class Explainer:
                 return R
             sums = {name: v.reshape(n, k) for name, v in report.items()}
             return R, RelevanceReport(sums)
-        mode, r0 = self._check_initial(initial, target, n)
-        if r0 is not None:
-            select, second = "array", r0
-        else:
-            select, second = self._check_target(target, n)
-            if callable(mode) and select == "mask":
-                raise InvalidTargetError("a callable initial= takes class/channel targets, not a mask; pass "
-                                         "initial='logit' or 'one' with a mask.")
+        mode, select, second = self._selection(target, initial, n)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
         input_nonneg = tuple(bool(np.all(v >= 0)) for v in xs)
@@ -634,6 +634,17 @@ class Explainer:
         labels = self._report_labels(steps)
         per_layer = {k: np.concatenate([b[i] for b in sums]) for i, k in enumerate(labels)}
         return R, RelevanceReport(per_layer)
+
+    def _selection(self, target, initial, n: int):
+        """``(mode, select, second)`` for the compiled pass from one target per sample and ``initial``."""
+        mode, r0 = self._check_initial(initial, target, n)
+        if r0 is not None:
+            return mode, "array", r0
+        select, second = self._check_target(target, n)
+        if callable(mode) and select == "mask":
+            raise InvalidTargetError("a callable initial= takes class/channel targets, not a mask; pass "
+                                     "initial='logit' or 'one' with a mask.")
+        return mode, select, second
 
     def _unpack(self, R, structure) -> list:
         if structure is None:
@@ -813,6 +824,34 @@ class Explainer:
         from .export import export
 
         return export(self, path)
+
+    # Concepts (see lrp_grad.concepts)
+
+    def concept_relevance(self, x, target=None, *, layer, condition=None, initial="logit", batch_size=None):
+        """Relevance of each channel of ``layer`` (summed over its positions): ``(n, channels)``, or
+        a dict per layer for a list of layers. See :func:`lrp_grad.concepts.concept_relevance`."""
+        from . import concepts
+
+        return concepts.concept_relevance(self, x, target, layer=layer, condition=condition, initial=initial,
+                                          batch_size=batch_size)
+
+    def conditional(self, x, target=None, *, layer=None, channels=None, conditions=None, initial="logit",
+                    batch_size=None):
+        """Conditional heatmaps ``(n, k, *input_shape)``: the input relevance through each of
+        ``channels`` of ``layer`` (or each of ``conditions``), all in one pass. See
+        :func:`lrp_grad.concepts.conditional`."""
+        from . import concepts
+
+        return concepts.conditional(self, x, target, layer=layer, channels=channels, conditions=conditions,
+                                    initial=initial, batch_size=batch_size)
+
+    def subconcepts(self, x, target=None, *, layer, channels, lower, initial="logit", batch_size=None):
+        """Relevance of ``lower``'s channels given each of ``channels`` of ``layer``: ``(n, k,
+        channels of lower)``. See :func:`lrp_grad.concepts.subconcepts`."""
+        from . import concepts
+
+        return concepts.subconcepts(self, x, target, layer=layer, channels=channels, lower=lower, initial=initial,
+                                    batch_size=batch_size)
 
     def forward(self, x) -> np.ndarray:
         """The rewritten model's explained output on ``x`` (the logits: a final softmax or sigmoid

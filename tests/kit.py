@@ -248,13 +248,14 @@ def _multiply_npref(node, producers):
     return {"type": "multiply", "signal": 1 - gate}
 
 
-def to_npref_graph(model, output=None):
+def to_npref_graph(model, output=None, labels=False):
     """Describe a Functional/Sequential model (nested models inlined) as npref DAG layer dicts.
 
     Uses the raw layer graph (no canonizers), so BatchNorm stays a layer of its own. ``output``
     selects what is explained, as ``Explainer(output=...)`` (the layers it needs are kept; the
     last dict is the explained layer). Model inputs after the first become npref ``input``
-    layers (pass ``x`` as a list of arrays to npref then).
+    layers (pass ``x`` as a list of arrays to npref then). With ``labels``, also returns
+    ``{layer call label: npref activation index}`` (activation ``a_k`` is that layer's output).
     """
     from lrp_grad.frontends import walk
 
@@ -350,6 +351,8 @@ def to_npref_graph(model, output=None):
             add({"type": "act", "fn": "elu", "alpha": float(layer.alpha)}, ins, oid)
         else:
             raise ValueError(f"kit.to_npref_graph: no reference for layer class {name}")
+    if labels:
+        return out, {node.label: index[node.outputs[0]] for node in graph.nodes}
     return out
 
 
@@ -368,25 +371,31 @@ def _raw_npref(op, node):
     raise ValueError(f"kit.to_npref_graph: no reference for raw operation {op!r}")
 
 
-def npref_explain(model, x, target, rule, layer_rules=None, initial="logit"):
+def npref_explain(model, x, target, rule, layer_rules=None, initial="logit", masks=None, per_layer=False):
     """float64 reference relevance of ``model`` on ``x`` for ``target`` (initial = target logit,
-    or 1 with ``initial='one'``); ``layer_rules`` maps npref layer indices to lrp_grad rules."""
+    or 1 with ``initial='one'``); ``layer_rules`` maps npref layer indices to lrp_grad rules;
+    ``masks`` maps layer labels to channel masks (CRP conditions, see ``npref.lrp``). With
+    ``per_layer``, returns ``(R_in, {label: relevance at the layer's output})``."""
     import npref
 
-    layers = to_npref_graph(model)
+    layers, label_index = to_npref_graph(model, labels=True)
     x = np.asarray(x, np.float64)
     logits = npref.forward(layers, x)[-1]
     r_out = np.zeros_like(logits)
     rows = np.arange(len(x))
     r_out[rows, target] = logits[rows, target] if initial == "logit" else 1.0
-    per_layer = {k: npref_rule(r) for k, r in (layer_rules or {}).items()}
+    rules_at = {k: npref_rule(r) for k, r in (layer_rules or {}).items()}
     if not isinstance(rule, (lg_rules().Z, lg_rules().Epsilon)):
         # lrp_grad's single-rule policy (composites.single_rule): weight-free linear layers get
         # Epsilon(1e-6) unless the test says otherwise
         for i, layer in enumerate(layers):
-            if layer["type"] in WEIGHT_FREE and i not in per_layer:
-                per_layer[i] = npref_rule(lg_rules().Epsilon(1e-6))
-    return npref.lrp(layers, x, r_out, npref_rule(rule), layer_rules=per_layer)[0]
+            if layer["type"] in WEIGHT_FREE and i not in rules_at:
+                rules_at[i] = npref_rule(lg_rules().Epsilon(1e-6))
+    masks = {label_index[k]: v for k, v in (masks or {}).items()}
+    R, acts = npref.lrp(layers, x, r_out, npref_rule(rule), layer_rules=rules_at, masks=masks)
+    if per_layer:
+        return R, {k: acts[i] for k, i in label_index.items()}
+    return R
 
 
 #: npref layer types that are weight-free linear layers in lrp_grad (families pool, merge, norm).

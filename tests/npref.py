@@ -764,7 +764,7 @@ def _accumulate(store, k, v):
     store[k] = v if store[k] is None else store[k] + v
 
 
-def lrp(layers, x, R_out, rule, first_rule=None, layer_rules=None):
+def lrp(layers, x, R_out, rule, first_rule=None, layer_rules=None, masks=None):
     """Layer-wise relevance propagation from the output back to the input.
 
     Parameters
@@ -780,6 +780,10 @@ def lrp(layers, x, R_out, rule, first_rule=None, layer_rules=None):
         Rule for the first weighted layer in ``layers`` (list order) instead of ``rule``.
     layer_rules : dict, optional
         ``{index in layers: rule}`` for single layers (wins over ``first_rule`` and ``rule``).
+    masks : dict, optional
+        ``{k: mask}``: once all of ``a_k``'s relevance has arrived, multiply it by ``mask``
+        (broadcast to ``a_k``) before it is propagated further (Concept Relevance Propagation's
+        conditions: ``mask`` is 1 on the kept channels).
 
     Returns
     -------
@@ -805,6 +809,8 @@ def lrp(layers, x, R_out, rule, first_rule=None, layer_rules=None):
         ins = [acts[k] for k in ks]
         if per[m + 1] is None:
             per[m + 1] = np.zeros(acts[m + 1].shape)
+        if masks and (m + 1) in masks:  # every reader of a_{m+1} comes later: its relevance is complete
+            per[m + 1] = per[m + 1] * np.asarray(masks[m + 1], np.float64)
         R, t = per[m + 1], layer["type"]
         if t in WEIGHTED:
             r = first_rule if (m == first and first_rule is not None) else rule
