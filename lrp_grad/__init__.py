@@ -30,12 +30,14 @@ __version__ = "0.1.0"
 _LAZY_ATTRIBUTES = {
     "Composite": "composites", "RuleMap": "composites",
     "DEFAULT_RULE": "explainer", "Explainer": "explainer", "RelevanceReport": "explainer", "explain": "explainer",
+    "Explanation": "explanation", "RelevanceCallback": "callbacks",
     "load_model": "frontends",
     "Handler": "handlers", "register_handler": "handlers", "supported_layers": "handlers",
     "unregister_handler": "handlers",
 }
-_LAZY_MODULES = ("explainer", "canonizers", "datasets", "presets", "heatmap", "evaluate", "stream", "export", "bench", "demo",
-                 "frontends", "handlers", "composites", "propagate", "rewrite", "ops", "cli")
+_LAZY_MODULES = ("explainer", "concepts", "canonizers", "datasets", "presets", "heatmap", "evaluate", "stream", "export", "bench", "demo",
+                 "frontends", "handlers", "composites", "propagate", "rewrite", "ops", "cli", "callbacks",
+                 "explanation", "beam")
 
 
 def __getattr__(name):
@@ -55,7 +57,7 @@ def __dir__():
 
 
 __all__ = [
-    "explain", "Explainer", "RelevanceReport", "DEFAULT_RULE", "load_model",
+    "explain", "Explainer", "RelevanceReport", "Explanation", "RelevanceCallback", "DEFAULT_RULE", "load_model",
     "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma",
     "Composite", "RuleMap", "presets", "canonizers", "datasets",
     "Handler", "register_handler", "unregister_handler", "supported_layers",
