@@ -67,6 +67,20 @@ class RelevanceReport(Mapping):
     def __repr__(self):
         return f"RelevanceReport({len(self)} layers, n={len(self.output)})\n{self}"
 
+    def _repr_html_(self):
+        """The per-layer table as HTML (Jupyter shows it instead of the text of ``repr``)."""
+        import html
+
+        gaps = self.conservation_gap()
+        rows = "".join(
+            f"<tr><td style='text-align:left'>{html.escape(str(k))}</td><td>{float(np.mean(v)):.6g}</td>"
+            f"<td>{float(np.min(v)):.6g}</td><td>{float(np.max(v)):.6g}</td><td>{gaps[k]:.3g}</td></tr>"
+            for k, v in self._sums.items())
+        return (f"<table class='lrp-grad-report'><caption>RelevanceReport: {len(self)} layers, "
+                f"n={len(self.output)} (relevance summed per sample; gap = max relative difference to the "
+                "output's)</caption><thead><tr><th>layer</th><th>mean sum R</th><th>min</th><th>max</th>"
+                f"<th>max rel. gap</th></tr></thead><tbody>{rows}</tbody></table>")
+
 
 #: Text of the in-graph check of a BatchNorm folded through a max pooling (canonizers).
 _FOLD_MARK = "was folded through a max pooling"
@@ -859,6 +873,18 @@ class Explainer:
         xs, _ = self._check_inputs(x)
         out, _ = rewrite.run(self._plan((False,) * self.n_inputs), [tf.constant(v) for v in xs])
         return out.numpy()
+
+    def explain_images(self, x, target=None, **kw):
+        """Explain a batch of images of a single-input classifier as an :class:`~lrp_grad.Explanation`.
+
+        It holds ``images``, ``relevance``, ``targets`` (the predicted class by default, or
+        ``target``: an int or an int array ``(n,)``), ``logits`` and the per-layer ``report``;
+        ``.show()`` draws the heatmap grid, and in Jupyter it renders as that grid with per-image and
+        per-layer tables. ``kw``: ``batch_size``, ``initial`` as for a call.
+        """
+        from .explanation import explain_images
+
+        return explain_images(self, x, target, **kw)
 
 
 def _explained_dtype(name: str) -> np.dtype:
