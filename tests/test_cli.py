@@ -110,9 +110,17 @@ def test_quick_demo(tmp_path):
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress", "--no-lime"]) == 0
     results = json.loads((out / "results.json").read_text())
     for name in ["fig05_input", "fig06_ab21_target3", "fig07_ab21_target9", "fig08_ab32_target3", "fig09_ab32_target9",
-                 "fig10_ab32_all_targets", "fig11_2epochs_vs_more_target9", "fig12_flipped", "aopc_comparison"]:
+                 "fig10_ab32_all_targets", "fig11_2epochs_vs_more_target9", "fig12_flipped", "aopc_comparison",
+                 "fig16_atlas_digit3_target3", "fig16_atlas_digit3_target9"]:
         assert (out / f"{name}.png").stat().st_size > 1000, name
+    atlas = results["concept_atlas"]
+    if "cifar10" in results:  # cifar-10-model and foolbox installed
+        assert (out / "fig17_atlas_cifar_automobile.png").stat().st_size > 1000
+        assert len(atlas["cifar10"]["channels"]) == 4
+    assert [len(atlas["mnist"][f"target{t}"]["channels"]) for t in (3, 9)] == [4, 4]
     report = (out / "report.md").read_text()
+    assert "## Concept atlases" in report and "![](fig16_atlas_digit3_target9.png)" in report
+    assert "sum to the ordinary heatmap" in report and "speaks against the target" in report
     assert "| mean change |" in report and "+0.016" in report and "-0.138" in report  # seed numbers beside ours
     flip = results["pixel_flipping"]
     assert flip["highest"]["worse"] >= 0.9 and flip["lowest"]["improved"] > 0.5
