@@ -63,8 +63,13 @@ def _plan_of(ex):
 def _resolve(ex, name) -> str:
     """The plan label of layer ``name`` (a layer name, ``'outer/inner'`` or ``'name#k'``)."""
     plan = _plan_of(ex)
+    from .frontends import is_layer_class  # noqa: PLC0415
+
+    if is_layer_class(type(name)):  # a layer object: by its name
+        name = name.name
     if not isinstance(name, str):
-        raise ConceptError(f"layer must be a layer name (str), got {name!r} of type {type(name).__name__}.")
+        raise ConceptError(f"layer must be a layer name (str) or a layer of the model, got {name!r} of type "
+                           f"{type(name).__name__}.")
     labels = [s.node.label for s in plan.steps]
     if name in labels:
         return name
@@ -334,8 +339,8 @@ def concept_relevance(ex, x, target=None, *, layer, condition=None, initial="log
         A batch, as for :meth:`Explainer.__call__`.
     target : int, (n,) ints or a float mask, optional
         What is explained, as for :meth:`Explainer.__call__` (default: the predicted class).
-    layer : str or list of str
-        Layer name(s); several layers are computed in the same pass.
+    layer : str, layer, or a list of them
+        Layer name(s) (or the model's layer objects); several layers are computed in the same pass.
     condition : dict, optional
         ``{upper layer: channel or [channels]}`` (one or more layers above ``layer``): the relevance
         of ``layer``'s channels given that only these channels' relevance is kept above: the
@@ -363,7 +368,9 @@ def concept_relevance(ex, x, target=None, *, layer, condition=None, initial="log
     _, sums, _ = _run(ex, x, target, initial, cond_labels, masks, labels, False, batch_size, "concept_relevance")
     if masks:
         sums = [v[:, 0] for v in sums]
-    return sums[0] if isinstance(layer, str) else dict(zip(names, sums))
+    if isinstance(layer, (list, tuple)):
+        return {getattr(k, "name", k): v for k, v in zip(names, sums)}
+    return sums[0]
 
 
 def conditional(ex, x, target=None, *, layer=None, channels=None, conditions=None, initial="logit",
@@ -657,6 +664,13 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     best_p = np.zeros((k, 0, n_sp), np.int64)
     kept = {}
     seen = 0
+    fields = {}  # position -> receptive field (positions repeat across samples and channels)
+
+    def field(position):
+        if position not in fields:
+            fields[position] = receptive_field(ex, label, position) if n_sp else ()
+        return fields[position]
+
     for images, labels, start in stream._batches(data, ex, batch_size):
         n = len(images)
         if by == "relevance":
@@ -670,13 +684,9 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
         idx = np.arange(start, start + n, dtype=np.int64)
         best_s, best_i, best_p = _merge_top(best_s, best_i, best_p, score, idx, pos, top)
         if crops:  # keep the crops of the samples still in the top
-            for ci in range(k):
-                for j in range(best_i.shape[1]):
-                    key = (ci, int(best_i[ci, j]))
-                    if key not in kept and start <= best_i[ci, j] < start + n:
-                        box = receptive_field(ex, label, tuple(best_p[ci, j])) if n_sp else ()
-                        sl = tuple(slice(a, b) for a, b in box)
-                        kept[key] = np.array(images[int(best_i[ci, j]) - start][sl])
+            for ci, j in np.argwhere((best_i >= start) & (best_i < start + n)):  # entries from this batch
+                sl = tuple(slice(a, b) for a, b in field(tuple(int(v) for v in best_p[ci, j])))
+                kept[(int(ci), int(best_i[ci, j]))] = np.array(images[int(best_i[ci, j]) - start][sl])
             alive = {(ci, int(i)) for ci in range(k) for i in best_i[ci]}
             kept = {kk: v for kk, v in kept.items() if kk in alive}
         seen += n
@@ -692,8 +702,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     for ci in range(k):
         for j in range(top):
             if best_i[ci, j] >= 0:
-                boxes[ci, j] = np.asarray(receptive_field(ex, label, tuple(best_p[ci, j])) if n_sp else
-                                          np.zeros((0, 2)))
+                boxes[ci, j] = np.asarray(field(tuple(int(v) for v in best_p[ci, j])) or np.zeros((0, 2)))
     crop_list = None
     if crops:
         crop_list = [[kept.get((ci, int(best_i[ci, j]))) for j in range(top) if best_i[ci, j] >= 0]

@@ -118,6 +118,7 @@ def test_concept_relevance_matches_reference_layers():
         assert_close(C[name], per[name].sum(axis=(1, 2)), TOL, name)
     assert_close(C["d1"], per["d1"], TOL, "d1")
     assert_close(ex.concept_relevance(x, 1, layer="c2"), C["c2"], TOL)
+    assert_close(ex.concept_relevance(x, 1, layer=model.get_layer("c2")), C["c2"], TOL)  # a layer object
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def ex32():
     (lambda ex, x: ex.conditional(x, conditions=[{"c1": 0, "flat": 1}]), r"layer 'flat' \(Flatten\) has no channels"),
     (lambda ex, x: ex.conditional(x, target="all", layer="c2", channels=[0]), r"takes one target per sample"),
     (lambda ex, x: ex.conditional(x, target=7, layer="c2", channels=[0]), r"target\[0\] = 7 is out of range"),
-    (lambda ex, x: ex.concept_relevance(x, layer=3), r"layer must be a layer name \(str\), got 3"),
+    (lambda ex, x: ex.concept_relevance(x, layer=3), r"layer must be a layer name \(str\) or a layer of the model, got 3"),
     (lambda ex, x: ex.conditional(x, layer="c2", channels=[[]]), r"an empty channel list for layer 'c2'"),
     (lambda ex, x: reference_samples(ex, x, "c2", by="gradient"), r"by='gradient' is not known"),
     (lambda ex, x: reference_samples(ex, x, "c2", top=0), r"top must be a positive int, got 0"),
