@@ -209,3 +209,6 @@ def test_notebook_runs_and_renders(tmp_path, monkeypatch):
     assert "relevance/heatmaps" in tags and count == 1 + 4 * 8
     assert (tmp_path / "explanation.png").read_bytes().startswith(PNG_MAGIC)
     assert ns["accuracy"] > 0.5  # the explained model is trained (chance: 0.1)
+    # the concepts cells ran: four conditional heatmaps, an atlas with one row per concept
+    assert ns["H"].shape == (1, 4, 28, 28, 1)
+    assert ns["atlas"].atlas["channels"] is not None and len(ns["atlas"].atlas["channels"]) == 3
