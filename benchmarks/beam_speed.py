@@ -24,7 +24,6 @@ pipeline's start-up. The 1-min load average before and after every run is record
 the machine slows the methods alike only where it is steady. Writes results/beam_speed.{json,md}.
 """
 import argparse
-import glob
 import json
 import os
 import pathlib
@@ -42,42 +41,20 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np  # noqa: E402
 
 import lrp_grad  # noqa: E402
+from lrp_grad.beam import WriteNpyShards  # noqa: E402
 from lrp_grad.bench import _loadavg, machine_info, mnist_cnn  # noqa: E402
 from lrp_grad.datasets import mnist_digits  # noqa: E402
 
 N, BATCH, RULE = 4096, 256, "epsilon_plus_flat"
 
 
-def _npy_sink(folder):
-    """A Beam file sink writing (index, relevance) records as concatenated .npy arrays, per shard."""
-    from apache_beam.io import fileio
-
-    class NpySink(fileio.FileSink):
-        def open(self, fh):
-            self._fh = fh
-
-        def write(self, record):
-            import numpy as np
-
-            for a in record:
-                np.save(self._fh, a, allow_pickle=False)
-
-        def flush(self):
-            self._fh.flush()
-
-    return fileio.WriteToFiles(str(folder), file_naming=fileio.default_file_naming("relevance", ".npys"),
-                               sink=lambda destination: NpySink())
-
-
 def _read_shards(folder, n, shape):
+    from lrp_grad.beam import read_npy_shards
+
     out, seen = np.zeros((n,) + shape, np.float32), set()
-    for name in glob.glob(os.path.join(folder, "relevance*.npys")):
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            while f.tell() < size:
-                index, relevance = np.load(f), np.load(f)
-                out[int(index)] = relevance
-                seen.add(int(index))
+    for index, relevance in read_npy_shards(folder, 2):
+        out[int(index)] = relevance
+        seen.add(int(index))
     assert seen == set(range(n)), f"the Beam output has {len(seen)} of {n} digits"
     return out
 
@@ -98,7 +75,7 @@ def run_beam(path, x, y, folder, workers):
     p = beam.Pipeline(options=options)
     (p | beam.Create(elements) | RunInference(handler)
        | beam.MapTuple(lambda key, result: (np.int64(key), result.inference["relevance"]))
-       | _npy_sink(folder))
+       | WriteNpyShards(folder))
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - start

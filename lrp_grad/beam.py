@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import InvalidInputError, InvalidRuleError, InvalidTargetError, ModelFileError, UnsupportedModelError
 
-__all__ = ["LRPModelHandler", "METRICS_NAMESPACE"]
+__all__ = ["LRPModelHandler", "METRICS_NAMESPACE", "WriteNpyShards", "read_npy_shards"]
 
 #: Namespace of the Beam metrics of :class:`LRPModelHandler` (RunInference's own ones included).
 METRICS_NAMESPACE = "BeamML_LRP"
@@ -418,3 +418,56 @@ def _key_of(batch, index, caller):
     if local.get("unkeyed_batches") is batch and "key" in local:
         return local["key"]  # several models: one call per key
     return _NO_KEY
+
+
+# ---------------------------------------------------------------------------------------------
+# A sink for arrays
+
+
+def WriteNpyShards(folder, prefix: str = "relevance"):  # noqa: N802 - a PTransform, named like one
+    """A Beam transform writing records (tuples of numpy arrays) to ``folder/<prefix>-*.npys``.
+
+    Each record's arrays are appended to the worker's shard with ``numpy.save`` (no pickling), one
+    after the other; :func:`read_npy_shards` reads them back. Map the ``PredictionResult`` s to the
+    arrays to keep first, e.g. ``| beam.Map(lambda r: (r.example[0], r.inference["relevance"]))``.
+    """
+    from apache_beam.io import fileio
+
+    class _NpySink(fileio.FileSink):
+        def open(self, fh):
+            self._fh = fh
+
+        def write(self, record):
+            for a in record:
+                np.save(self._fh, np.asarray(a), allow_pickle=False)
+
+        def flush(self):
+            self._fh.flush()
+
+    return fileio.WriteToFiles(str(folder), file_naming=fileio.default_file_naming(prefix, ".npys"),
+                               sink=lambda destination: _NpySink())
+
+
+def read_npy_shards(folder, arrays_per_record: int, prefix: str = "relevance") -> list:
+    """The records :func:`WriteNpyShards` wrote into ``folder``: a list of tuples of arrays (shard by
+    shard; order within a shard as written). Raises ``OutputError`` without shards or for a shard
+    that ends inside a record (a truncated file)."""
+    import glob
+
+    from .stream import OutputError
+
+    files = sorted(glob.glob(os.path.join(os.fspath(folder), f"{prefix}*.npys")))
+    if not files:
+        raise OutputError(f"no {prefix}*.npys shards in {os.fspath(folder)!r}.")
+    out = []
+    for name in files:
+        with open(name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while f.tell() < size:
+                try:
+                    out.append(tuple(np.load(f, allow_pickle=False) for _ in range(arrays_per_record)))
+                except (ValueError, EOFError, OSError) as e:
+                    raise OutputError(f"shard {name!r} is damaged or truncated at byte {f.tell()} ({e}); run the "
+                                      "pipeline again.") from None
+    return out
+

@@ -1,7 +1,6 @@
 """lrp_grad.beam.LRPModelHandler: RunInference on Beam's DirectRunner (two worker processes) against
 Explainer on the same real MNIST digits; keyed and (image, label) inputs; errors naming the element
 or the argument; one load and one trace per worker; the ImportError without Apache Beam."""
-import glob
 import hashlib
 import os
 import pickle
@@ -27,6 +26,16 @@ RULE = "epsilon_plus_flat"
 #: batches differ from run to run), while epsilon_plus is batch-invariant to float32 rounding.
 PIPELINE_RULE = "epsilon_plus"
 MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+@pytest.fixture(autouse=True)
+def _beam_temp_files_in_tmp_path(tmp_path, monkeypatch):
+    """Beam's job server makes a beam-temp* folder in the system temp dir per pipeline: keep them in
+    the test's own folder (pytest removes old ones) instead of leaving one in /tmp per run."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -74,39 +83,14 @@ def _record_fn(with_key: bool):
 
 
 def _write_npy(folder):
-    """A Beam sink writing records of arrays as concatenated .npy arrays, one file per shard."""
-    from apache_beam.io import fileio
-
-    class NpySink(fileio.FileSink):
-        def open(self, fh):
-            self._fh = fh
-
-        def write(self, record):
-            import numpy as np
-
-            for a in record:
-                np.save(self._fh, a, allow_pickle=False)
-
-        def flush(self):
-            self._fh.flush()
-
-    return fileio.WriteToFiles(str(folder), file_naming=fileio.default_file_naming("relevance", ".npys"),
-                               sink=lambda destination: NpySink())
+    return lrp_grad.beam.WriteNpyShards(folder)
 
 
 def _read_npy(folder):
     """The records written by :func:`_write_npy` into ``folder``, as dicts."""
-    files = sorted(glob.glob(os.path.join(folder, "relevance*.npys")))
-    assert files, f"no shards in {folder}"
-    out = []
-    for name in files:
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            while f.tell() < size:
-                sha, meta, logits, relevance = (np.load(f, allow_pickle=False) for _ in range(4))
-                out.append({"sha": sha.tobytes(), "key": int(meta[0]), "pid": int(meta[1]), "target": int(meta[2]),
-                            "logits": logits, "relevance": relevance})
-    return out
+    return [{"sha": sha.tobytes(), "key": int(meta[0]), "pid": int(meta[1]), "target": int(meta[2]),
+             "logits": logits, "relevance": relevance}
+            for sha, meta, logits, relevance in lrp_grad.beam.read_npy_shards(folder, 4)]
 
 
 def _metrics(result):
@@ -374,3 +358,20 @@ def test_lrp_grad_imports_without_apache_beam():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 'pip install "lrp-grad[beam]"' in out.stdout, out.stdout
+
+
+def test_npy_shards_round_trip_and_truncation(tmp_path):
+    import apache_beam as beam
+
+    records = [(np.array(i), np.full((2, 3), i, np.float32)) for i in range(7)]
+    with beam.Pipeline() as p:
+        _ = p | beam.Create(records) | lrp_grad.beam.WriteNpyShards(tmp_path / "out")
+    back = sorted(lrp_grad.beam.read_npy_shards(tmp_path / "out", 2), key=lambda r: int(r[0]))
+    assert [int(i) for i, _ in back] == list(range(7))
+    assert all(np.array_equal(a, np.full((2, 3), int(i), np.float32)) for i, a in back)
+    shard = sorted((tmp_path / "out").glob("relevance*.npys"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(lrp_grad.LRPError, match=r"shard .* is damaged or truncated"):
+        lrp_grad.beam.read_npy_shards(tmp_path / "out", 2)
+    with pytest.raises(lrp_grad.LRPError, match=r"no relevance\*.npys shards in"):
+        lrp_grad.beam.read_npy_shards(tmp_path / "empty", 2)
