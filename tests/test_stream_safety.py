@@ -175,3 +175,142 @@ def test_default_target_is_the_label_if_any_else_the_prediction(setup):
                                atol=1e-7)
     with pytest.raises(lrp_grad.InvalidInputError, match=r"target='label' needs \(image, label\) elements"):
         ex.explain_dataset(x, target="label", progress=False)
+
+
+def test_finished_npy_leaves_the_file_and_one_sidecar(setup, tmp_path):
+    """No ``.parts`` folder after success: ``r.npy`` and ``r.npy.json`` (manifest + summaries), which
+    ``stream.load`` reads back, checked against the file."""
+    ex, x, y = setup
+    out = tmp_path / "r.npy"
+    res = ex.explain_dataset(zip(x, y), batch_size=6, out=out, length=20, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.npy", "r.npy.json"]
+    side = json.loads((tmp_path / "r.npy.json").read_text())
+    assert side["done"] == 20 and side["length"] == 20 and side["batch_size"] == 6 and side["relevance"] == "r.npy"
+    assert [b[:2] for b in side["batches"]] == [[0, 6], [6, 6], [12, 6], [18, 2]]
+    assert side["fingerprint"] == {**lrp_grad.stream.fingerprint(ex), "target": "'auto'"}
+    for k, v in res.summaries.items():
+        np.testing.assert_array_equal(side["summaries"][k], v)  # exact: JSON floats round-trip
+    np.testing.assert_array_equal(side["summaries"]["target"], y)
+    for path in (out, tmp_path / "r.npy.json"):
+        loaded = lrp_grad.stream.load(path)
+        np.testing.assert_array_equal(loaded.relevance, res.relevance)
+        for k in res.summaries:
+            np.testing.assert_array_equal(loaded.summaries[k], res.summaries[k])
+
+
+def test_resume_of_a_finished_run_explains_nothing_and_checks_the_file(setup, tmp_path, monkeypatch):
+    ex, x, y = setup
+    out = tmp_path / "r.npy"
+    first = ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, progress=False)
+    expected = np.array(first.relevance)
+    with monkeypatch.context() as m:
+        m.setattr(type(ex), "_explain_with_logits", lambda *a: pytest.fail("a finished batch was explained again"))
+        again = ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+    np.testing.assert_array_equal(again.relevance, expected)
+    np.testing.assert_array_equal(again.summaries["relevance_sum"], first.summaries["relevance_sum"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.npy", "r.npy.json"]
+    m = np.load(out, mmap_mode="r+")
+    m[9] = 1
+    m.flush()
+    del m
+    with pytest.raises(OutputError, match=r"cannot resume .*images 8\.\.11 .* differs from what was written"):
+        ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+    with pytest.raises(OutputError, match=r"cannot load .*images 8\.\.11 .* differs from what was written"):
+        lrp_grad.stream.load(out)
+    with open(out, "r+b") as f:
+        f.truncate(out.stat().st_size // 2)
+    with pytest.raises(OutputError, match=r"cannot load .*r.npy.*not trustworthy"):
+        lrp_grad.stream.load(out)
+    side = tmp_path / "r.npy.json"
+    side.write_text(side.read_text()[:100])
+    with pytest.raises(OutputError, match=r"manifest .*r.npy.json is damaged .*not trustworthy"):
+        ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+    done = ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, progress=False)  # resume=False: over
+    np.testing.assert_array_equal(done.relevance, expected)
+
+
+def test_interrupted_npy_keeps_its_working_folder_and_a_torn_manifest_line_is_not_trusted(setup, tmp_path):
+    ex, x, y = setup
+    out = tmp_path / "r.npy"
+
+    def dying():
+        for i, item in enumerate(zip(x, y)):
+            if i == 10:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        ex.explain_dataset(dying(), batch_size=4, out=out, length=20, progress=False)
+    parts = tmp_path / "r.npy.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.jsonl", "summaries.bin"]  # lock released
+    assert not (tmp_path / "r.npy.json").exists()
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"not finished .*resume the run with resume=True"):
+        lrp_grad.stream.load(out)
+    journal = parts / "manifest.jsonl"
+    journal.write_text(journal.read_text()[:-7])  # the last record cut mid-write by a kill: not recorded
+    done = ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+    np.testing.assert_allclose(done.relevance, ex(x, target=y), rtol=1e-5, atol=1e-7)
+    assert not parts.exists()
+    _partial(ex, x, y, out)
+    with pytest.raises(KeyboardInterrupt):
+        ex.explain_dataset(dying(), batch_size=4, out=out, length=20, progress=False)
+    journal.write_text(journal.read_text().replace("]\n", "\n", 1 + journal.read_text().count("]\n") // 2))
+    with pytest.raises(OutputError, match=r"manifest .*manifest.jsonl is damaged"):
+        ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+
+
+def test_outputs_of_earlier_versions_are_still_read(setup, tmp_path):
+    """An earlier version's ``.npy.parts`` folder (manifest.json, SHA-256 digests, summary_*.npz) resumes; shard folders
+    with .npz summaries load."""
+    import hashlib
+
+    ex, x, y = setup
+    sha = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:32]  # noqa: E731
+    direct = ex(x, target=y)
+    for kind in ("npy", "shards"):
+        out = tmp_path / ("r.npy" if kind == "npy" else "shards")
+        ex.explain_dataset(zip(x[:8], y[:8]), batch_size=4, out=out, length=20, progress=False)
+        folder = tmp_path / "r.npy.parts" if kind == "npy" else out
+        folder.mkdir(exist_ok=True)
+        if kind == "npy":
+            summaries = json.loads((tmp_path / "r.npy.json").read_text())["summaries"]
+            (tmp_path / "r.npy.json").unlink()
+            relevance = np.load(out)
+        else:
+            loaded = lrp_grad.stream.load(out)
+            summaries, relevance = loaded.summaries, loaded.relevance
+            for f in folder.glob("summary_*.npy"):
+                f.unlink()
+        batches = []
+        for s in (0, 4):
+            np.savez(folder / f"summary_{s:09d}.npz", **{k: np.asarray(v)[s:s + 4] for k, v in summaries.items()})
+            batches.append([s, 4, sha(x[s:s + 4]), sha(relevance[s:s + 4])])
+        (folder / "manifest.json").write_text(json.dumps({"fingerprint": {**lrp_grad.stream.fingerprint(ex),
+                                                                          "target": "'auto'"},
+                                                         "batch_size": 4, "worker": None, "done": 8,
+                                                         "batches": batches}))
+        if kind == "shards":
+            old = lrp_grad.stream.load(out)
+            np.testing.assert_allclose(old.relevance, direct[:8], rtol=1e-5, atol=1e-7)
+            np.testing.assert_array_equal(old.summaries["target"], y[:8])
+        done = ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+        np.testing.assert_array_equal(done.summaries["target"], y)
+        got = done.relevance if kind == "npy" else lrp_grad.stream.load_shards(out)
+        np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.npy", "r.npy.json", "shards"]
+
+
+def test_single_images_and_batches_mixed_keep_their_order(setup):
+    ex, x, y = setup
+    mixed = [(x[0], y[0]), (x[1:4], y[1:4]), (x[4], y[4]), (x[5], y[5]), (x[6:13], y[6:13])]
+    mixed += list(zip(x[13:], y[13:]))
+    res = ex.explain_dataset(iter(mixed), batch_size=3, progress=False)
+    np.testing.assert_allclose(res.relevance, ex(x, target=y), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(res.summaries["target"], y)
+    images = [x[i] for i in range(7)] + [x[7].astype("float64")] + list(x[8:])  # one image of another dtype
+    np.testing.assert_allclose(ex.explain_dataset(images, target="predicted", batch_size=8, progress=False).relevance,
+                               ex(x), rtol=1e-5, atol=1e-7)
+    bad = list(zip(x, y))
+    bad[9] = (x[9], -1.5)
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"dataset element 9: labels must be integer class indices"):
+        ex.explain_dataset(bad, batch_size=8, progress=False)
