@@ -181,7 +181,8 @@ def _explain_dataset(args, model, shape) -> int:
 
     summary = {f.name: {k: value(k, v[i]) for k, v in res.summaries.items()} for i, f in enumerate(files)}
     (out / "summaries.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote relevance.npy {tuple(res.relevance.shape)} and summaries.json for {len(files)} images to {out}")
+    print(f"wrote relevance.npy {tuple(res.relevance.shape)} (with its manifest relevance.npy.json) and "
+          f"summaries.json (per file name) for {len(files)} images to {out}")
     return 0
 
 

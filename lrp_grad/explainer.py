@@ -801,9 +801,11 @@ class Explainer:
         batch_size : int
             Images per compiled call (a last partial batch does not recompile).
         out : path, optional
-            ``None``: return the relevance in memory. ``'file.npy'``: fill a memmap batch by batch
-            (needs the length). ``'folder'``: one ``shard_*.npy`` per batch. Progress is recorded
-            in a manifest after each batch is safely written. One process writes an output at a
+            ``None``: return the relevance in memory. ``'file.npy'``: write the rows into one
+            ``.npy`` batch by batch (needs the length); a finished run leaves it and one sidecar
+            ``file.npy.json`` (manifest and per-image summaries; the working folder
+            ``file.npy.parts/`` exists only while a run is unfinished). ``'folder'``: one
+            ``shard_*.npy`` per batch. Progress is recorded in a manifest after each batch is written. One process writes an output at a
             time (a lock file with its pid and host; a lock left by a dead process is taken over);
             the disk space of a ``.npy`` output is reserved up front.
         resume : bool
