@@ -647,9 +647,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     _check_batch_size(batch_size)
     if batch_size is None:
         batch_size = 256
-    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(v, np.ndarray) for v in data)
-            and data[0].ndim == len(ex.input_shape) + 1 and len(data[0]) == len(data[1])):
-        data = [data]  # (images, labels) arrays: one batched element
+    data, _ = stream._pair_of_arrays(data, len(ex.input_shape))  # (images, labels) arrays: one element
     label = _resolve(ex, layer)
     c_all = layer_channels(ex, label)
     chans = np.arange(c_all) if channels is None else np.asarray(

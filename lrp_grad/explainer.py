@@ -789,7 +789,7 @@ class Explainer:
 
         Parameters
         ----------
-        data : tf.data.Dataset, numpy array or iterable
+        data : tf.data.Dataset, numpy array, (images, labels) arrays or iterable
             Images, ``(image, label)`` pairs, or dicts with an image key (``'image'``, ``'x'``,
             ...) and optionally a label key (``'label'``, ``'y'``, ...); elements may be single
             images or batches. Labels may be class indices (any integer dtype) or one-hot rows.

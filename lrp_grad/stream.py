@@ -499,8 +499,9 @@ def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, re
         raise InvalidInputError(f"length must be a positive int or None, got {length!r}.")
     _targets(target, np.zeros(0, np.int64), 0)  # validates the target choice before any work
     worker = _check_worker(worker)
+    data, pair_length = _pair_of_arrays(data, len(explainer.input_shape))
     if length is None:
-        length = _length(data, len(explainer.input_shape))
+        length = pair_length or _length(data, len(explainer.input_shape))
     out = None if out is None else pathlib.Path(out)
     if worker is not None and (out is None or out.suffix == ".npy"):
         raise InvalidInputError("with several workers, out= must be a folder: every worker writes its own shards "
@@ -928,6 +929,15 @@ def _load_npy(out: pathlib.Path) -> DatasetResult:
 def load_shards(folder) -> np.ndarray:
     """The relevance an ``explain_dataset`` run (one or several workers) wrote into ``folder``, in order."""
     return load(folder).relevance
+
+
+def _pair_of_arrays(data, input_rank):
+    """``(images, labels)`` given as a tuple of two arrays is one batched element, not two elements:
+    ``([(images, labels)], n)``; anything else is returned as it is, with ``None``."""
+    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(v, np.ndarray) for v in data)
+            and data[0].ndim == input_rank + 1 and data[1].ndim in (1, 2) and len(data[0]) == len(data[1])):
+        return [data], len(data[0])
+    return data, None
 
 
 def _length(data, input_rank):

@@ -143,3 +143,19 @@ def test_two_workers_share_the_work(setup, tmp_path):
         ex.explain_dataset(zip(x, y), worker=(0, 2), progress=False)
     with pytest.raises(lrp_grad.InvalidInputError, match=r"worker must be 'auto', None or \(index, count\)"):
         ex.explain_dataset(zip(x, y), worker=(2, 2), out=tmp_path / "z", progress=False)
+
+
+def test_a_pair_of_arrays_is_images_and_labels(tmp_path):
+    """explain_dataset((x, y)) streams x with y as the labels (not two elements), with its length
+    known for a .npy output; the same in reference_samples."""
+    from lrp_grad.bench import mnist_cnn
+    from lrp_grad.datasets import mnist_digits
+
+    (x, y), _ = mnist_digits(n_train=40)
+    x, y = x[:40], y[:40]
+    ex = lrp_grad.Explainer(mnist_cnn(), rule=lrp_grad.Epsilon(1e-6))
+    res = ex.explain_dataset((x, y), batch_size=16, out=tmp_path / "r.npy", progress=False)
+    np.testing.assert_allclose(res.relevance, ex(x, target=y.astype(int)), rtol=1e-5, atol=1e-7)
+    assert list(res.summaries["target"]) == list(y.astype(int))
+    refs = lrp_grad.concepts.reference_samples(ex, (x, y), ex.model.layers[0].name, channels=[0], top=3)
+    assert refs.indices.shape == (1, 3) and refs.indices.max() < 40
