@@ -373,3 +373,53 @@ def test_layer_not_leading_to_the_output():
     ex = lrp_grad.Explainer(model, output="out")
     with pytest.raises(ConceptError, match=r"layer 'side' of model .* does not lead to the explained output 'out'"):
         ex.concept_relevance(images((6, 6, 1), n=1).astype("float32"), layer="side")
+
+
+def bn_plus_residual(K, dtype="float32"):
+    """Conv-BN-ReLU stem (the BN folded), a residual join written with ``+``, global pooling."""
+    L = K.layers
+    inp = K.Input((10, 10, 3), dtype=dtype)
+    a = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(L.Conv2D(6, 3, padding="same", name="stem")(inp)))
+    b = L.Conv2D(6, 3, padding="same", activation="relu", name="branch")(a)
+    j = L.ReLU(name="out_relu")(a + b)
+    out = L.Dense(4, name="logits")(L.GlobalAveragePooling2D()(j))
+    return randomize(K.Model(inp, out, name="bn_plus"), 21)
+
+
+@pytest.mark.parametrize("pkg", ["keras", "tf_keras"])
+def test_sum_identity_on_a_folded_batchnorm_and_a_plus_residual(pkg):
+    model = bn_plus_residual(package(pkg))
+    x = images((10, 10, 3), n=2, seed=22).astype("float32")
+    for rule in (None, "epsilon_plus_flat"):
+        ex = lrp_grad.Explainer(model, rule=rule)
+        R = ex(x)
+        for layer in ("stem_bn", "stem_relu", "out_relu"):  # the BN's name stands for the folded pair
+            H = ex.conditional(x, layer=layer, channels=list(range(6)))
+            assert_close(H.sum(1), R, 1e-5, f"{rule} {layer}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ctor, layer", [
+    ("tf_keras.ResNet50", "conv4_block6_out"), ("tf_keras.DenseNet121", "pool3_relu"),
+    ("keras.EfficientNetB0", "block6a_expand_activation"), ("tf_keras.MobileNetV2", "block_13_expand_relu"),
+])
+def test_sum_identity_on_applications_in_float64(ctor, layer):
+    """Every channel of a layer every path passes: their conditional heatmaps sum to the heatmap
+    (float64: exact up to rounding; in float32 EfficientNet's stabilised divisions amplify the
+    rounding of the batched transposes to ~1e-3)."""
+    pkg, name = ctor.split(".")
+    K = package(pkg)
+    if pkg == "keras":
+        K.config.set_floatx("float64")
+    else:
+        K.backend.set_floatx("float64")
+    try:
+        model = getattr(K.applications, name)(weights=None, input_shape=(32, 32, 3), classes=10,
+                                              classifier_activation=None)
+    finally:
+        (K.config.set_floatx if pkg == "keras" else K.backend.set_floatx)("float32")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))
+    ex = lrp_grad.Explainer(model, rule="epsilon_plus_flat")
+    R = ex(x)
+    H = ex.conditional(x, layer=layer, channels=list(range(lrp_grad.concepts.layer_channels(ex, layer))))
+    assert_close(H.sum(1), R, 1e-9, f"{ctor} {layer}")
