@@ -114,10 +114,18 @@ def layer_channels(ex, layer) -> int:
     return int(shape[-1])
 
 
+def _as_list(channels) -> list:
+    """A channel index alone, or any iterable of them (list, tuple, range, array) as a list."""
+    if isinstance(channels, (str, bytes, dict)) or not hasattr(channels, "__iter__") or (
+            isinstance(channels, np.ndarray) and channels.ndim == 0):
+        return [channels]
+    return list(channels)
+
+
 def _channel_mask(ex, label, channels, what) -> np.ndarray:
     """A 0/1 vector over the layer's channels: one channel (int) or several (a list)."""
     c = layer_channels(ex, label)
-    ids = list(channels) if isinstance(channels, (list, tuple, np.ndarray)) else [channels]
+    ids = _as_list(channels)
     if not ids:
         raise ConceptError(f"{what}: an empty channel list for layer {label!r}.")
     m = np.zeros(c, np.float32)
@@ -163,7 +171,7 @@ def _conditions(ex, layer, channels, conditions):
             raise ConceptError("conditional() needs layer= and channels= (a list of channel indices), or "
                                "conditions= (a list of {layer: channel or [channels]} dicts).")
         label = _resolve(ex, layer)
-        chans = list(channels) if isinstance(channels, (list, tuple, np.ndarray)) else [channels]
+        chans = _as_list(channels)
         conditions = [{label: c} for c in chans]
     elif layer is not None or channels is not None:
         raise ConceptError("pass either layer= and channels=, or conditions=, not both.")

@@ -181,6 +181,11 @@ def test_one_trace_for_any_number_of_conditions_and_images():
     ex.conditional(x[:3], layer="c2", channels=[0, 1, 2, 3, 4])
     ex.conditional(x, layer="c2", channels=[2])
     assert ex.trace_count == traces
+    # any iterable of channels; one channel alone
+    assert_close(ex.conditional(x, layer="c2", channels=range(3)), ex.conditional(x, layer="c2", channels=[0, 1, 2]),
+                 1e-12)
+    assert_close(ex.conditional(x, layer="c2", channels=np.int64(4)), ex.conditional(x, layer="c2", channels=[4]),
+                 1e-12)
 
 
 def test_chunked_conditions_equal_one_call():
