@@ -186,23 +186,85 @@ def _explain_dataset(args, model, shape) -> int:
     return 0
 
 
+def _image_model(path, command):
+    """The model file as a single-input, single-output image model and its input shape (H, W, C)."""
+    model = _load_model(path, command)
+    if len(model.inputs) != 1:
+        names = ", ".join(repr(getattr(t, "name", "?")) for t in model.inputs)
+        raise SystemExit(f"lrp-grad {command}: the model has {len(model.inputs)} inputs ({names}); the command line "
+                         "explains single-input image models. Use lrp_grad.explain(model, [x1, x2, ...]) in Python.")
+    if len(model.outputs) != 1:
+        raise SystemExit(f"lrp-grad {command}: the model has {len(model.outputs)} outputs; the command line explains "
+                         "single-output classifiers. Use lrp_grad.Explainer(model, output=...) in Python.")
+    shape = tuple(model.input_shape[1:])
+    if len(shape) != 3 or None in shape:
+        raise SystemExit(f"lrp-grad {command}: the model input {model.input_shape} is not a fixed-size image (H, W, C).")
+    return model, shape
+
+
+def _concepts(args) -> int:
+    import numpy as np
+
+    from . import concepts, heatmap
+    from .explainer import Explainer
+
+    model, shape = _image_model(args.model, "concepts")
+    x = _load_images([args.image], shape, args.resize) * args.scale
+    ex = Explainer(model, rule=args.rule)
+    if args.target is not None and args.target >= ex.n_classes:
+        raise SystemExit(f"lrp-grad concepts: --target {args.target} is out of range: the model has {ex.n_classes} "
+                         f"classes (0..{ex.n_classes - 1}).")
+    layer = args.layer or _last_conv_label(ex)
+    target = int(ex.forward(x).argmax(1)[0]) if args.target is None else args.target
+    refs = None
+    if args.references:
+        files = sorted(p for p in pathlib.Path(args.references).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) \
+            if pathlib.Path(args.references).is_dir() else []
+        if not files:
+            raise SystemExit(f"lrp-grad concepts: --references {args.references!r} is not a folder of images "
+                             f"({', '.join(sorted(_IMAGE_SUFFIXES))}).")
+        data = (_load_images([str(f)], shape, args.resize)[0] * args.scale for f in files)
+        refs = concepts.reference_samples(ex, data, layer, top=args.top_refs, target="predicted")
+    out = _output_folder(args.out, "concepts", "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    fig = heatmap.concept_atlas(ex, x[0], target, layer, top=args.top, references=refs, n_refs=args.top_refs,
+                                scheme=args.scheme, path=out / "atlas.png", rank=args.rank)
+    C = ex.concept_relevance(x, target, layer=layer)[0]
+    order = np.argsort(-np.abs(C) if args.rank == "magnitude" else -C)
+    total = float(C.sum())
+    rows = [{"channel": int(c), "relevance": float(C[c]), "share": float(C[c] / abs(total)) if total else 0.0}
+            for c in order]
+    (out / "concepts.json").write_text(json.dumps({"image": args.image, "layer": fig.atlas["layer"], "target": target,
+                                                   "layer_total": total, "channels": rows}, indent=1))
+    print(f"wrote atlas.png and concepts.json (the {len(rows)} channels of {fig.atlas['layer']!r} ranked for class "
+          f"{target}) to {out}")
+    return 0
+
+
+def _last_conv_label(ex) -> str:
+    from .concepts import ConceptError, layer_channels
+
+    for step in reversed(_plan_steps(ex)):
+        if "Conv" in type(step.node.layer).__name__:
+            try:
+                layer_channels(ex, step.node.label)
+            except ConceptError:
+                continue
+            return step.node.label
+    raise SystemExit("lrp-grad concepts: the model has no convolution; name the layer with --layer.")
+
+
+def _plan_steps(ex):
+    return ex._plans[(False,) * ex.n_inputs].steps
+
+
 def _explain(args) -> int:
     import numpy as np
 
     from . import heatmap
     from .explainer import Explainer
 
-    model = _load_model(args.model, "explain")
-    if len(model.inputs) != 1:
-        names = ", ".join(repr(getattr(t, "name", "?")) for t in model.inputs)
-        raise SystemExit(f"lrp-grad explain: the model has {len(model.inputs)} inputs ({names}); the command line "
-                         "explains single-input image models. Use lrp_grad.explain(model, [x1, x2, ...]) in Python.")
-    if len(model.outputs) != 1:
-        raise SystemExit(f"lrp-grad explain: the model has {len(model.outputs)} outputs; the command line explains "
-                         "single-output classifiers. Use lrp_grad.Explainer(model, output=...) in Python.")
-    shape = tuple(model.input_shape[1:])
-    if len(shape) != 3 or None in shape:
-        raise SystemExit(f"lrp-grad explain: the model input {model.input_shape} is not a fixed-size image (H, W, C).")
+    model, shape = _image_model(args.model, "explain")
     if args.dataset is not None:
         return _explain_dataset(args, model, shape)
     x = _load_images(args.images, shape, args.resize) * args.scale
@@ -300,6 +362,25 @@ def main(argv=None) -> int:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    con = sub.add_parser("concepts", help="a concept atlas (CRP) for one image: which channels carry the decision")
+    con.add_argument("--model", required=True, help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
+    con.add_argument("--image", required=True, help="the image file to explain")
+    con.add_argument("--layer", default=None, help="the layer whose channels are the concepts (default: the last "
+                                                   "convolution)")
+    con.add_argument("--target", type=_class_index, default=None, help="class to explain (default: the predicted)")
+    con.add_argument("--top", type=_positive_int, default=4, help="concepts shown (default 4)")
+    con.add_argument("--references", default=None,
+                     help="a folder of images to search for each concept's reference samples (relevance "
+                          "maximisation, each image explained for its predicted class)")
+    con.add_argument("--top-refs", type=_positive_int, default=4, help="reference samples per concept (default 4)")
+    con.add_argument("--rank", choices=["relevance", "magnitude"], default="relevance",
+                     help="order concepts by signed relevance (default) or by |relevance|")
+    con.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help=_RULE_HELP)
+    con.add_argument("--scale", type=_scale, default=1 / 255, help="multiply pixel values by this (default 1/255)")
+    con.add_argument("--resize", action="store_true", help="resize images to the model input size")
+    con.add_argument("--scheme", choices=["lrp", "seed"], default="lrp", help="heatmap colours")
+    con.add_argument("--out", required=True, help="output folder: atlas.png and concepts.json")
+
     exp_model = sub.add_parser("export", help="write a SavedModel that explains without lrp_grad (TF Serving)")
     exp_model.add_argument("model", help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
     exp_model.add_argument("out", help="output SavedModel folder")
@@ -311,7 +392,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:
         return _guarded("bench", lambda: _bench(None, argv[1:]))
     args = parser.parse_args(argv)
-    run = {"demo": _demo, "explain": _explain, "export": _export}[args.command]
+    run = {"demo": _demo, "explain": _explain, "export": _export, "concepts": _concepts}[args.command]
     return _guarded(args.command, lambda: run(args))
 
 

@@ -2,6 +2,7 @@
 the model loader and its errors, and the quick demo (what CI can afford)."""
 import argparse
 import json
+import pathlib
 import re
 import sys
 import warnings
@@ -91,6 +92,25 @@ def test_explain_writes_heatmaps_and_relevance(tiny, tmp_path):
     assert package_of(loaded) == package_of(model)
     np.testing.assert_allclose(R, lrp_grad.explain(loaded, x, target=list(targets.values()), rule=lrp_grad.AlphaBeta(2, 1)),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_concepts_writes_an_atlas_and_the_ranked_channels(tiny, tmp_path):
+    model, path, images = tiny
+    out = tmp_path / "atlas"
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for p in images[:2]:
+        (refs / pathlib.Path(p).name).write_bytes(pathlib.Path(p).read_bytes())
+    assert cli.main(["concepts", "--model", str(path), "--image", images[0], "--references", str(refs),
+                     "--top", "2", "--top-refs", "2", "--out", str(out)]) == 0
+    assert (out / "atlas.png").read_bytes().startswith(b"\x89PNG")
+    info = json.loads((out / "concepts.json").read_text())
+    x = np.asarray(__import__("PIL.Image").Image.open(images[0]).convert("RGB"), np.float32)[None] / 255
+    ex = lrp_grad.Explainer(lrp_grad.load_model(path), rule="epsilon_plus_flat")
+    C = ex.concept_relevance(x, info["target"], layer=info["layer"])[0]
+    assert info["layer"] == [layer.name for layer in model.layers if "conv" in layer.name][-1]  # the last conv
+    assert [r["channel"] for r in info["channels"]] == list(np.argsort(-C))
+    np.testing.assert_allclose([r["relevance"] for r in info["channels"]], C[np.argsort(-C)], rtol=1e-5, atol=1e-7)
 
 
 def test_explain_size_mismatch_needs_resize(tiny, tmp_path):

@@ -18,7 +18,7 @@ def files(tmp_path_factory):
     K = kit.package("keras")
     root = tmp_path_factory.mktemp("cli")
     model = kit.randomize(K.Sequential([K.Input((8, 8, 3)), K.layers.Conv2D(4, 3, activation="relu"),
-                                        K.layers.Flatten(), K.layers.Dense(3)]))
+                                        K.layers.Flatten(name="flatten"), K.layers.Dense(3)]))
     model.save(root / "m.keras")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "a.png")
     (root / "not_a_model.keras").write_text("hello")
@@ -57,6 +57,19 @@ CASES = {
                      r"--rule 'lrp' is not known"),
     "missing image": (["explain", "--model", "{m}", "--images", "{root}/none.png", "--out", "{tmp}/o"],
                       r"cannot read image .*none.png"),
+    "concepts: unknown layer": (["concepts", "--model", "{m}", "--image", "{img}", "--out", "{tmp}/o", "--layer",
+                                 "nope"], r"has no layer 'nope'"),
+    "concepts: layer without channels": (["concepts", "--model", "{m}", "--image", "{img}", "--out", "{tmp}/o",
+                                          "--layer", "flatten"], r"layer 'flatten' \(Flatten\) has no channels"),
+    "concepts: target out of range": (["concepts", "--model", "{m}", "--image", "{img}", "--out", "{tmp}/o",
+                                       "--target", "5"], r"--target 5 is out of range: the model has 3 classes"),
+    "concepts: references not a folder": (["concepts", "--model", "{m}", "--image", "{img}", "--out", "{tmp}/o",
+                                           "--references", "{root}/file.txt"],
+                                          r"--references .*file.txt' is not a folder of images"),
+    "concepts: top 0": (["concepts", "--model", "{m}", "--image", "{img}", "--out", "{tmp}/o", "--top", "0"],
+                        r"argument --top: 0 is not a positive count"),
+    "concepts: out is a file": (["concepts", "--model", "{m}", "--image", "{img}", "--out", "{root}/file.txt"],
+                                r"--out .*file.txt is a file; give a folder"),
 }
 
 
