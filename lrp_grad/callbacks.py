@@ -26,8 +26,10 @@ writes ``epoch_loss`` at: with ``every=2`` the summaries of epochs 2, 4, ... car
 
 Summaries are written with ``tf.summary.write`` in the format of TensorBoard's image and scalar
 plugins, so no ``tensorboard`` package is needed to write them (only to view them). The callback
-never changes the model (it only reads the current weights) and costs one explanation of ``x`` per
-logged epoch: its :class:`~lrp_grad.Explainer` is built once and its compiled pass traced once for
+never changes the model (it only reads the current weights) and holds training up for one
+explanation of ``x`` per logged epoch (the grid's PNG and the summaries are written by a background
+thread while the next epoch trains; ``on_train_end`` waits for them): its
+:class:`~lrp_grad.Explainer` is built once and its compiled pass traced once for
 the whole training; it is rebuilt only for another model, a model whose layers changed, or a
 :class:`~lrp_grad.StaleExplainerError` (a BatchNorm folded through max pooling whose scales
 changed sign).
@@ -267,17 +269,42 @@ class RelevanceCallback(*_BASES):
     def on_train_begin(self, logs=None):
         if _input_shape(self.model) is not None:  # an unbuilt Sequential is built by its first batch
             self._ensure_explainer()
+        self._training = True
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
             return
-        explanation = self.explain()
-        self._write(explanation, int(epoch))
+        explanation = self.explain()  # needs this epoch's weights: before training goes on
+        if getattr(self, "_training", False):
+            # The grid, its PNG and the summaries are written by one background thread while the
+            # next epoch trains: training waits for the explanation only.
+            if getattr(self, "_pool", None) is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrp-grad-summaries")
+                self._pending = []
+            self._pending.append(self._pool.submit(self._write, explanation, int(epoch)))
+        else:  # called by hand: written before returning
+            self._write(explanation, int(epoch))
+
+    def wait(self):
+        """Block until every summary queued so far is written (``on_train_end`` does this); re-raise a
+        writing error."""
+        pending, self._pending = getattr(self, "_pending", []), []
+        for future in pending:
+            future.result()
 
     def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._training = False
+        try:
+            self.wait()
+        finally:
+            if getattr(self, "_pool", None) is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
 
     # -------------------------------------------------------------------------------- the work
 
@@ -353,3 +380,6 @@ class RelevanceCallback(*_BASES):
         self._writer.flush()
         self.last = explanation
         self.written_steps.append(step)
+        import threading
+
+        self.writer_thread = threading.current_thread().name  # which thread wrote last (for tests)

@@ -62,6 +62,7 @@ def test_fit_writes_heatmaps_and_scalars_equal_to_an_explainer(K, digits, tmp_pa
     # Traced once, built once, for the whole training.
     assert cb.builds == 1 and cb.explainer.trace_count == 1
     assert cb.written_steps == [0, 1]
+    assert cb.writer_thread.startswith("lrp-grad-summaries")  # written off the training thread, done by fit's end
 
     found = events(tmp_path / "logs")
     tags = {(step, tag, plugin) for step, tag, plugin, _ in found}
