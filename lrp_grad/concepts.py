@@ -86,6 +86,16 @@ def _resolve(ex, name) -> str:
     if name in ex.input_names or (found is not None and class_name(found) == "InputLayer"):
         raise ConceptError(f"layer {name!r} is a model input; its relevance is the heatmap itself (call the "
                            "explainer); concepts live in hidden layers.")
+    inner = [lab for lab in labels if lab.startswith(name + "/")]
+    if found is not None and inner:  # a nested model: its output layer stands for it
+        outs = getattr(found, "outputs", None) or []
+        history = getattr(outs[0], "_keras_history", None) if len(outs) == 1 else None
+        op = getattr(history, "operation", None) or getattr(history, "layer", None)
+        match = [lab for lab in inner if op is not None and lab.split("#")[0] == f"{name}/{op.name}"]
+        if len(match) == 1:
+            return match[0]
+        raise ConceptError(f"layer {name!r} is a nested model; name one of its layers, e.g. "
+                           f"{', '.join(repr(lab) for lab in inner[-3:])}.")
     if found is not None:
         raise ConceptError(f"layer {name!r} of model {ex.model.name!r} does not lead to the explained output "
                            f"{ex.output_name!r}, so it receives no relevance; choose a layer below it.")

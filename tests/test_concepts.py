@@ -428,3 +428,29 @@ def test_sum_identity_on_applications_in_float64(ctor, layer):
     R = ex(x)
     H = ex.conditional(x, layer=layer, channels=list(range(lrp_grad.concepts.layer_channels(ex, layer))))
     assert_close(H.sum(1), R, 1e-9, f"{ctor} {layer}")
+
+
+@pytest.mark.parametrize("pkg", ["keras", "tf_keras"])
+def test_layers_of_a_nested_model(pkg):
+    K = package(pkg)
+    L = K.layers
+    inner_in = K.Input((8, 8, 3))
+    inner = K.Model(inner_in, L.MaxPooling2D(name="ipool")(L.Conv2D(4, 3, activation="relu", name="iconv")(inner_in)),
+                    name="backbone")
+    inp = K.Input((8, 8, 3))
+    h = L.Conv2D(5, 2, activation="relu", name="head_conv")(inner(inp))
+    model = randomize(K.Model(inp, L.Dense(3, name="logits")(L.Flatten()(h))), 23)
+    x = images((8, 8, 3), n=2, seed=24).astype("float32")
+    ex = lrp_grad.Explainer(model, rule="epsilon_plus_flat")
+    R = ex(x)
+    for layer in ("iconv", "backbone/iconv", "backbone", "head_conv"):
+        H = ex.conditional(x, layer=layer, channels=list(range(lrp_grad.concepts.layer_channels(ex, layer))))
+        assert_close(H.sum(1), R, 1e-5, layer)
+    # the nested model's name stands for its output layer
+    assert_close(ex.concept_relevance(x, layer="backbone"), ex.concept_relevance(x, layer="backbone/ipool"), 1e-12)
+    # the explained output as the layer: its target channel carries the whole heatmap
+    target = ex.forward(x).argmax(1)
+    H = ex.conditional(x, layer="logits", channels=[0, 1, 2])
+    for i in range(2):
+        assert_close(H[i, target[i]], R[i], 1e-12)
+        assert np.all(H[i, [c for c in range(3) if c != target[i]]] == 0)
