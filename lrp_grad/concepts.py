@@ -70,14 +70,14 @@ def _resolve(ex, name) -> str:
     if not isinstance(name, str):
         raise ConceptError(f"layer must be a layer name (str) or a layer of the model, got {name!r} of type "
                            f"{type(name).__name__}.")
-    labels = [s.node.label for s in plan.steps]
+    labels = list(_labels(ex))
     if name in labels:
         return name
     base = [lab for lab in labels if lab.split("#")[0] == name or lab.split("#")[0].rsplit("/", 1)[-1] == name]
     if len(base) == 1:
         return base[0]
     if len(base) > 1:
-        raise ConceptError(f"layer {name!r} is called several times in model {ex.model.name!r}; name one call: "
+        raise ConceptError(f"layer {name!r} is called {len(base)} times in model {ex.model.name!r}; name one call: "
                            f"{', '.join(repr(b) for b in base)}.")
     try:
         found = ex.model.get_layer(name)
@@ -104,8 +104,27 @@ def _resolve(ex, name) -> str:
                        f"{', '.join(repr(c) for c in close)}.")
 
 
+def _labels(ex) -> dict:
+    """Concept label -> plan label of every layer call, in forward order. A shared layer's calls are
+    ``'name#1'``, ``'name#2'``, ... (the plan labels its first call by the plain name)."""
+    plan = _plan_of(ex)
+    cached = getattr(ex, "_concept_labels", None)
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    plain = [s.node.label for s in plan.steps]
+    shared = {lab for lab in plain if any(other.startswith(lab + "#") for other in plain)}
+    out = {(f"{lab}#1" if lab in shared else lab): lab for lab in plain}
+    ex._concept_labels = (plan, out)
+    return out
+
+
+def _plan_label(ex, label) -> str:
+    return _labels(ex)[label]
+
+
 def _step(ex, label):
-    return next(s for s in _plan_of(ex).steps if s.node.label == label)
+    plan_label = _plan_label(ex, label)
+    return next(s for s in _plan_of(ex).steps if s.node.label == plan_label)
 
 
 def layer_channels(ex, layer) -> int:
@@ -150,14 +169,15 @@ def _channel_mask(ex, label, channels, what) -> np.ndarray:
 
 
 def _order(ex) -> dict:
-    return {s.node.label: i for i, s in enumerate(_plan_of(ex).steps)}
+    return {label: i for i, label in enumerate(_labels(ex))}
 
 
 def _ancestors(ex, label) -> set:
     """Labels of the layer calls ``label``'s output depends on."""
     steps = _plan_of(ex).steps
-    producer = {t: s.node.label for s in steps for t in s.node.outputs}
-    inputs = {s.node.label: s.node.inputs for s in steps}
+    canonical = {plan_label: label for label, plan_label in _labels(ex).items()}
+    producer = {t: canonical[s.node.label] for s in steps for t in s.node.outputs}
+    inputs = {canonical[s.node.label]: s.node.inputs for s in steps}
     seen, todo = set(), [label]
     while todo:
         for t in inputs[todo.pop()]:
@@ -242,21 +262,21 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
                 tape.watch(x)
             logits, layers = rewrite.run(plan, xs, collect=True)
         r0 = ex._initial_relevance(logits, second, select, mode)
-        sums_of = [layers[lab] for lab in sum_labels]
+        sums_of = [layers[_plan_label(ex, lab)] for lab in sum_labels]
         zero = tf.UnconnectedGradients.ZERO
         if not cond_labels:
             sources = (xs if want_input else []) + sums_of
             grads = tape.gradient(logits, sources, output_gradients=r0, unconnected_gradients=zero)
             ins = grads[:n_in] if want_input else []
             return tuple(ins), tuple(_spatial_sum(g) for g in grads[len(ins):]), logits
-        top = layers[cond_labels[0]]
+        top = layers[_plan_label(ex, cond_labels[0])]
         # The backward pass above the highest condition: once for all conditions.
         r_top = tape.gradient(logits, top, output_gradients=r0, unconnected_gradients=zero)
 
         def one_condition(i):
             r, here = r_top * tf.gather(masks[0], i), top
             for lab, m in zip(cond_labels[1:], masks[1:]):
-                below = layers[lab]
+                below = layers[_plan_label(ex, lab)]
                 r = tape.gradient(here, below, output_gradients=r, unconnected_gradients=zero) * tf.gather(m, i)
                 here = below
             sources = (xs if want_input else []) + sums_of
@@ -595,7 +615,7 @@ def _ref_function(ex, input_nonneg, select, mask_shape, label, by):
             for x in xs:
                 tape.watch(x)
             logits, layers = rewrite.run(plan, xs, collect=True)
-        a = layers[label]
+        a = layers[_plan_label(ex, label)]
         if by == "relevance":
             r0 = ex._initial_relevance(logits, second, select, "logit")
             v = tape.gradient(logits, a, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO)

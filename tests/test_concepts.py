@@ -454,3 +454,23 @@ def test_layers_of_a_nested_model(pkg):
     for i in range(2):
         assert_close(H[i, target[i]], R[i], 1e-12)
         assert np.all(H[i, [c for c in range(3) if c != target[i]]] == 0)
+
+
+def test_a_shared_layer_is_named_by_its_call():
+    K = package("keras")
+    L = K.layers
+    inp = K.Input((6, 6, 2))
+    shared = L.Conv2D(2, 1, activation="relu", name="shared")
+    h = shared(L.Conv2D(2, 3, padding="same", activation="relu", name="pre")(inp))
+    h = shared(h)
+    model = randomize(K.Model(inp, L.Dense(2, name="out")(L.Flatten()(h))), 25)
+    x = images((6, 6, 2), n=1, seed=26).astype("float32")
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))
+    with pytest.raises(ConceptError, match=r"layer 'shared' is called 2 times in model .*; name one call: "
+                                           r"'shared#1', 'shared#2'"):
+        ex.concept_relevance(x, layer="shared")
+    R = ex(x)
+    first, second = (ex.concept_relevance(x, layer=f"shared#{k}") for k in (1, 2))
+    assert not np.allclose(first, second)
+    for label in ("shared#1", "shared#2"):  # each call is on every path: its channels hold the whole heatmap
+        assert_close(ex.conditional(x, layer=label, channels=[0, 1]).sum(1), R, 1e-5, label)
