@@ -69,14 +69,19 @@ def test_deleted_or_truncated_npy_is_detected_at_resume(setup, tmp_path):
         ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
 
 
+def _overwrite_row(path, row, value):
+    """Change one row of a written .npy behind lrp_grad's back."""
+    m = np.load(path, mmap_mode="r+")
+    m[row] = value
+    m.flush()
+    del m
+
+
 def test_changed_npy_rows_are_detected(setup, tmp_path):
     ex, x, y = setup
     out = tmp_path / "r.npy"
     _partial(ex, x, y, out)
-    m = np.load(out, mmap_mode="r+")
-    m[5] = 0
-    m.flush()
-    del m
+    _overwrite_row(out, 5, 0)
     with pytest.raises(OutputError, match=r"images 4\.\.7 .* differs from what was written"):
         ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
 
@@ -209,10 +214,7 @@ def test_resume_of_a_finished_run_explains_nothing_and_checks_the_file(setup, tm
     np.testing.assert_array_equal(again.relevance, expected)
     np.testing.assert_array_equal(again.summaries["relevance_sum"], first.summaries["relevance_sum"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.npy", "r.npy.json"]
-    m = np.load(out, mmap_mode="r+")
-    m[9] = 1
-    m.flush()
-    del m
+    _overwrite_row(out, 9, 1)
     with pytest.raises(OutputError, match=r"cannot resume .*images 8\.\.11 .* differs from what was written"):
         ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
     with pytest.raises(OutputError, match=r"cannot load .*images 8\.\.11 .* differs from what was written"):
