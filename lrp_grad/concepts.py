@@ -127,10 +127,33 @@ def _step(ex, label):
     return next(s for s in _plan_of(ex).steps if s.node.label == plan_label)
 
 
+def _gate_only(ex) -> set:
+    """Plan labels of the layer calls whose output reaches the explained output only through the
+    gate input of a product (squeeze-and-excitation branches, attention weights): no relevance."""
+    plan = _plan_of(ex)
+    cached = getattr(ex, "_concept_gate_only", None)
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    relevant, out = {plan.graph.output_id}, set()
+    for step in reversed(plan.steps):
+        if not any(t in relevant for t in step.node.outputs):
+            out.add(step.node.label)
+            continue
+        for k, t in enumerate(step.node.inputs):
+            if not (step.handler.kind == "gate" and step.context.gate == k):
+                relevant.add(t)
+    ex._concept_gate_only = (plan, out)
+    return out
+
+
 def layer_channels(ex, layer) -> int:
     """The number of channels (last axis of the output) of ``layer``; refuses layers without channels."""
     label = _resolve(ex, layer)
     step = _step(ex, label)
+    if step.node.label in _gate_only(ex):
+        raise ConceptError(f"layer {label!r} ({class_name(step.node.layer)}) only feeds the gate of a product "
+                           "(e.g. a squeeze-and-excitation branch): LRP gives gates no relevance, so its channels "
+                           "carry none; choose a layer on the signal path.")
     shape = step.node.output_shapes[0] if step.node.output_shapes else None
     shape = None if shape is None else tf.TensorShape(shape)
     cls = class_name(step.node.layer)

@@ -474,3 +474,22 @@ def test_a_shared_layer_is_named_by_its_call():
     assert not np.allclose(first, second)
     for label in ("shared#1", "shared#2"):  # each call is on every path: its channels hold the whole heatmap
         assert_close(ex.conditional(x, layer=label, channels=[0, 1]).sum(1), R, 1e-5, label)
+
+
+def test_a_layer_that_only_feeds_a_gate_is_refused():
+    K = package("keras")
+    L = K.layers
+    inp = K.Input((6, 6, 4))
+    h = L.Conv2D(4, 3, padding="same", activation="relu", name="body")(inp)
+    s = L.GlobalAveragePooling2D(keepdims=True)(h)
+    s = L.Conv2D(4, 1, activation="sigmoid", name="se_expand")(L.Conv2D(2, 1, activation="relu", name="se_reduce")(s))
+    h = L.Multiply(name="excite")([h, s])
+    model = randomize(K.Model(inp, L.Dense(3, name="out")(L.Flatten()(h))), 27)
+    x = images((6, 6, 4), n=2, seed=28).astype("float32")
+    ex = lrp_grad.Explainer(model, rule="epsilon_plus_flat")
+    for layer in ("se_reduce", "se_expand"):
+        with pytest.raises(ConceptError, match=rf"layer '{layer}' \(Conv2D\) only feeds the gate of a product"):
+            ex.conditional(x, layer=layer, channels=[0])
+    R = ex(x)
+    for layer in ("body", "excite"):  # on the signal path: the identity holds
+        assert_close(ex.conditional(x, layer=layer, channels=list(range(4))).sum(1), R, 1e-5, layer)
