@@ -377,12 +377,8 @@ _LOCK = threading.Lock()
 
 def _explain(ex, x, targets):
     """``(relevance, logits)`` of a checked batch, in chunks of at most ``ex.auto_batch_size()``."""
-    step = ex.auto_batch_size()
-    parts = [ex._explain_with_logits(x[i:i + step], None if targets is None else targets[i:i + step])
-             for i in range(0, len(x), step)]
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    (R,), logits, _ = ex._explained([x], targets, "logit", False, None)
+    return R, logits
 
 
 def _describe(value) -> str:

@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from . import rewrite
 from .errors import InvalidInputError, InvalidTargetError, LRPError, LRPMemoryError
+from .explainer import _check_batch_size, _pad_to_bucket
 from .frontends import class_name
 
 __all__ = [
@@ -132,18 +133,11 @@ def _gate_only(ex) -> set:
     gate input of a product (squeeze-and-excitation branches, attention weights): no relevance."""
     plan = _plan_of(ex)
     cached = getattr(ex, "_concept_gate_only", None)
-    if cached is not None and cached[0] is plan:
-        return cached[1]
-    relevant, out = {plan.graph.output_id}, set()
-    for step in reversed(plan.steps):
-        if not any(t in relevant for t in step.node.outputs):
-            out.add(step.node.label)
-            continue
-        for k, t in enumerate(step.node.inputs):
-            if not (step.handler.kind == "gate" and step.context.gate == k):
-                relevant.add(t)
-    ex._concept_gate_only = (plan, out)
-    return out
+    if cached is None or cached[0] is not plan:
+        entries = [(s.node, s.handler, s.context) for s in plan.steps]
+        cached = (plan, {plan.steps[i].node.label for i in rewrite._gate_only(plan.graph, entries)})
+        ex._concept_gate_only = cached
+    return cached[1]
 
 
 def layer_channels(ex, layer) -> int:
@@ -330,11 +324,6 @@ def _prepare(ex, x, target, initial, what):
     return xs, structure, n, mode, select, second, input_nonneg
 
 
-def _check_batch_size(batch_size):
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-
-
 def _run(ex, x, target, initial, cond_labels, masks, sum_labels, want_input, batch_size, what):
     """Run the concept pass over ``x`` in chunks of images and of conditions; numpy results with
     the condition axis (if any) second: ``(n, k, ...)``."""
@@ -369,8 +358,6 @@ def _run(ex, x, target, initial, cond_labels, masks, sum_labels, want_input, bat
 
 
 def _call(ex, fn, xs, second, masks):
-    from .explainer import _pad_to_bucket  # noqa: PLC0415 (explainer imports nothing from here)
-
     rows = len(xs[0])
     if ex.jit_compile:
         xs, second = [_pad_to_bucket(v) for v in xs], _pad_to_bucket(np.asarray(second))
@@ -634,18 +621,18 @@ def _ref_function(ex, input_nonneg, select, mask_shape, label, by):
     def ref_pass(*args):
         ex.trace_count += 1
         xs, second = list(args[:n_in]), args[n_in]
-        with tf.GradientTape() as tape:
-            for x in xs:
-                tape.watch(x)
-            logits, layers = rewrite.run(plan, xs, collect=True)
-        a = layers[_plan_label(ex, label)]
         if by == "relevance":
+            with tf.GradientTape() as tape:
+                for x in xs:
+                    tape.watch(x)
+                logits, layers = rewrite.run(plan, xs, collect=True)
+            a = layers[_plan_label(ex, label)]
             r0 = ex._initial_relevance(logits, second, select, "logit")
             v = tape.gradient(logits, a, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             score = _spatial_sum(v)
-        else:
-            v = a
-            score = None
+        else:  # activations only: no tape
+            _, layers = rewrite.run(plan, xs, collect=True)
+            v, score = layers[_plan_label(ex, label)], None
         c = tf.shape(v)[-1]
         flat = tf.reshape(v, [tf.shape(v)[0], -1, c])
         where = tf.argmax(flat, axis=1, output_type=tf.int32)

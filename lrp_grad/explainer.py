@@ -626,28 +626,35 @@ class Explainer:
                 return R
             sums = {name: v.reshape(n, k) for name, v in report.items()}
             return R, RelevanceReport(sums)
+        R, _, report = self._explained(xs, target, initial, return_layers, batch_size)
+        R = self._pack(R, structure)
+        return (R, report) if return_layers else R
+
+    def _explained(self, xs, target, initial, return_layers: bool, batch_size):
+        """``(relevance per input, output, RelevanceReport or None)`` of checked inputs ``xs`` for one
+        target per sample, in batches of ``batch_size`` (default :meth:`auto_batch_size`)."""
+        n = xs[0].shape[0]
         mode, select, second = self._selection(target, initial, n)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+        _check_batch_size(batch_size)
         input_nonneg = tuple(bool(np.all(v >= 0)) for v in xs)
         fn, steps = self._function(input_nonneg, mode, return_layers, select,
                                    second.shape if select == "mask" else None)
         shared = select == "mask" and second.shape[0] == 1
         step = min(n, self.auto_batch_size()) if batch_size is None else batch_size
-        parts, sums = [], []
+        parts, outputs, sums = [], [], []
         for start in range(0, n, step):
             rows = [v[start:start + step] for v in xs]
             s = np.broadcast_to(second, (len(rows[0]),) + second.shape[1:]) if shared else second[start:start + step]
-            R, _, layer_sums = self._run_batch(fn, rows, s)
+            R, logits, layer_sums = self._run_batch(fn, rows, s)
             parts.append(R)
+            outputs.append(logits)
             sums.append(layer_sums)
         R = [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts)]
-        R = self._pack(R, structure)
+        logits = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         if not return_layers:
-            return R
+            return R, logits, None
         labels = self._report_labels(steps)
-        per_layer = {k: np.concatenate([b[i] for b in sums]) for i, k in enumerate(labels)}
-        return R, RelevanceReport(per_layer)
+        return R, logits, RelevanceReport({k: np.concatenate([b[i] for b in sums]) for i, k in enumerate(labels)})
 
     def _selection(self, target, initial, n: int):
         """``(mode, select, second)`` for the compiled pass from one target per sample and ``initial``."""
@@ -887,6 +894,11 @@ class Explainer:
         from .explanation import explain_images
 
         return explain_images(self, x, target, **kw)
+
+
+def _check_batch_size(batch_size):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
 
 
 def _explained_dtype(name: str) -> np.dtype:

@@ -280,13 +280,10 @@ def explain_images(explainer, x, target=None, **kw) -> Explanation:
                                  f"{np.asarray(target).dtype} (a mask): call the Explainer itself for masks.")
     xs, _ = explainer._check_inputs(x)
     images = xs[0]
-    n = len(images)
-    step = min(n, explainer.auto_batch_size())
-    logits = np.concatenate([explainer.forward(images[i:i + step]) for i in range(0, n, step)])
-    if target is None:
-        targets = np.argmax(logits, axis=-1).astype(np.int32)
-    else:
-        _, targets = explainer._check_target(target, n)  # dtype, shape and range, with the usual messages
-    relevance, report = explainer(images, targets, return_layers=True, **kw)
+    if target is not None:
+        _, target = explainer._check_target(target, len(images))  # dtype, shape and range, with the usual messages
+    # One pass gives the relevance, the logits and (target None) the predicted class chosen in it.
+    (relevance,), logits, report = explainer._explained(xs, target, initial, True, kw.get("batch_size"))
+    targets = np.argmax(logits, axis=-1).astype(np.int32) if target is None else target
     return Explanation(images, relevance, targets, logits, report, model_name=explainer.model.name,
                        rule=explainer.rule.name)

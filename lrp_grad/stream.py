@@ -452,6 +452,16 @@ def _read_summary(f):
     return data
 
 
+def _read_checked(out, f, read, verb="resume"):
+    """``read(f)``, with a missing or unreadable file reported as a damaged output."""
+    if not f.exists():
+        raise _damaged(out, f"{f} is missing", verb)
+    try:
+        return read(f)
+    except (OSError, ValueError, KeyError) as e:
+        raise _damaged(out, f"{f} cannot be read ({e})", verb) from None
+
+
 def _verify_folder(out, folder, batches, verb="resume"):
     """Check shards and summaries of a folder output against its manifest(s); return the summaries."""
     summaries = {}
@@ -460,14 +470,8 @@ def _verify_folder(out, folder, batches, verb="resume"):
         for f in (summary, shard):
             if not f.exists():
                 raise _damaged(out, f"{f} is missing", verb)
-        for f in (shard, summary):
-            try:
-                if f is shard:
-                    R = np.load(shard)
-                else:
-                    summaries[start] = _read_summary(summary)
-            except (OSError, ValueError, KeyError) as e:
-                raise _damaged(out, f"{f} cannot be read ({e})", verb) from None
+        R = _read_checked(out, shard, np.load, verb)
+        summaries[start] = _read_checked(out, summary, _read_summary, verb)
         if not _matches(R, out_hash):
             raise _damaged(out, f"{shard} differs from what was written (truncated or changed)", verb)
         if summary_hash and not _matches(summaries[start], summary_hash):
@@ -672,16 +676,7 @@ class _NpySink:
 
 def _verify_folder_summaries(out, folder, batches):
     """Summaries of a legacy ``.npy.parts`` folder (one ``summary_*.npz`` per batch)."""
-    summaries = {}
-    for start, *_ in batches:
-        f = _summary_file(folder, start)
-        if not f.exists():
-            raise _damaged(out, f"{f} is missing")
-        try:
-            summaries[start] = _read_summary(f)
-        except (OSError, ValueError, KeyError) as e:
-            raise _damaged(out, f"{f} cannot be read ({e})") from None
-    return summaries
+    return {start: _read_checked(out, _summary_file(folder, start), _read_summary) for start, *_ in batches}
 
 
 class _FolderSink:
