@@ -18,27 +18,30 @@ from .errors import (
     UnsupportedLayerError,
     UnsupportedModelError,
 )
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
+from ._moved import MOVED, install as _install_moved_paths
+from .core.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
 __version__ = "0.1.0"
+
+_install_moved_paths(__name__)
 
 # Everything that needs TensorFlow or Keras is imported on first use, so that ``import lrp_grad``
 # (and ``lrp-grad --help``) stays fast and quiet; ``lrp_grad.heatmap.render(...)`` and
 # ``lrp_grad.evaluate.seed_flip(...)`` work right after ``import lrp_grad``. (No submodule may be
 # named like a lazy attribute: importing it would bind the module over the attribute; hence
-# ``explainer.py`` for ``explain``.)
+# ``api/explainer.py`` for ``explain``.)
 _LAZY_ATTRIBUTES = {
-    "Composite": "composites", "RuleMap": "composites",
-    "DEFAULT_RULE": "explainer", "Explainer": "explainer", "RelevanceReport": "explainer", "explain": "explainer",
-    "Explanation": "explanation", "RelevanceCallback": "callbacks",
+    "Composite": "core.composites", "RuleMap": "core.composites",
+    "DEFAULT_RULE": "api.explainer", "Explainer": "api.explainer", "RelevanceReport": "api.report",
+    "explain": "api.cache",
+    "Explanation": "visual.explanation", "RelevanceCallback": "pipelines.callbacks",
     "load_model": "frontends",
-    "Handler": "handlers", "register_handler": "handlers", "supported_layers": "handlers",
-    "unregister_handler": "handlers",
+    "Handler": "core.handlers", "register_handler": "core.handlers", "supported_layers": "core.handlers",
+    "unregister_handler": "core.handlers",
 }
-_LAZY_MODULES = ("explainer", "concepts", "canonizers", "datasets", "presets", "heatmap", "evaluate", "stream", "export", "bench", "demo",
-                 "frontends", "handlers", "composites", "propagate", "rewrite", "ops", "cli", "callbacks",
-                 "explanation", "beam")
-
+#: The package's layers and product parts, and the module paths of the flat 0.1 layout (aliases,
+#: see :mod:`lrp_grad._moved`).
+_LAZY_MODULES = ("frontends", "core", "api", "concepts", "pipelines", "visual", "evaluate", "app") + tuple(MOVED)
 
 def __getattr__(name):
     import importlib

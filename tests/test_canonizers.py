@@ -51,11 +51,11 @@ KINDS = ["dense", "conv2d", "conv1d", "depthwise", "separable", "transpose"]
 
 
 def folded_steps(ex):
-    return [s.node.label for s in ex._plan(False).steps if s.node.params is not None]
+    return [s.node.label for s in ex.passes.plan(False).steps if s.node.params is not None]
 
 
 def bn_step(ex, label="bn"):
-    (step,) = [s for s in ex._plan(False).steps if s.node.label == label]
+    (step,) = [s for s in ex.passes.plan(False).steps if s.node.label == label]
     return step
 
 

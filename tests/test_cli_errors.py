@@ -108,7 +108,7 @@ def test_help_is_quick_and_imports_no_tensorflow():
 
 def test_cli_start_is_quiet(files, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    out = subprocess.run([sys.executable, "-m", "lrp_grad.cli", "explain", "--model", str(files / "m.keras"),
+    out = subprocess.run([sys.executable, "-m", "lrp_grad", "explain", "--model", str(files / "m.keras"),
                           "--images", str(files / "a.png"), "--out", str(tmp_path / "o"), "--no-progress"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr

@@ -216,7 +216,7 @@ def test_same_weights_give_the_same_relevance_in_both_packages(rule):
 
     def plan(ex):
         return [(s.handler.kind, s.handler.family, s.context.rule, s.context.fuse_relu, s.context.nonneg,
-                 s.node.params is not None) for s in ex._plan(False).steps]
+                 s.node.params is not None) for s in ex.passes.plan(False).steps]
 
     assert plan(ex3) == plan(ex2)
     assert "bn1" not in str(ex3.rules)  # folded into c1: not a rule-taking layer any more

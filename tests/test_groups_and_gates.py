@@ -129,11 +129,11 @@ def test_grouped_conv_in_a_deeper_network(K):
 
 
 def _folded(ex):
-    return [s.node.label for s in ex._plan(False).steps if s.node.params is not None]
+    return [s.node.label for s in ex.passes.plan(False).steps if s.node.params is not None]
 
 
 def _step(ex, label):
-    (step,) = [s for s in ex._plan(False).steps if s.node.label == label]
+    (step,) = [s for s in ex.passes.plan(False).steps if s.node.label == label]
     return step
 
 

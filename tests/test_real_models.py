@@ -46,7 +46,7 @@ def test_keras_applications_end_to_end(pkg, name):
         assert np.isfinite(list(report.conservation_gap().values())).all()
         np.testing.assert_allclose(softmax(ex.forward(x)), probabilities, atol=1e-5)
     # Every BatchNorm that follows a Dense/Conv directly is folded into it.
-    folded = [s for s in ex._plan(True).steps if s.node.params is not None]
+    folded = [s for s in ex.passes.plan(True).steps if s.node.params is not None]
     has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
     assert bool(folded) == has_bn
 
@@ -76,7 +76,7 @@ def test_cifar10_real_model_canonized_logits_and_relevance(cifar):
     logits = model(x).numpy()
     assert (logits.argmax(1) == y).mean() >= 0.9  # the real trained model on real test images
     ex = lrp_grad.Explainer(model, rule="epsilon_plus_flat")
-    assert len([s for s in ex._plan(False).steps if s.node.params is not None]) == 6  # all BatchNorms folded
+    assert len([s for s in ex.passes.plan(False).steps if s.node.params is not None]) == 6  # all BatchNorms folded
     assert rel_err(ex.forward(x), logits) <= 1e-5
     for rule in ("epsilon_plus_flat", "seed_ab", lrp_grad.AlphaBeta(2, 1), lrp_grad.Epsilon(1e-6)):
         R = lrp_grad.explain(model, x, target=y, rule=rule)

@@ -68,7 +68,7 @@ def test_repeated_explain_calls_reuse_one_compiled_pass_and_free_the_model(K):
     import importlib
     import weakref
 
-    explain_module = importlib.import_module("lrp_grad.explainer")
+    explain_module = importlib.import_module("lrp_grad.api.cache")
     model = kit.cnn(K=K)
     x = np.random.default_rng(3).uniform(0, 1, (2, 10, 10, 3)).astype("float32")
     R1 = lrp_grad.explain(model, x, rule="epsilon_plus")
@@ -127,16 +127,16 @@ def test_explainer_whose_folded_batchnorm_changed_sign_says_rebuild():
 def test_large_batches_are_chunked_by_default(monkeypatch):
     import importlib
 
-    explain_module = importlib.import_module("lrp_grad.explainer")
+    explain_module = importlib.import_module("lrp_grad.api.passes")
     model = kit.cnn()
     x = np.random.default_rng(6).uniform(0, 1, (9, 10, 10, 3)).astype("float32")
     whole = lrp_grad.Explainer(model)(x, batch_size=9)
-    monkeypatch.setattr(explain_module, "_free_memory_bytes", lambda: 40_000)  # room for ~2 samples
+    monkeypatch.setattr(explain_module, "free_memory_bytes", lambda: 40_000)  # room for ~2 samples
     ex = lrp_grad.Explainer(model)
     assert 1 <= ex.auto_batch_size() < 9
     calls = []
-    run = ex._run
-    monkeypatch.setattr(ex, "_run", lambda fn, a, b: calls.append(len(a)) or run(fn, a, b))
+    run = ex.passes.run
+    monkeypatch.setattr(ex.passes, "run", lambda fn, a, b: calls.append(len(a)) or run(fn, a, b))
     kit.assert_close(ex(x), whole, 1e-5, "chunked vs one batch")  # kernels round per batch size
     assert len(calls) == -(-9 // ex.auto_batch_size()) and max(calls) == ex.auto_batch_size()
 
@@ -147,7 +147,7 @@ def test_out_of_memory_names_batch_size(monkeypatch):
     def oom(fn, a, b):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
-    monkeypatch.setattr(ex, "_run", oom)
+    monkeypatch.setattr(ex.passes, "run", oom)
     with pytest.raises(lrp_grad.LRPMemoryError, match=r"out of memory explaining a batch of 8 samples.*batch_size=2"):
         ex(np.zeros((8, 7), "float32"))
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import gating, handlers
-from .frontends import Graph, Node, activation_name, class_name, is_model, layer_label, walk
-from .canonizers import DEFAULT_CANONIZERS, canonize
-from .composites import RuleMap, as_composite
-from .errors import UnsupportedLayerError
+from . import handlers
+from ..frontends import Graph, Node, activation_name, class_name
+from .composites import RuleMap
+from .presets import as_composite
+from .survey import survey
 
 __all__ = ["Step", "Plan", "build_plan", "run"]
 
@@ -35,17 +35,6 @@ class Plan:
             (s.node.label, class_name(s.node.layer), s.handler.family, s.context.rule)
             for s in self.steps if s.handler.kind == "linear"
         )
-
-
-def _unsupported(graph, problems):
-    lines = "\n".join(f"  - {layer_label(layer)}: {why}" for layer, why in problems)
-    return UnsupportedLayerError(
-        f"{len(problems)} layer(s) of model {graph.model.name!r} cannot be explained:\n{lines}\n"
-        f"Supported layer classes: {', '.join(handlers.supported_layers())}.\n"
-        "For a custom layer, register a handler: lrp_grad.register_handler(LayerClass, "
-        "'passthrough' | 'gradient' | 'identity' | lrp_grad.handlers.Handler(...)).",
-        [(layer.name, class_name(layer), why) for layer, why in problems],
-    )
 
 
 def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=None, output=None) -> Plan:
@@ -76,48 +65,13 @@ def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=N
     InvalidRuleError
         When the composite leaves a layer without a rule.
     """
+    # 1.-3. Walk, canonize, find the handlers, refuse what cannot be explained (core.survey).
     composite = as_composite(rule)
-
-    # 1. Walk the layer graph (this also rejects unsupported model kinds) and canonize it.
-    graph = walk(model, output)
-    graph = canonize(graph, DEFAULT_CANONIZERS if canonizers is None else canonizers)
-
-    # 2. Find every layer's handler and every product's gate.
-    producers = {t: node for node in graph.nodes for t in node.outputs}
-    handler_of = lambda node: node.handler or handlers.handler_for(node.layer)  # noqa: E731
-    entries = []
-    for node in graph.nodes:
-        handler = handler_of(node)
-        ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
-                               input_shapes=node.input_shapes, compute_dtype=compute_dtype)
-        if handler is not None and handler.kind == "gate":
-            gate, why = gating.gate_index(node, producers, handler_of)
-            ctx = replace(ctx, gate=gate, gate_problem=why)
-        entries.append((node, handler, ctx))
-
-    # 3. Collect all problems so the user sees them at once. A layer on a branch that only feeds
-    #    gates gets no relevance: without a handler (or with an unsupported setting) it is still
-    #    computed, by its own forward (handlers.FORWARD_ONLY).
-    problems, found = [], []
-    gate_only = _gate_only(graph, entries)
-    for i, (node, handler, ctx) in enumerate(entries):
-        if i in gate_only and (handler is None or handler.check(node.layer, ctx)):
-            found.append((node, handlers.FORWARD_ONLY, ctx))
-            continue
-        if handler is None:
-            hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
-            problems.append((node.layer, f"no handler for this layer class{hint}"))
-        else:
-            why = handler.check(node.layer, ctx)
-            if why:
-                problems.append((node.layer, why))
-        found.append((node, handler, ctx))
-    if problems:
-        raise _unsupported(graph, problems)
+    surveyed = survey(model, canonizers, compute_dtype, output)
+    graph, found = surveyed.graph, surveyed.entries
 
     # 4. Give every rule-taking layer its rule.
-    linear = [(node.label, node.layer, h.family) for node, h, _ in found if h.kind == "linear"]
-    rules = iter(composite.assign(linear))
+    rules = iter(composite.assign(surveyed.rule_taking))
 
     # 5. Propagate the sign knowledge (lets the split rules skip the x- half).
     flags = input_nonneg if isinstance(input_nonneg, tuple) else (input_nonneg,) * len(graph.input_ids)
@@ -132,22 +86,6 @@ def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=N
             nonneg[t] = out_flag
         steps.append(Step(node, handler, ctx))
     return Plan(graph, _fuse_relus(graph, steps))
-
-
-def _gate_only(graph, entries) -> set:
-    """Indices of the nodes whose outputs reach the explained output only through gate inputs
-    (or not at all): they receive no relevance. Consumers come after their producers, so one
-    backward sweep decides every tensor."""
-    relevant, gate_only = {graph.output_id}, set()
-    for i in reversed(range(len(entries))):
-        node, handler, ctx = entries[i]
-        if not any(t in relevant for t in node.outputs):
-            gate_only.add(i)
-            continue
-        for k, t in enumerate(node.inputs):
-            if not (handler is not None and handler.kind == "gate" and ctx.gate == k):
-                relevant.add(t)
-    return gate_only
 
 
 def _zero_safe(graph, steps, consumers) -> dict:

@@ -79,7 +79,7 @@ def parse_rule(text: str):
     ...), ``z``, ``zplus``, ``flat``, ``wsquare``, ``epsilon[:EPS]``, ``alphabeta:A,B``,
     ``gamma[:G]`` or ``zbox:LOW,HIGH``."""
     _quiet_tensorflow()  # the presets import the Keras front ends
-    from . import presets, rules
+    from ..core import presets, rules
 
     name, _, arg = text.partition(":")
     values = [float(v) for v in arg.split(",")] if arg else []
@@ -143,8 +143,8 @@ def _load_images(paths, shape, resize):
 
 
 def _load_model(path, command):
-    from .errors import LRPError
-    from .frontends import load_model
+    from ..errors import LRPError
+    from ..frontends import load_model
 
     try:
         return load_model(path)
@@ -157,7 +157,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".w
 
 def _explain_dataset(args, model, shape) -> int:
     """``--dataset DIR``: stream every image of a folder, constant memory, resumable."""
-    from .explainer import Explainer
+    from ..api.explainer import Explainer
 
     folder = pathlib.Path(args.dataset)
     if not folder.is_dir():
@@ -205,8 +205,9 @@ def _image_model(path, command):
 def _concepts(args) -> int:
     import numpy as np
 
-    from . import concepts, heatmap
-    from .explainer import Explainer
+    from .. import concepts
+    from ..visual import heatmap
+    from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "concepts")
     x = _load_images([args.image], shape, args.resize) * args.scale
@@ -242,7 +243,7 @@ def _concepts(args) -> int:
 
 
 def _last_conv_label(ex) -> str:
-    from .concepts import ConceptError, layer_channels
+    from ..concepts import ConceptError, layer_channels
 
     for step in reversed(_plan_steps(ex)):
         if "Conv" in type(step.node.layer).__name__:
@@ -255,14 +256,14 @@ def _last_conv_label(ex) -> str:
 
 
 def _plan_steps(ex):
-    return ex._plans[(False,) * ex.n_inputs].steps
+    return ex.passes.signed_plan.steps
 
 
 def _explain(args) -> int:
     import numpy as np
 
-    from . import heatmap
-    from .explainer import Explainer
+    from ..visual import heatmap
+    from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "explain")
     if args.dataset is not None:
@@ -305,7 +306,7 @@ def _demo(args) -> int:
 
 
 def _export(args) -> int:
-    from .explainer import Explainer
+    from ..api.explainer import Explainer
 
     out = _output_folder(args.out, "export", "the output")
     model = _load_model(args.model, "export")
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
 
 def _guarded(command, run) -> int:
     """Run a command: lrp_grad's own errors and unexpected ones become one message and exit 2/1."""
-    from .errors import LRPError
+    from ..errors import LRPError
 
     try:
         _quiet_tensorflow()

@@ -35,11 +35,11 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from .frontends.keras3 import keras as keras3
-from .frontends.tf_keras import keras
+from ..frontends.keras3 import keras as keras3
+from ..frontends.tf_keras import keras
 from .datasets import cifar10_model
-from .explainer import Explainer
-from .rules import AlphaBeta, Epsilon, ZPlus
+from ..api.explainer import Explainer
+from ..core.rules import AlphaBeta, Epsilon, ZPlus
 
 __all__ = ["ModelSpec", "Method", "MODELS", "RULES", "run", "time_interleaved", "machine_info", "to_markdown",
            "write", "main"]
@@ -340,7 +340,7 @@ def _source() -> dict:
 
 def machine_info() -> dict:
     """CPU model, core counts and library versions of this machine."""
-    from . import __version__
+    from .. import __version__
 
     cpu = platform.processor() or "unknown"
     try:

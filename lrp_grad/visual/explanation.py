@@ -23,7 +23,7 @@ import numbers
 import numpy as np
 
 from . import heatmap
-from .errors import InvalidInputError, InvalidTargetError
+from ..errors import InvalidInputError, InvalidTargetError
 
 __all__ = ["Explanation", "explain_images", "grid_array"]
 
@@ -262,7 +262,7 @@ def explain_images(explainer, x, target=None, **kw) -> Explanation:
     ``target``: ``None`` (the predicted class), an int or an int array of shape ``(n,)``; ``kw`` go to
     the Explainer call (``batch_size``, ``initial``).
     """
-    explainer._require_classifier("explain_images")
+    explainer.signature.require_classifier("explain_images")
     unknown = sorted(set(kw) - {"batch_size", "initial"})
     if unknown:
         raise TypeError(f"explain_images got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
@@ -278,12 +278,12 @@ def explain_images(explainer, x, target=None, **kw) -> Explanation:
     if target is not None and np.ndim(target) == 1 and not np.issubdtype(np.asarray(target).dtype, np.integer):
         raise InvalidTargetError(f"explain_images takes class indices; got target with dtype "
                                  f"{np.asarray(target).dtype} (a mask): call the Explainer itself for masks.")
-    xs, _ = explainer._check_inputs(x)
+    xs, _ = explainer.signature.inputs(x)
     images = xs[0]
     if target is not None:
-        _, target = explainer._check_target(target, len(images))  # dtype, shape and range, with the usual messages
+        _, target = explainer.signature.target(target, len(images))  # dtype, shape and range, with the usual messages
     # One pass gives the relevance, the logits and (target None) the predicted class chosen in it.
-    (relevance,), logits, report = explainer._explained(xs, target, initial, True, kw.get("batch_size"))
+    (relevance,), logits, report = explainer.explain_checked(xs, target, initial, True, kw.get("batch_size"))
     targets = np.argmax(logits, axis=-1).astype(np.int32) if target is None else target
     return Explanation(images, relevance, targets, logits, report, model_name=explainer.model.name,
                        rule=explainer.rule.name)

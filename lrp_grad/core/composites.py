@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRuleError
-from .frontends import class_name, is_instance
+from ..errors import InvalidRuleError
+from ..frontends import class_name, is_instance
 from .handlers import FAMILIES
-from .rules import Rule
+from .rules import Epsilon, Rule, Z
+from .survey import survey
 
-__all__ = ["Composite", "RuleMap", "as_composite", "single_rule"]
+__all__ = ["Composite", "RuleMap", "single_rule"]
 
 GROUPS = {"weighted": ("dense", "conv"), "linear": FAMILIES}
 
@@ -169,9 +170,9 @@ class Composite:
 
     def resolve(self, model, canonizers=None) -> "RuleMap":
         """The layer -> rule map this composite gives ``model`` (after canonization)."""
-        from .rewrite import build_plan  # late import: rewrite depends on this module
-
-        return build_plan(model, self, canonizers=canonizers).rules
+        layers = survey(model, canonizers).rule_taking
+        return RuleMap((label, class_name(layer), family, rule)
+                       for (label, layer, family), rule in zip(layers, self.assign(layers)))
 
 
 class RuleMap(Mapping):
@@ -211,24 +212,6 @@ def single_rule(rule: Rule) -> Composite:
     ``alpha R`` instead of ``R``: on a ResNet the relevance grew by 2x per block (up to 1e25x the
     logit, and NaN in float32, on ResNetRS). :meth:`Composite.resolve` shows the map.
     """
-    from .rules import Epsilon, Z
-
     if isinstance(rule, (Z, Epsilon)):
         return Composite([("linear", rule)], name=repr(rule))
     return Composite([("weighted", rule), ("linear", Epsilon(1e-6))], name=repr(rule))
-
-
-def as_composite(rule) -> Composite:
-    """A composite from what ``explain(rule=...)`` accepts: a Rule, a Composite or a preset name."""
-    from . import presets
-
-    if isinstance(rule, Composite):
-        return rule
-    if isinstance(rule, Rule):
-        return single_rule(rule)
-    if isinstance(rule, str):
-        return presets.get(rule)
-    raise InvalidRuleError(
-        f"rule must be an lrp_grad rule (e.g. lrp_grad.Epsilon(1e-6)), a lrp_grad.Composite or a "
-        f"preset name ({', '.join(presets.NAMES)}), got {rule!r} ({type(rule).__name__})."
-    )

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRuleError
+from ..errors import InvalidRuleError
 
 __all__ = ["Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma"]
 

@@ -10,11 +10,11 @@ sums), and so they do when a single rule other than Z/Epsilon is given
 """
 from __future__ import annotations
 
-from .composites import Composite
-from .errors import InvalidRuleError
+from .composites import Composite, Rule, single_rule
+from ..errors import InvalidRuleError
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
-__all__ = ["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box", "seed_ab", "get", "NAMES"]
+__all__ = ["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box", "seed_ab", "get", "NAMES", "as_composite"]
 
 
 def epsilon_plus(epsilon: float = 1e-6) -> Composite:
@@ -73,3 +73,17 @@ def get(name: str) -> Composite:
     if name not in _BY_NAME:
         raise InvalidRuleError(f"unknown rule or preset name {name!r}; valid names: {', '.join(NAMES)}.")
     return _BY_NAME[name]()
+
+
+def as_composite(rule) -> Composite:
+    """A composite from what ``explain(rule=...)`` accepts: a Rule, a Composite or a preset name."""
+    if isinstance(rule, Composite):
+        return rule
+    if isinstance(rule, Rule):
+        return single_rule(rule)
+    if isinstance(rule, str):
+        return get(rule)
+    raise InvalidRuleError(
+        f"rule must be an lrp_grad rule (e.g. lrp_grad.Epsilon(1e-6)), a lrp_grad.Composite or a "
+        f"preset name ({', '.join(NAMES)}), got {rule!r} ({type(rule).__name__})."
+    )

@@ -34,10 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from . import rewrite
-from .errors import InvalidInputError, InvalidTargetError, LRPError, LRPMemoryError
-from .explainer import _check_batch_size, _pad_to_bucket
-from .frontends import class_name
+from ..core import planner
+from ..core.survey import gate_only
+from ..errors import InvalidInputError, InvalidTargetError, LRPError, LRPMemoryError
+from ..api.passes import pad_to_bucket as _pad_to_bucket
+from ..api.request import check_batch_size as _check_batch_size
+from ..frontends import class_name
 
 __all__ = [
     "ConceptError", "concept_relevance", "conditional", "subconcepts", "reference_samples", "ReferenceSamples",
@@ -58,13 +60,13 @@ _NO_CHANNELS = ("Flatten", "Reshape", "Permute", "RepeatVector")
 
 
 def _plan_of(ex):
-    return ex._plans[(False,) * ex.n_inputs]
+    return ex.passes.signed_plan
 
 
 def _resolve(ex, name) -> str:
     """The plan label of layer ``name`` (a layer name, ``'outer/inner'`` or ``'name#k'``)."""
     plan = _plan_of(ex)
-    from .frontends import is_layer_class  # noqa: PLC0415
+    from ..frontends import is_layer_class  # noqa: PLC0415
 
     if is_layer_class(type(name)):  # a layer object: by its name
         name = name.name
@@ -135,7 +137,7 @@ def _gate_only(ex) -> set:
     cached = getattr(ex, "_concept_gate_only", None)
     if cached is None or cached[0] is not plan:
         entries = [(s.node, s.handler, s.context) for s in plan.steps]
-        cached = (plan, {plan.steps[i].node.label for i in rewrite._gate_only(plan.graph, entries)})
+        cached = (plan, {plan.steps[i].node.label for i in gate_only(plan.graph, entries)})
         ex._concept_gate_only = cached
     return cached[1]
 
@@ -264,21 +266,21 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
     """
     mask_shape = None if mask_shape is None else tuple(mask_shape[1:])
     key = ("concepts", input_nonneg, mode, select, mask_shape, cond_labels, sum_labels, want_input)
-    if key in ex._functions:
-        return ex._functions[key]
-    plan = ex._plan(input_nonneg)
-    specs = ex._input_specs() + [ex._second_spec(select, mask_shape)]
+    if key in ex.passes.functions:
+        return ex.passes.functions[key]
+    plan = ex.passes.plan(input_nonneg)
+    specs = ex.passes.input_specs() + [ex.passes.second_spec(select, mask_shape)]
     specs += [tf.TensorSpec((None, layer_channels(ex, lab)), ex.dtype) for lab in cond_labels]
     n_in = ex.n_inputs
 
     def concept_pass(*args):
-        ex.trace_count += 1  # runs only while tracing
+        ex.passes.trace_count += 1  # runs only while tracing
         xs, second, masks = list(args[:n_in]), args[n_in], list(args[n_in + 1:])
         with tf.GradientTape(persistent=True) as tape:
             for x in xs:
                 tape.watch(x)
-            logits, layers = rewrite.run(plan, xs, collect=True)
-        r0 = ex._initial_relevance(logits, second, select, mode)
+            logits, layers = planner.run(plan, xs, collect=True)
+        r0 = ex.passes.initial_relevance(logits, second, select, mode)
         sums_of = [layers[_plan_label(ex, lab)] for lab in sum_labels]
         zero = tf.UnconnectedGradients.ZERO
         if not cond_labels:
@@ -309,17 +311,17 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
         return tuple(ins), tuple(out[len(ins):]), logits
 
     fn = tf.function(concept_pass, input_signature=specs, jit_compile=ex.jit_compile, autograph=False)
-    ex._functions[key] = fn
+    ex.passes.functions[key] = fn
     return fn
 
 
 def _prepare(ex, x, target, initial, what):
-    xs, structure = ex._check_inputs(x)
+    xs, structure = ex.signature.inputs(x)
     n = len(xs[0])
-    if ex._per_class_targets(target, n) is not None:
+    if ex.signature.per_class_targets(target, n) is not None:
         raise InvalidTargetError(f"{what} takes one target per sample (an int, (n,) ints or a mask); for several "
                                  "classes call it once per class.")
-    mode, select, second = ex._selection(target, initial, n)
+    mode, select, second = ex.signature.selection(target, initial, n)
     input_nonneg = tuple(bool(np.all(v >= 0)) for v in xs)
     return xs, structure, n, mode, select, second, input_nonneg
 
@@ -445,7 +447,7 @@ def conditional(ex, x, target=None, *, layer=None, channels=None, conditions=Non
     """
     labels, masks = _conditions(ex, layer, channels, conditions)
     ins, _, structure = _run(ex, x, target, initial, labels, masks, (), True, batch_size, "conditional")
-    return ex._pack(ins, structure)
+    return ex.signature.pack(ins, structure)
 
 
 def subconcepts(ex, x, target=None, *, layer, channels, lower, initial="logit", batch_size=None):
@@ -612,26 +614,26 @@ def _ref_function(ex, input_nonneg, select, mask_shape, label, by):
     """``fn(x, second) -> (per channel score (n, C), per channel argmax position (n, C))``."""
     mask_shape = None if mask_shape is None else tuple(mask_shape[1:])
     key = ("reference", input_nonneg, select, mask_shape, label, by)
-    if key in ex._functions:
-        return ex._functions[key]
-    plan = ex._plan(input_nonneg)
-    specs = ex._input_specs() + [ex._second_spec(select, mask_shape)]
+    if key in ex.passes.functions:
+        return ex.passes.functions[key]
+    plan = ex.passes.plan(input_nonneg)
+    specs = ex.passes.input_specs() + [ex.passes.second_spec(select, mask_shape)]
     n_in = ex.n_inputs
 
     def ref_pass(*args):
-        ex.trace_count += 1
+        ex.passes.trace_count += 1
         xs, second = list(args[:n_in]), args[n_in]
         if by == "relevance":
             with tf.GradientTape() as tape:
                 for x in xs:
                     tape.watch(x)
-                logits, layers = rewrite.run(plan, xs, collect=True)
+                logits, layers = planner.run(plan, xs, collect=True)
             a = layers[_plan_label(ex, label)]
-            r0 = ex._initial_relevance(logits, second, select, "logit")
+            r0 = ex.passes.initial_relevance(logits, second, select, "logit")
             v = tape.gradient(logits, a, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             score = _spatial_sum(v)
         else:  # activations only: no tape
-            _, layers = rewrite.run(plan, xs, collect=True)
+            _, layers = planner.run(plan, xs, collect=True)
             v, score = layers[_plan_label(ex, label)], None
         c = tf.shape(v)[-1]
         flat = tf.reshape(v, [tf.shape(v)[0], -1, c])
@@ -641,7 +643,7 @@ def _ref_function(ex, input_nonneg, select, mask_shape, label, by):
         return score, where
 
     fn = tf.function(ref_pass, input_signature=specs, jit_compile=False, autograph=False)
-    ex._functions[key] = fn
+    ex.passes.functions[key] = fn
     return fn
 
 
@@ -684,7 +686,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     crops : bool
         Also cut each reference sample to the receptive field of its best position.
     """
-    from . import stream  # noqa: PLC0415
+    from ..pipelines import stream  # noqa: PLC0415
 
     if ex.n_inputs != 1:
         raise ConceptError("reference_samples needs a single-input explainer.")
@@ -720,7 +722,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     for images, labels, start in stream._batches(data, ex, batch_size):
         n = len(images)
         if by == "relevance":
-            select, second = ex._check_target(stream._targets(target, labels, n), n)
+            select, second = ex.signature.target(stream._targets(target, labels, n), n)
         else:
             select, second = "index", np.full((n,), -1, np.int32)
         fn = _ref_function(ex, (bool(np.all(images >= 0)),), select, None, label, by)

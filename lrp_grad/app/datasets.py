@@ -70,7 +70,7 @@ def cifar10_samples():
 def cifar10_model():
     """The trained CIFAR-10 CNN inside the PyPI package ``cifar-10-model`` (tf-keras, loaded
     without compiling). It expects raw 0-255 pixels and contains BatchNorm and Dropout."""
-    from .frontends import load_model
+    from ..frontends import load_model
 
     path = _package_dir("cifar_10_model", "lrp_grad.datasets.cifar10_model") / "trained_models" / "cnn_model.h5"
     if not path.exists():
@@ -95,7 +95,7 @@ def cifar10_keras_cached():
             f"the Keras CIFAR-10 dataset is not cached in {folder}; lrp_grad never downloads it. Where the "
             "internet is reachable, tf_keras.datasets.cifar10.load_data() fills that cache once."
         )
-    from .frontends.tf_keras import keras
+    from ..frontends.tf_keras import keras
 
     (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()  # reads the cache
     return (x_train, y_train.reshape(-1)), (x_test, y_test.reshape(-1))

@@ -28,9 +28,9 @@ def export(explainer, path) -> pathlib.Path:
 
     The exported graph uses the signed-input form of the rules, which is exact for any input.
     """
-    explainer._require_classifier("export")
+    explainer.signature.require_classifier("export")
     path = pathlib.Path(path)
-    fn, _ = explainer._function(False, "logit", False)
+    fn, _ = explainer.passes.function(False, "logit", False)
     images = tf.TensorSpec((None,) + tuple(explainer.input_shape), explainer.dtype, name="images")
     targets = tf.TensorSpec((None,), tf.int32, name="target")
 

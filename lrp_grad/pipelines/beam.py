@@ -30,7 +30,7 @@ except ImportError as _e:  # pragma: no cover - exercised by tests/test_beam.py 
 
 import numpy as np
 
-from .errors import InvalidInputError, InvalidRuleError, InvalidTargetError, ModelFileError, UnsupportedModelError
+from ..errors import InvalidInputError, InvalidRuleError, InvalidTargetError, ModelFileError, UnsupportedModelError
 
 __all__ = ["LRPModelHandler", "METRICS_NAMESPACE", "WriteNpyShards", "read_npy_shards"]
 
@@ -159,7 +159,7 @@ class LRPModelHandler(ModelHandler):
 
     @staticmethod
     def _check_rule(rule):
-        from .composites import as_composite
+        from ..core.presets import as_composite
 
         if rule is None:
             return None
@@ -188,8 +188,8 @@ class LRPModelHandler(ModelHandler):
 
     def load_model(self):
         """Load the model and build the :class:`~lrp_grad.Explainer` (once per worker process)."""
-        from .explainer import Explainer
-        from .frontends import load_model
+        from ..api.explainer import Explainer
+        from ..frontends import load_model
 
         local = self._local_model_path()
         try:
@@ -377,7 +377,7 @@ _LOCK = threading.Lock()
 
 def _explain(ex, x, targets):
     """``(relevance, logits)`` of a checked batch, in chunks of at most ``ex.auto_batch_size()``."""
-    (R,), logits, _ = ex._explained([x], targets, "logit", False, None)
+    (R,), logits, _ = ex.explain_checked([x], targets, "logit", False, None)
     return R, logits
 
 

@@ -42,8 +42,8 @@ import pathlib
 
 import numpy as np
 
-from . import heatmap
-from .errors import InvalidInputError, InvalidTargetError, StaleExplainerError, UnsupportedModelError
+from ..visual import heatmap
+from ..errors import InvalidInputError, InvalidTargetError, StaleExplainerError, UnsupportedModelError
 
 __all__ = ["RelevanceCallback"]
 
@@ -53,7 +53,7 @@ MAX_IMAGES = 64
 
 def _callback_bases() -> tuple:
     """The ``Callback`` classes of the available Keras packages (Keras 3 first, then tf-keras)."""
-    from .frontends import keras3, tf_keras
+    from ..frontends import keras3, tf_keras
 
     bases = []
     if keras3.available:
@@ -206,9 +206,9 @@ class RelevanceCallback(*_BASES):
 
     def __init__(self, x, target=None, *, rule=None, log_dir="logs/lrp", every: int = 1, canonizers=None,
                  scheme: str = "lrp", name: str = "relevance", ncols: int = 8, zoom: int | None = None):
-        from .canonizers import Canonizer
-        from .composites import as_composite
-        from .explainer import DEFAULT_RULE
+        from ..core.canonizers import Canonizer
+        from ..core.presets import as_composite
+        from ..api.explainer import DEFAULT_RULE
 
         for base in _BASES:  # the Callback state of both packages (``model`` is this class's property)
             base.__init__(self)
@@ -258,7 +258,7 @@ class RelevanceCallback(*_BASES):
 
     def set_model(self, model):
         """Keep ``model`` and check ``x`` against its input (when the model is built)."""
-        from .frontends import package_of
+        from ..frontends import package_of
 
         if package_of(model) is None:
             raise UnsupportedModelError(f"RelevanceCallback works with keras (Keras 3) and tf_keras models; got "
@@ -327,7 +327,7 @@ class RelevanceCallback(*_BASES):
 
     def _ensure_explainer(self):
         """The Explainer of the current model: built once, again only for another model or changed layers."""
-        from .explainer import Explainer
+        from ..api.explainer import Explainer
 
         model = self.model
         if model is None:

@@ -682,7 +682,7 @@ def concept_atlas(ex, image: Any, target: int, layer: str, *, top: int = 4, data
     if getattr(ex, "n_inputs", 1) != 1:
         raise ValueError("concept_atlas: ex explains a model with several inputs; the atlas needs a single-input "
                          "model.")
-    from . import concepts  # noqa: PLC0415 (TensorFlow is loaded already: ex exists)
+    from .. import concepts  # noqa: PLC0415 (TensorFlow is loaded already: ex exists)
 
     shape = tuple(int(d) for d in ex.input_shape)
     x = _as_float("image", image)

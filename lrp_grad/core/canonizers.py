@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import handlers
-from .frontends import Graph, activation_name, is_layer
+from ..frontends import Graph, activation_name, is_layer
 
 __all__ = ["Canonizer", "FoldBatchNorm", "DEFAULT_CANONIZERS", "canonize"]
 

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import ops, propagate
-from .frontends import RawOp, activation_name, is_layer, is_layer_class, layer_classes
+from ..frontends import RawOp, activation_name, is_layer, is_layer_class, layer_classes
 from .rules import AlphaBeta, Epsilon, Flat, Z
 
 __all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",

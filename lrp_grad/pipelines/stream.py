@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInputError, LRPError
+from ..errors import InvalidInputError, LRPError
 
 
 class OutputError(LRPError, RuntimeError):
@@ -495,8 +495,51 @@ def _write_error(path, e):
 
 def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, resume=False, progress=True,
                     length=None, worker=None) -> DatasetResult:
-    """See :meth:`lrp_grad.Explainer.explain_dataset`."""
-    explainer._require_classifier("explain_dataset")
+    """Explain a whole dataset with ``explainer`` in batches, with constant memory when writing to disk.
+
+    Parameters
+    ----------
+    data : tf.data.Dataset, numpy array, (images, labels) arrays or iterable
+        Images, ``(image, label)`` pairs, or dicts with an image key (``'image'``, ``'x'``,
+        ...) and optionally a label key (``'label'``, ``'y'``, ...); elements may be single
+        images or batches. Labels may be class indices (any integer dtype) or one-hot rows.
+        The order is preserved.
+    target : 'auto', 'label', 'predicted', None or int
+        ``'auto'`` (default): the label of each element when the data has labels, else the
+        predicted class. ``'label'``: the labels (an error without them). ``'predicted'``
+        (``None`` too) or one class index for all.
+    batch_size : int
+        Images per compiled call (a last partial batch does not recompile).
+    out : path, optional
+        ``None``: return the relevance in memory. ``'file.npy'``: write the rows into one
+        ``.npy`` batch by batch (needs the length); a finished run leaves it and one sidecar
+        ``file.npy.json`` (manifest and per-image summaries; the working folder
+        ``file.npy.parts/`` exists only while a run is unfinished). ``'folder'``: one
+        ``shard_*.npy`` per batch. Progress is recorded in a manifest after each batch is written. One process writes an output at a
+        time (a lock file with its pid and host; a lock left by a dead process is taken over);
+        the disk space of a ``.npy`` output is reserved up front.
+    resume : bool
+        Continue a run that stopped, skipping the images already written. Refuses (with the
+        reason) when the output was written by another model, rule, target choice or batch
+        size, when the data differs from what was explained before (each batch's images are
+        hashed in the manifest), or when the output files were deleted, truncated or changed
+        since (checked against per-batch hashes before anything is trusted).
+    progress : bool
+        Show a progress bar (tqdm, if installed).
+    length : int, optional
+        Number of images, when it cannot be read from ``data``.
+    worker : 'auto', (index, count) or None
+        Share the work among ``count`` processes: this one explains every ``count``-th batch
+        and writes its own shards and manifest into the ``out`` folder;
+        :func:`lrp_grad.stream.load` merges them in order. ``'auto'`` reads ``TF_CONFIG``.
+
+    Returns
+    -------
+    lrp_grad.stream.DatasetResult
+        ``relevance`` and per-image ``summaries`` (predicted class, target, target logit,
+        relevance sum, conservation error).
+    """
+    explainer.signature.require_classifier("explain_dataset")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
     if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1):

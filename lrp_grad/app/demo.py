@@ -14,9 +14,11 @@ import time
 
 import numpy as np
 
-from . import datasets, evaluate, heatmap
-from .explainer import Explainer
-from .rules import AlphaBeta
+from . import datasets
+from .. import evaluate
+from ..visual import heatmap
+from ..api.explainer import Explainer
+from ..core.rules import AlphaBeta
 
 __all__ = ["run", "seed_cnn", "SEED_FLIP"]
 
@@ -69,7 +71,7 @@ def seed_cnn(keras=None):
     """The seed report's architecture: conv-pool-conv-pool-dense-out (logits output), built with
     the Keras package module ``keras`` (default tf-keras, which the demo's cache uses)."""
     if keras is None:
-        from .frontends.tf_keras import keras
+        from ..frontends.tf_keras import keras
 
     L = keras.layers
     return keras.Sequential([
@@ -82,7 +84,7 @@ def seed_cnn(keras=None):
 
 def _trained(epochs, data, cache: pathlib.Path):
     """The seed CNN trained for ``epochs`` on the digits, cached as ``cache/mnist_e{epochs}.h5``."""
-    from .frontends.tf_keras import keras
+    from ..frontends.tf_keras import keras
 
     path = cache / f"mnist_e{epochs}.h5"
     if path.exists():
@@ -268,7 +270,7 @@ def _last_conv(model):
 
 def _field(ex, layer):
     """Height and width of the receptive field of the central position of ``layer``."""
-    from . import concepts
+    from .. import concepts
 
     centre = tuple(int(d) // 2 for d in ex.model.get_layer(layer).output.shape[1:-1])
     return [int(b - a) for a, b in concepts.receptive_field(ex, layer, centre)]
@@ -282,7 +284,7 @@ def _atlases(out, ex, digit, data, cifar):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import concepts
+    from .. import concepts
 
     t0 = time.perf_counter()
     (x_train, y_train), _ = data
@@ -312,7 +314,7 @@ def _atlases(out, ex, digit, data, cifar):
 
 def _train_cifar(out, cimg, epochs):
     """The seed's architecture trained on the cached Keras CIFAR-10 data (figure 14 with it)."""
-    from .frontends.tf_keras import keras
+    from ..frontends.tf_keras import keras
 
     (x_train, y_train), (x_test, y_test) = datasets.cifar10_keras_cached()
     keras.utils.set_random_seed(0)

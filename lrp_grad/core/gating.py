@@ -17,7 +17,7 @@ Anything else, e.g. the product of two independent feature maps, is refused by n
 """
 from __future__ import annotations
 
-from .frontends import RawOp, activation_name, is_layer
+from ..frontends import RawOp, activation_name, is_layer
 
 __all__ = ["GATE_ACTIVATIONS", "gate_index"]
 

@@ -18,7 +18,7 @@ __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "pertu
 
 
 def _has_probability_output(model) -> bool:
-    from .frontends import activation_name, is_layer
+    from ..frontends import activation_name, is_layer
 
     last = model.layers[-1]
     if is_layer(last, "Softmax"):
@@ -253,7 +253,7 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
     (a rule, a composite or a preset name). ``progress(done, total)`` is called after each image
     of the per-image methods (LIME).
     """
-    from .explainer import Explainer
+    from ..api.explainer import Explainer
 
     x = np.asarray(x, dtype=np.float32)
     y = _labels(y, len(x), "attribution")

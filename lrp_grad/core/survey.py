@@ -1,0 +1,105 @@
+"""Surveys a model for LRP: walks and canonizes it, finds every layer's handler and gate, and
+refuses, all at once, what cannot be explained."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from . import gating, handlers
+from ..errors import UnsupportedLayerError
+from ..frontends import Graph, class_name, is_model, layer_label, walk
+from .canonizers import DEFAULT_CANONIZERS, canonize
+
+__all__ = ["Survey", "survey", "gate_only"]
+
+
+@dataclass(frozen=True)
+class Survey:
+    """A canonized graph and, per layer call in forward order, ``(node, handler, context)``.
+
+    ``rule_taking`` lists the ``(label, layer, family)`` of the layers a composite gives a rule.
+    """
+
+    graph: Graph
+    entries: tuple
+
+    @property
+    def rule_taking(self) -> list:
+        return [(node.label, node.layer, h.family) for node, h, _ in self.entries if h.kind == "linear"]
+
+
+def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
+    """Walk ``model`` (the explained ``output``), canonize it and find every call's handler.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For subclassed models, several outputs without ``output``, an unknown output, Keras 3 on
+        another backend, quantized layers.
+    UnsupportedLayerError
+        Listing every layer without a handler or with an unsupported configuration.
+    """
+    # 1. Walk the layer graph (this also rejects unsupported model kinds) and canonize it.
+    graph = walk(model, output)
+    graph = canonize(graph, DEFAULT_CANONIZERS if canonizers is None else canonizers)
+
+    # 2. Find every layer's handler and every product's gate.
+    producers = {t: node for node in graph.nodes for t in node.outputs}
+    handler_of = lambda node: node.handler or handlers.handler_for(node.layer)  # noqa: E731
+    entries = []
+    for node in graph.nodes:
+        handler = handler_of(node)
+        ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
+                               input_shapes=node.input_shapes, compute_dtype=compute_dtype)
+        if handler is not None and handler.kind == "gate":
+            gate, why = gating.gate_index(node, producers, handler_of)
+            ctx = replace(ctx, gate=gate, gate_problem=why)
+        entries.append((node, handler, ctx))
+
+    # 3. Collect all problems so the user sees them at once. A layer on a branch that only feeds
+    #    gates gets no relevance: without a handler (or with an unsupported setting) it is still
+    #    computed, by its own forward (handlers.FORWARD_ONLY).
+    problems, found = [], []
+    only_gates = gate_only(graph, entries)
+    for i, (node, handler, ctx) in enumerate(entries):
+        if i in only_gates and (handler is None or handler.check(node.layer, ctx)):
+            found.append((node, handlers.FORWARD_ONLY, ctx))
+            continue
+        if handler is None:
+            hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
+            problems.append((node.layer, f"no handler for this layer class{hint}"))
+        else:
+            why = handler.check(node.layer, ctx)
+            if why:
+                problems.append((node.layer, why))
+        found.append((node, handler, ctx))
+    if problems:
+        raise _unsupported(graph, problems)
+    return Survey(graph, tuple(found))
+
+
+def gate_only(graph, entries) -> set:
+    """Indices of the nodes whose outputs reach the explained output only through gate inputs
+    (or not at all): they receive no relevance. Consumers come after their producers, so one
+    backward sweep decides every tensor."""
+    relevant, gate_only = {graph.output_id}, set()
+    for i in reversed(range(len(entries))):
+        node, handler, ctx = entries[i]
+        if not any(t in relevant for t in node.outputs):
+            gate_only.add(i)
+            continue
+        for k, t in enumerate(node.inputs):
+            if not (handler is not None and handler.kind == "gate" and ctx.gate == k):
+                relevant.add(t)
+    return gate_only
+
+
+
+def _unsupported(graph, problems):
+    lines = "\n".join(f"  - {layer_label(layer)}: {why}" for layer, why in problems)
+    return UnsupportedLayerError(
+        f"{len(problems)} layer(s) of model {graph.model.name!r} cannot be explained:\n{lines}\n"
+        f"Supported layer classes: {', '.join(handlers.supported_layers())}.\n"
+        "For a custom layer, register a handler: lrp_grad.register_handler(LayerClass, "
+        "'passthrough' | 'gradient' | 'identity' | lrp_grad.handlers.Handler(...)).",
+        [(layer.name, class_name(layer), why) for layer, why in problems],
+    )

@@ -1,0 +1,1 @@
+"""Pictures of relevance: heatmaps, overlays and grids, and the notebook-friendly Explanation."""
