@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidRuleError
-from ..frontends import class_name, is_instance
+from ..frontends import check_model, class_name, is_instance
 from .handlers import FAMILIES
 from .rules import Epsilon, Rule, Z
 from .survey import survey
@@ -170,6 +170,7 @@ class Composite:
 
     def resolve(self, model, canonizers=None) -> "RuleMap":
         """The layer -> rule map this composite gives ``model`` (after canonization)."""
+        check_model(model)
         layers = survey(model, canonizers).rule_taking
         return RuleMap((label, class_name(layer), family, rule)
                        for (label, layer, family), rule in zip(layers, self.assign(layers)))

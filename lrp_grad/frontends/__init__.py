@@ -175,13 +175,14 @@ def _dtype_name(t) -> str:
 
 
 def walk(model, output=None) -> Graph:
-    """Return the model's layer calls in execution order (checks the model first).
+    """Return the model's layer calls in execution order.
 
-    ``output`` selects what is explained: ``None`` (the only output), an output name or index,
+    The model must have passed :func:`check_model` (the Explainer checks it once; the walk only
+    picks the front end). ``output`` selects what is explained: ``None`` (the only output), an output name or index,
     or the name (or ``'name#k'`` call label) of any layer, whose output is then explained. Only
     the calls that output depends on are kept.
     """
-    frontend = check_model(model)
+    frontend = frontend_for(model)
     inputs, outputs = frontend.io(model)
     input_ids = [str(id(t)) for t in inputs]
     nodes = []
