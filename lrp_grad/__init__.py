@@ -39,9 +39,10 @@ _LAZY_ATTRIBUTES = {
     "Handler": "core.handlers", "register_handler": "core.handlers", "supported_layers": "core.handlers",
     "unregister_handler": "core.handlers",
 }
-#: The package's layers and product parts, and the module paths of the flat 0.1 layout (aliases,
-#: see :mod:`lrp_grad._moved`).
-_LAZY_MODULES = ("frontends", "core", "api", "concepts", "pipelines", "visual", "evaluate", "app") + tuple(MOVED)
+#: The package's layers and product parts, the public heatmap namespace, and the module paths of the
+#: flat 0.1 layout (aliases, see :mod:`lrp_grad._moved`).
+_LAZY_MODULES = ("frontends", "core", "api", "concepts", "pipelines", "visual", "evaluate", "app",
+                 "heatmap") + tuple(MOVED)
 
 def __getattr__(name):
     import importlib

@@ -1,10 +1,11 @@
 """The import paths of the flat 0.1 layout, each an alias of the module that now holds the code.
 
 ``lrp_grad.rules`` is ``lrp_grad.core.rules``, the same module object under two names: ``from
-lrp_grad.rules import Epsilon``, ``import lrp_grad.heatmap`` and ``monkeypatch.setattr(lrp_grad.stream,
+lrp_grad.rules import Epsilon``, ``import lrp_grad.explanation`` and ``monkeypatch.setattr(lrp_grad.stream,
 ...)`` keep working, and patching one name patches the other. An alias imports its module only
 when it is first asked for, so ``import lrp_grad`` stays as light as it was. The table is also the
-map from the old layout to the new one.
+map from the old layout to the new one. (``lrp_grad.heatmap`` is no alias: it is a module of its own,
+the public heatmap namespace over :mod:`lrp_grad.visual` and :mod:`lrp_grad.concepts.atlas`.)
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ MOVED = {
     "beam": "pipelines.beam",
     "callbacks": "pipelines.callbacks",
     # Pictures.
-    "heatmap": "visual.heatmap",
     "explanation": "visual.explanation",
     # Applications.
     "cli": "app.cli",

@@ -16,8 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lrp_grad import heatmap  # noqa: E402
+from lrp_grad.visual import colors, figures  # noqa: E402
 
-HEATMAP_FILE = pathlib.Path(heatmap.__file__)
+# The colour code, loadable on its own by file path (heatmap itself is the public namespace over it).
+COLORS_FILE = pathlib.Path(colors.__file__)
 
 
 @pytest.fixture(autouse=True)
@@ -339,7 +341,7 @@ def test_save_png_sizes_and_overlay(tmp_path):
 
 def test_save_png_falls_back_to_matplotlib_without_pillow(tmp_path, monkeypatch):
     # matplotlib itself saves through Pillow, so only lrp_grad's own lookup of Pillow is removed.
-    monkeypatch.setattr(heatmap, "_pillow_image", lambda: None)
+    monkeypatch.setattr(figures, "_pillow_image", lambda: None)
     calls = []
     real_imsave = matplotlib.image.imsave
 
@@ -358,12 +360,22 @@ def test_save_png_falls_back_to_matplotlib_without_pillow(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- independence
 
 def test_module_imports_neither_tensorflow_nor_matplotlib():
-    # Loaded by file path in a fresh interpreter, so the package __init__ (which needs TF) is skipped.
+    # The colour code loaded by file path in a fresh interpreter, so the package __init__ is skipped.
     code = (
         "import importlib.util, sys, numpy as np\n"
-        f"spec = importlib.util.spec_from_file_location('heatmap', {str(HEATMAP_FILE)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('colors', {str(COLORS_FILE)!r})\n"
         "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
         "mod.overlay(np.ones((3, 3)), mod.colorize(np.eye(3)).sum(-1))\n"
+        "print(sorted(m for m in ('tensorflow', 'tf_keras', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # The public namespace lrp_grad.heatmap, imported as users do, loads neither either (its
+    # concept_atlas brings in TensorFlow only when first asked for).
+    code = (
+        "import sys, numpy as np\n"
+        "from lrp_grad import heatmap\n"
+        "heatmap.overlay(np.ones((3, 3)), heatmap.colorize(np.eye(3)).sum(-1))\n"
         "print(sorted(m for m in ('tensorflow', 'tf_keras', 'matplotlib') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -206,7 +206,7 @@ def _concepts(args) -> int:
     import numpy as np
 
     from .. import concepts
-    from ..visual import heatmap
+    from ..concepts.atlas import concept_atlas
     from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "concepts")
@@ -228,8 +228,8 @@ def _concepts(args) -> int:
         refs = concepts.reference_samples(ex, data, layer, top=args.top_refs, target="predicted")
     out = _output_folder(args.out, "concepts", "--out")
     out.mkdir(parents=True, exist_ok=True)
-    fig = heatmap.concept_atlas(ex, x[0], target, layer, top=args.top, references=refs, n_refs=args.top_refs,
-                                scheme=args.scheme, path=out / "atlas.png", rank=args.rank)
+    fig = concept_atlas(ex, x[0], target, layer, top=args.top, references=refs, n_refs=args.top_refs,
+                        scheme=args.scheme, path=out / "atlas.png", rank=args.rank)
     C = ex.concept_relevance(x, target, layer=layer)[0]
     order = np.argsort(-np.abs(C) if args.rank == "magnitude" else -C)
     total = float(C.sum())
@@ -262,7 +262,7 @@ def _plan_steps(ex):
 def _explain(args) -> int:
     import numpy as np
 
-    from ..visual import heatmap
+    from ..visual.figures import save_png
     from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "explain")
@@ -281,8 +281,8 @@ def _explain(args) -> int:
     for i in _progress(range(len(x)), len(x), not args.no_progress, "explaining"):
         relevance[i] = ex(x[i:i + 1], target=targets[i:i + 1])[0]
         stem = pathlib.Path(args.images[i]).stem
-        heatmap.save_png(relevance[i], out / f"{stem}_heatmap.png", scheme=args.scheme)
-        heatmap.save_png(relevance[i], out / f"{stem}_overlay.png", scheme=args.scheme, image=x[i])
+        save_png(relevance[i], out / f"{stem}_heatmap.png", scheme=args.scheme)
+        save_png(relevance[i], out / f"{stem}_overlay.png", scheme=args.scheme, image=x[i])
     np.save(out / "relevance.npy", relevance)
     (out / "targets.json").write_text(json.dumps(
         {pathlib.Path(p).name: int(t) for p, t in zip(args.images, targets)}, indent=2))

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import datasets
 from .. import evaluate
-from ..visual import heatmap
+from ..visual.figures import grid
 from ..api.explainer import Explainer
 from ..core.rules import AlphaBeta
 
@@ -285,6 +285,7 @@ def _atlases(out, ex, digit, data, cifar):
     import matplotlib.pyplot as plt
 
     from .. import concepts
+    from ..concepts.atlas import concept_atlas
 
     t0 = time.perf_counter()
     (x_train, y_train), _ = data
@@ -292,8 +293,8 @@ def _atlases(out, ex, digit, data, cifar):
     refs = concepts.reference_samples(ex, [(x_train[:N_REFERENCE], y_train[:N_REFERENCE])], layer, top=4)
     res = {"mnist": {"layer": layer, "reference_images": N_REFERENCE, "receptive_field": _field(ex, layer)}}
     for target in (3, 9):
-        fig = heatmap.concept_atlas(ex, digit, target, layer, top=4, references=refs, n_refs=4, rank="magnitude",
-                                    path=out / f"fig16_atlas_digit3_target{target}.png")
+        fig = concept_atlas(ex, digit, target, layer, top=4, references=refs, n_refs=4, rank="magnitude",
+                            path=out / f"fig16_atlas_digit3_target{target}.png")
         a = fig.atlas
         res["mnist"][f"target{target}"] = {"channels": a["channels"], "shares": [float(v) for v in a["shares"]],
                                            "total": a["total"]}
@@ -301,8 +302,8 @@ def _atlases(out, ex, digit, data, cifar):
     if cifar is not None:
         cex, cimg, cx, cy = cifar
         clayer = _last_conv(cex.model)
-        fig = heatmap.concept_atlas(cex, cimg, 1, clayer, top=4, data=(cx, cy), n_refs=4, rank="magnitude",
-                                    class_names=datasets.CIFAR10_CLASSES, path=out / "fig17_atlas_cifar_automobile.png")
+        fig = concept_atlas(cex, cimg, 1, clayer, top=4, data=(cx, cy), n_refs=4, rank="magnitude",
+                            class_names=datasets.CIFAR10_CLASSES, path=out / "fig17_atlas_cifar_automobile.png")
         a = fig.atlas
         res["cifar10"] = {"layer": clayer, "reference_images": int(len(cx)), "channels": a["channels"],
                           "shares": [float(v) for v in a["shares"]], "total": a["total"],
@@ -359,8 +360,8 @@ def _figure(path, images, relevances, titles, scheme="lrp", suptitle=None, ncols
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = heatmap.grid(images, relevances, titles=titles, scheme=scheme, ncols=ncols, path=path, suptitle=suptitle,
-                       shared_scale=shared_scale)
+    fig = grid(images, relevances, titles=titles, scheme=scheme, ncols=ncols, path=path, suptitle=suptitle,
+               shared_scale=shared_scale)
     plt.close(fig)
 
 

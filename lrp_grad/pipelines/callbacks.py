@@ -42,7 +42,7 @@ import pathlib
 
 import numpy as np
 
-from ..visual import heatmap
+from ..visual.colors import SCHEMES
 from ..errors import InvalidInputError, InvalidTargetError, StaleExplainerError, UnsupportedModelError
 
 __all__ = ["RelevanceCallback"]
@@ -224,8 +224,8 @@ class RelevanceCallback(*_BASES):
         self.canonizers = canonizers
         self.log_dir = _check_log_dir(log_dir)
         self.every = _positive_int("every", every, "log after every `every`-th epoch")
-        if not isinstance(scheme, str) or scheme not in heatmap.SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(map(repr, heatmap.SCHEMES))}, got {scheme!r}.")
+        if not isinstance(scheme, str) or scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(map(repr, SCHEMES))}, got {scheme!r}.")
         self.scheme = scheme
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"name must be a non-empty str (the prefix of the summary tags), got {name!r}.")

@@ -22,7 +22,8 @@ import numbers
 
 import numpy as np
 
-from . import heatmap
+from .colors import colorize, to_2d
+from .figures import grid
 from ..errors import InvalidInputError, InvalidTargetError
 
 __all__ = ["Explanation", "explain_images", "grid_array"]
@@ -69,7 +70,7 @@ def grid_array(images, relevance, scheme: str = "lrp", *, ncols: int = 8, zoom: 
     numpy.ndarray
         ``(rows * (H + gap) + gap, cols * (W + gap) + gap, 3)`` uint8 (times ``zoom``).
     """
-    flats = [heatmap.to_2d(r) for r in relevance]
+    flats = [to_2d(r) for r in relevance]
     if images is not None and len(images) != len(flats):
         raise ValueError(f"got {len(images)} images but {len(flats)} relevance maps; pass one image per map.")
     for name, value in (("ncols", ncols), ("zoom", zoom)):
@@ -98,7 +99,7 @@ def grid_array(images, relevance, scheme: str = "lrp", *, ncols: int = 8, zoom: 
         y, x = corner(i, per - 1)
         mosaic[y:y + h, x:x + w] = flat
         cell[y:y + h, x:x + w] = True
-    rgb = heatmap.colorize(mosaic, scheme)  # one normalisation for all maps: a shared scale
+    rgb = colorize(mosaic, scheme)  # one normalisation for all maps: a shared scale
     if images is not None:
         for i, image in enumerate(images):
             picture = _display(image)
@@ -189,7 +190,7 @@ class Explanation:
         """A matplotlib figure: each image above its heatmap, one colour scale for all maps
         (:func:`lrp_grad.heatmap.grid` with ``shared_scale=True``); titles name the target class and
         its logit. Needs matplotlib; close it with ``matplotlib.pyplot.close(fig)``."""
-        return heatmap.grid(self.images, self.relevance, titles=self.titles() if titles is None else titles,
+        return grid(self.images, self.relevance, titles=self.titles() if titles is None else titles,
                             scheme=scheme, ncols=ncols if ncols is not None else min(len(self), 8),
                             shared_scale=True)
 
