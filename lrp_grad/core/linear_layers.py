@@ -1,0 +1,181 @@
+"""The built-in linear layers' computations: each layer call as ``z = F(x, W) + b`` under its LRP rule.
+
+Weighted layers (Dense and the convolutions: their kernels, fused activations and BatchNorm
+folds), average pooling, BatchNormalization, Add and InceptionResNetV2's CustomScaleLayer. The
+table that gives these to their layer classes is in :mod:`lrp_grad.core.layers`; raw operations
+reuse the linear call and the sum (:mod:`lrp_grad.core.raw_ops`).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import tensorflow as tf
+
+from . import ops, propagate
+from .activations import _activate, _activation_problem
+from .handler_types import _channels_last, _static
+from .rules import AlphaBeta, Epsilon, Flat, Z
+
+
+def _linear(x, op, w, b, ctx, x_nonneg, relu=False):
+    """The layer call's ``z = F(x, W) + b`` under its rule (see :func:`lrp_grad.propagate.linear`);
+    ``relu(z)`` with ``relu``. Weights of another float dtype (a float16 layer in a float32
+    explanation) are cast to the input's."""
+    if w.dtype != x.dtype:
+        w = tf.cast(w, x.dtype)
+    if b is not None and b.dtype != x.dtype:
+        b = tf.cast(b, x.dtype)
+    return propagate.linear(x, op, w, b, ctx.rule, x_nonneg=x_nonneg, compute_dtype=ctx.compute_dtype, relu=relu)
+
+
+def _kernel(layer, kernel_attr):
+    """The kernel variable; Keras 3 names DepthwiseConv2D's ``kernel``, tf-keras ``depthwise_kernel``."""
+    w = getattr(layer, kernel_attr, None)
+    return layer.kernel if w is None else w
+
+
+def _reader(kernel_attr="kernel"):
+    """``weights(layer) -> (kernel, bias)`` reading the layer's variables as tensors."""
+
+    def weights(layer):
+        b = tf.convert_to_tensor(layer.bias) if layer.use_bias else None
+        return tf.convert_to_tensor(_kernel(layer, kernel_attr)), b
+
+    return weights
+
+
+def _weighted(op_for, kernel_attr="kernel"):
+    """``apply`` of a layer with a kernel, an optional bias and a fused activation."""
+    read = _reader(kernel_attr)
+
+    def apply(layer, inputs, ctx):
+        (x,) = inputs
+        w, b = ctx.params() if ctx.params is not None else read(layer)
+        z = _linear(x, op_for(layer), w, b, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+        return _activate(layer.activation, z, ctx)
+
+    return apply
+
+
+def _separable(layer, inputs, ctx):
+    """SeparableConv2D: a depthwise then a pointwise linear layer, both under the layer's rule."""
+    (x,) = inputs
+    pointwise, b = ctx.params() if ctx.params is not None else _reader("pointwise_kernel")(layer)
+    depthwise = tf.convert_to_tensor(_kernel(layer, "depthwise_kernel"))
+    h = _linear(x, ops.depthwise_op(layer), depthwise, None, ctx, ctx.nonneg[0])
+    z = _linear(h, ops.POINTWISE_OP, pointwise, b, ctx, False, relu=ctx.fuse_relu)
+    return _activate(layer.activation, z, ctx)
+
+
+def _fold_last(layer, w, b, scale, shift):
+    """Fold ``y * scale + shift`` into a kernel whose output channels are its last axis."""
+    b = shift if b is None else b * scale + shift
+    return w * scale, b
+
+
+def _fold_depthwise(layer, w, b, scale, shift):
+    channels, multiplier = w.shape[-2], w.shape[-1]
+    b = shift if b is None else b * scale + shift
+    return w * tf.reshape(scale, [channels, multiplier]), b
+
+
+def _fold_conv_transpose(layer, w, b, scale, shift):
+    b = shift if b is None else b * scale + shift
+    return w * scale[:, None], b
+
+
+def _conv_problem(layer, ctx):
+    problem = _channels_last(layer)
+    if problem:
+        return problem
+    return _activation_problem(layer.activation, ctx.is_output)
+
+
+def _conv_transpose_problem(layer, ctx):
+    if layer.output_padding is not None:
+        return f"output_padding={layer.output_padding}; only output_padding=None is supported"
+    if tuple(layer.dilation_rate) != (1, 1):
+        return f"dilation_rate={layer.dilation_rate}; only 1 is supported for Conv2DTranspose"
+    return _conv_problem(layer, ctx)
+
+
+def _dense_problem(layer, ctx):
+    return _activation_problem(layer.activation, ctx.is_output)
+
+
+def _avg_pool_2d(layer, inputs, ctx):
+    (x,) = inputs
+    size, strides, padding = list(layer.pool_size), list(layer.strides), layer.padding.upper()
+    op = ops.fixed_op(lambda t: tf.nn.avg_pool2d(t, size, strides, padding))
+    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+
+
+def _global_avg_pool(layer, inputs, ctx):
+    (x,) = inputs
+    axes = list(range(1, x.shape.rank - 1))
+    keepdims = bool(getattr(layer, "keepdims", False))
+    op = ops.fixed_op(lambda t: tf.reduce_mean(t, axes, keepdims=keepdims))
+    return _linear(x, op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+
+
+def batch_norm_affine(layer, dtype):
+    """``(scale, shift)`` of a BatchNormalization at inference: ``y = x * scale + shift``."""
+    inv = tf.math.rsqrt(tf.cast(layer.moving_variance, dtype) + tf.constant(layer.epsilon, dtype))
+    if layer.scale:
+        inv = inv * tf.cast(layer.gamma, dtype)
+    shift = -tf.cast(layer.moving_mean, dtype) * inv
+    if layer.center:
+        shift = shift + tf.cast(layer.beta, dtype)
+    return inv, shift
+
+
+def _batch_norm(layer, inputs, ctx):
+    (x,) = inputs
+    scale, shift = batch_norm_affine(layer, x.dtype)
+    return _linear(x, ops.DIAGONAL_OP, scale, shift, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+
+
+def _batch_norm_problem(layer, ctx):
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    rank = ctx.input_shapes[0].rank if ctx.input_shapes else None
+    if len(axis) != 1 or (rank is not None and axis[0] not in (-1, rank - 1)):
+        return f"axis={layer.axis}; only the last (channels) axis is supported"
+    return None
+
+
+def _add(layer, inputs, ctx):
+    out = propagate.add(inputs, ctx.rule, ctx.nonneg, relu=ctx.fuse_relu)
+    if out is not None:
+        return out
+    stacked = tf.stack(inputs, axis=-1)
+    w = tf.ones([len(inputs)], stacked.dtype)
+    return _linear(stacked, ops.SUM_OP, w, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)
+
+
+def _custom_scale(layer, inputs, ctx):
+    """InceptionResNetV2's CustomScaleLayer ``x + scale * r`` (the residual join): a sum of the
+    shortcut and the scaled branch under the layer's rule, as an Add of ``x`` and ``scale * r``;
+    the scaled branch passes its relevance on to ``r``."""
+    x, r = inputs
+    scale = tf.constant(float(layer.scale), x.dtype)
+    if isinstance(ctx.rule, (Z, Epsilon, AlphaBeta, Flat)):  # their shares only see the contributions x, s r
+        branch = propagate.passthrough(lambda t: t * scale, r)
+        nonneg = (ctx.nonneg[0], ctx.nonneg[1] and float(layer.scale) >= 0)
+        return _add(layer, [x, branch], replace(ctx, nonneg=nonneg))
+    # Rules that read the weights themselves (w^2, z^B, gamma): a linear layer with weights (1, s).
+    weights = tf.stack([tf.ones([], x.dtype), scale])
+    return _linear(tf.stack([x, r], axis=-1), ops.SUM_OP, weights, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)
+
+
+def _custom_scale_problem(layer, ctx):
+    if len(ctx.input_shapes) != 2:
+        return f"called on {len(ctx.input_shapes)} tensors; CustomScaleLayer adds a scaled branch to one shortcut"
+    shapes = {_static(s) for s in ctx.input_shapes}
+    if len(shapes) != 1:
+        return (f"adds tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} (broadcasting); only "
+                "same-shaped shortcut and branch are supported")
+    return None
+
+
+def _custom_scale_nonneg(layer, flags):
+    return all(flags) and float(layer.scale) >= 0

@@ -1,0 +1,99 @@
+"""The built-in handlers of raw operations (``x + y``, ``x * 2``, ``keras.ops.*``), as the layers they stand for.
+
+A sum of tensors is an ``Add``, arithmetic with a constant and activation functions pass relevance
+through, reshapes/slices/concatenations route it, and ``mean``/``sum`` over non-batch axes are
+weight-free linear layers of the ``pool`` family; :data:`_RAW` is their table. Which entry an
+operation gets (a product of two tensors is a ``Multiply`` gate) is decided in
+:mod:`lrp_grad.handlers`.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from . import ops, propagate
+from .activations import HEADS, NONNEG, ZERO_AT_ZERO
+from .handler_types import Handler, _keeps_sign, _static
+from .linear_layers import _add, _linear
+
+
+def _raw_route(op, inputs, ctx):
+    return op.fn(*inputs)
+
+
+def _raw_pass(op, inputs, ctx):
+    """An elementwise function of one tensor (with constant operands): relevance passes."""
+    (x,) = inputs
+    return propagate.passthrough(lambda t: op.fn(t), x)
+
+
+def _raw_activation(op, inputs, ctx):
+    (x,) = inputs
+    if op.activation in HEADS and ctx.is_output:
+        return tf.identity(x)  # a final softmax or sigmoid is skipped: the logits are explained
+    return _raw_pass(op, inputs, ctx)
+
+
+def _raw_reduce(op, inputs, ctx):
+    """``mean``/``sum`` over non-batch axes: a weight-free linear map under the layer's rule."""
+    (x,) = inputs
+    linear_op = ops.fixed_op(lambda t: op.fn(t))
+    return _linear(x, linear_op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
+
+
+def _elementwise_problem(op, ctx):
+    if op.n_tensors != 1 or len(ctx.input_shapes) != 1:
+        return None
+    if op.out_shape is not None and _static(op.out_shape) != _static(ctx.input_shapes[0]):
+        return (f"{op.symbol} broadcasts its tensor from {tuple(ctx.input_shapes[0])} to {tuple(op.out_shape)}; "
+                "only elementwise arithmetic with a constant of the tensor's shape (or a scalar) is supported")
+    return None
+
+
+def _raw_add_problem(op, ctx):
+    shapes = {_static(s) for s in ctx.input_shapes}
+    if len(shapes) != 1:
+        return (f"{op.symbol} of tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} "
+                "(broadcasting); only a sum of same-shaped tensors is supported, as in an Add layer")
+    return None
+
+
+def _two_tensor_problem(op, ctx):
+    return (f"{op.symbol} of two tensors is not supported (no LRP rule for it); supported are sums of "
+            "tensors (x + y), gating products (x * gate) and arithmetic with constants (x - 1, x / 2)")
+
+
+def _raw_reduce_problem(op, ctx):
+    if op.axes is None or 0 in op.axes:
+        return (f"{op.symbol} over axis={op.axes if op.axes is not None else 'None (all)'} reduces the batch "
+                "axis; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
+    return None
+
+
+def _raw_activation_problem(op, ctx):
+    if op.activation == "softmax" and not ctx.is_output:
+        return "softmax is only supported as the explained output's last operation (it is then skipped)"
+    return None
+
+
+def _unknown_op_problem(op, ctx):
+    return (f"operation {op.symbol} has no LRP handler; supported operations: + and - of tensors and "
+            "constants, * and / by constants or gates, reshape, slicing, concatenate, transpose, "
+            "mean/sum over non-batch axes, elementwise activations. Wrap it in a layer and register a handler "
+            "(lrp_grad.register_handler)")
+
+
+_RAW = {
+    "add_tensors": Handler("linear", _add, _raw_add_problem, _keeps_sign, "merge", fuses_relu=True),
+    "shift": Handler("passthrough", _raw_pass, _elementwise_problem),  # x + c: f(0) = c
+    "scale": Handler("passthrough", _raw_pass, _elementwise_problem, zero_in_zero_out=True),  # x * c, -x
+    "opaque": Handler("passthrough", _raw_pass, _elementwise_problem),  # x / c, c / x
+    "refused": Handler("passthrough", _raw_pass, _two_tensor_problem),
+    "route": Handler("gradient", _raw_route, nonneg=_keeps_sign, zero_in_zero_out=True),
+    "reduce": Handler("linear", _raw_reduce, _raw_reduce_problem, _keeps_sign, "pool", fuses_relu=True),
+    "activation": Handler(
+        "passthrough", _raw_activation, _raw_activation_problem,
+        lambda op, flags: op.activation in NONNEG,
+        zero_in_zero_out=lambda op: op.activation in ZERO_AT_ZERO,
+    ),
+    "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
+}
