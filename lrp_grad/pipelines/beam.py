@@ -55,6 +55,92 @@ def _positive_int(name: str, value):
     return int(value)
 
 
+def _check_uri(model_uri) -> str:
+    if not isinstance(model_uri, (str, os.PathLike)):
+        raise ModelFileError(f"LRPModelHandler(model_uri={model_uri!r}): model_uri must be the path or URI (str) "
+                             f"of a .keras or .h5 model file, got a {type(model_uri).__name__}.")
+    uri = os.fspath(model_uri)
+    if _is_uri(uri):
+        if not uri.lower().endswith(_MODEL_SUFFIXES):
+            raise ModelFileError(f"LRPModelHandler(model_uri={uri!r}): a remote model must be one .keras or .h5 "
+                                 "file (SavedModel folders are read from local paths only).")
+        return uri
+    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    if not os.path.exists(local):
+        raise ModelFileError(f"LRPModelHandler(model_uri={uri!r}): no such file or folder. Give the path of a "
+                             ".keras or .h5 file (or a SavedModel folder), or the URI of one on a filesystem the "
+                             "workers can read (gs://..., s3://...).")
+    if not os.path.isdir(local) and not local.lower().endswith(_MODEL_SUFFIXES):
+        raise ModelFileError(f"LRPModelHandler(model_uri={uri!r}): unknown model file type "
+                             f"{os.path.splitext(local)[1]!r}; lrp_grad loads .keras and .h5 files and SavedModel "
+                             "folders.")
+    return uri
+
+def _check_rule(rule):
+    from ..core.presets import as_composite
+
+    if rule is None:
+        return None
+    try:
+        as_composite(rule)
+    except InvalidRuleError as e:
+        raise InvalidRuleError(f"LRPModelHandler(rule={rule!r}): {e}") from None
+    return rule
+
+def _check_target_choice(target):
+    if target is None or (isinstance(target, str) and target in ("predicted", "label")):
+        return None if target == "predicted" else target
+    if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
+        if target < 0:
+            raise InvalidTargetError(f"LRPModelHandler(target={target!r}): a class index must be >= 0.")
+        return int(target)
+    raise InvalidTargetError(f"LRPModelHandler(target={target!r}): target must be {_TARGET_CHOICES}.")
+
+def _check_image(image, shape, shown, ex, where):
+    try:
+        a = np.asarray(image)
+    except (ValueError, TypeError) as e:
+        raise InvalidInputError(f"{where()}: the image could not be converted to an array ({e}).") from None
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise InvalidInputError(f"{where()} has dtype {a.dtype} ({_describe(image)}); images must hold real numbers "
+                                f"(float or integer pixels), shape {shown}.")
+    if a.ndim != len(shape) or not all(d is None or d == s for d, s in zip(shape, a.shape)):
+        hint = ""
+        if a.ndim == len(shape) + 1 and a.shape[0] == 1 and all(d is None or d == s for d, s in zip(shape, a.shape[1:])):
+            hint = " Each element is one image without a batch axis (RunInference batches them): drop it, image[0]."
+        elif a.ndim == len(shape) + 1:
+            hint = (" Each element is one image (RunInference batches them); split a batch into its images first, "
+                    "e.g. beam.FlatMap(list).")
+        elif shape and shape[-1] == 1 and a.ndim == len(shape) - 1 and all(
+                d is None or d == s for d, s in zip(shape[:-1], a.shape)):
+            hint = " Add the channel axis: image[..., None]."
+        raise InvalidInputError(f"{where()} has shape {a.shape}; model {ex.model.name!r} takes images of shape "
+                                f"{shown}.{hint}")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        bad = tuple(int(v) for v in np.argwhere(~np.isfinite(a))[0])
+        raise InvalidInputError(f"{where()} contains NaN or Inf (first at {bad}: {a[bad]}); relevance of non-finite "
+                                "inputs is undefined. Clean the data first.")
+    return a
+
+def _check_label(label, ex, where):
+    a = np.asarray(label)
+    n = ex.n_classes
+    if a.ndim == 1 and a.shape[0] == n and n > 1 and np.issubdtype(a.dtype, np.number):  # a one-hot row
+        if not (np.all((a == 0) | (a == 1)) and a.sum() == 1):
+            raise InvalidInputError(f"{where()} has label {a.tolist()}: a label of length {n} must be a one-hot row "
+                                    "(exactly one 1); or give the class index.")
+        return int(a.argmax())
+    if (a.ndim != 0 or a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or (
+            np.issubdtype(a.dtype, np.floating) and np.isfinite(a) and float(a) == round(float(a))))):
+        raise InvalidInputError(f"{where()} has label {label!r} ({_describe(label)}); a label must be a class index "
+                                f"(an int, 0..{n - 1}) or a one-hot row of length {n}.")
+    value = int(a)
+    if not 0 <= value < n:
+        raise InvalidInputError(f"{where()} has label {value}, out of range for model {ex.model.name!r} with {n} "
+                                f"classes (valid: 0..{n - 1}).")
+    return value
+
+
 class LRPModelHandler(ModelHandler):
     """A Beam ``ModelHandler`` that explains a Keras classifier with LRP inside ``RunInference``.
 
@@ -114,9 +200,9 @@ class LRPModelHandler(ModelHandler):
     def __init__(self, model_uri, rule=None, *, target=None, jit_compile: bool | None = None,
                  min_batch_size: int | None = None, max_batch_size: int | None = None,
                  max_batch_duration_secs: int | None = None, env_vars: dict | None = None):
-        self._model_uri = self._check_uri(model_uri)
-        self._rule = self._check_rule(rule)
-        self._target = self._check_target_choice(target)
+        self._model_uri = _check_uri(model_uri)
+        self._rule = _check_rule(rule)
+        self._target = _check_target_choice(target)
         if jit_compile not in (None, True, False):
             raise ValueError(f"LRPModelHandler(jit_compile={jit_compile!r}): jit_compile must be True, False or None.")
         self._jit_compile = jit_compile
@@ -135,49 +221,6 @@ class LRPModelHandler(ModelHandler):
     # ---------------------------------------------------------------------------------------------
     # Construction-time checks
 
-    @staticmethod
-    def _check_uri(model_uri) -> str:
-        if not isinstance(model_uri, (str, os.PathLike)):
-            raise ModelFileError(f"LRPModelHandler(model_uri={model_uri!r}): model_uri must be the path or URI (str) "
-                                 f"of a .keras or .h5 model file, got a {type(model_uri).__name__}.")
-        uri = os.fspath(model_uri)
-        if _is_uri(uri):
-            if not uri.lower().endswith(_MODEL_SUFFIXES):
-                raise ModelFileError(f"LRPModelHandler(model_uri={uri!r}): a remote model must be one .keras or .h5 "
-                                     "file (SavedModel folders are read from local paths only).")
-            return uri
-        local = uri[len("file://"):] if uri.startswith("file://") else uri
-        if not os.path.exists(local):
-            raise ModelFileError(f"LRPModelHandler(model_uri={uri!r}): no such file or folder. Give the path of a "
-                                 ".keras or .h5 file (or a SavedModel folder), or the URI of one on a filesystem the "
-                                 "workers can read (gs://..., s3://...).")
-        if not os.path.isdir(local) and not local.lower().endswith(_MODEL_SUFFIXES):
-            raise ModelFileError(f"LRPModelHandler(model_uri={uri!r}): unknown model file type "
-                                 f"{os.path.splitext(local)[1]!r}; lrp_grad loads .keras and .h5 files and SavedModel "
-                                 "folders.")
-        return uri
-
-    @staticmethod
-    def _check_rule(rule):
-        from ..core.presets import as_composite
-
-        if rule is None:
-            return None
-        try:
-            as_composite(rule)
-        except InvalidRuleError as e:
-            raise InvalidRuleError(f"LRPModelHandler(rule={rule!r}): {e}") from None
-        return rule
-
-    @staticmethod
-    def _check_target_choice(target):
-        if target is None or (isinstance(target, str) and target in ("predicted", "label")):
-            return None if target == "predicted" else target
-        if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
-            if target < 0:
-                raise InvalidTargetError(f"LRPModelHandler(target={target!r}): a class index must be >= 0.")
-            return int(target)
-        raise InvalidTargetError(f"LRPModelHandler(target={target!r}): target must be {_TARGET_CHOICES}.")
 
     def __repr__(self):
         target = "'predicted'" if self._target is None else repr(self._target)
@@ -289,9 +332,9 @@ class LRPModelHandler(ModelHandler):
         for i, element in enumerate(batch):
             where = lambda i=i: _element_name(batch, i, caller)  # noqa: E731 (only built on errors)
             image, label = self._split(element, where)
-            images.append(self._check_image(image, shape, shown, ex, where))
+            images.append(_check_image(image, shape, shown, ex, where))
             if label is not None:
-                labels.append(self._check_label(label, ex, where))
+                labels.append(_check_label(label, ex, where))
         first = images[0].shape
         for i, image in enumerate(images):
             if image.shape != first:
@@ -324,52 +367,6 @@ class LRPModelHandler(ModelHandler):
                 f"{where()} is a dict with keys {sorted(map(str, element))}; give images (or (image, label) pairs "
                 "with target='label'), e.g. beam.Map(lambda d: (d['image'], d['label'])) before RunInference.")
         return element, None
-
-    @staticmethod
-    def _check_image(image, shape, shown, ex, where):
-        try:
-            a = np.asarray(image)
-        except (ValueError, TypeError) as e:
-            raise InvalidInputError(f"{where()}: the image could not be converted to an array ({e}).") from None
-        if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-            raise InvalidInputError(f"{where()} has dtype {a.dtype} ({_describe(image)}); images must hold real numbers "
-                                    f"(float or integer pixels), shape {shown}.")
-        if a.ndim != len(shape) or not all(d is None or d == s for d, s in zip(shape, a.shape)):
-            hint = ""
-            if a.ndim == len(shape) + 1 and a.shape[0] == 1 and all(d is None or d == s for d, s in zip(shape, a.shape[1:])):
-                hint = " Each element is one image without a batch axis (RunInference batches them): drop it, image[0]."
-            elif a.ndim == len(shape) + 1:
-                hint = (" Each element is one image (RunInference batches them); split a batch into its images first, "
-                        "e.g. beam.FlatMap(list).")
-            elif shape and shape[-1] == 1 and a.ndim == len(shape) - 1 and all(
-                    d is None or d == s for d, s in zip(shape[:-1], a.shape)):
-                hint = " Add the channel axis: image[..., None]."
-            raise InvalidInputError(f"{where()} has shape {a.shape}; model {ex.model.name!r} takes images of shape "
-                                    f"{shown}.{hint}")
-        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-            bad = tuple(int(v) for v in np.argwhere(~np.isfinite(a))[0])
-            raise InvalidInputError(f"{where()} contains NaN or Inf (first at {bad}: {a[bad]}); relevance of non-finite "
-                                    "inputs is undefined. Clean the data first.")
-        return a
-
-    @staticmethod
-    def _check_label(label, ex, where):
-        a = np.asarray(label)
-        n = ex.n_classes
-        if a.ndim == 1 and a.shape[0] == n and n > 1 and np.issubdtype(a.dtype, np.number):  # a one-hot row
-            if not (np.all((a == 0) | (a == 1)) and a.sum() == 1):
-                raise InvalidInputError(f"{where()} has label {a.tolist()}: a label of length {n} must be a one-hot row "
-                                        "(exactly one 1); or give the class index.")
-            return int(a.argmax())
-        if (a.ndim != 0 or a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or (
-                np.issubdtype(a.dtype, np.floating) and np.isfinite(a) and float(a) == round(float(a))))):
-            raise InvalidInputError(f"{where()} has label {label!r} ({_describe(label)}); a label must be a class index "
-                                    f"(an int, 0..{n - 1}) or a one-hot row of length {n}.")
-        value = int(a)
-        if not 0 <= value < n:
-            raise InvalidInputError(f"{where()} has label {value}, out of range for model {ex.model.name!r} with {n} "
-                                    f"classes (valid: 0..{n - 1}).")
-        return value
 
 
 _LOCK = threading.Lock()
