@@ -34,15 +34,16 @@ _LAZY_ATTRIBUTES = {
     "Composite": "core.composites", "RuleMap": "core.composites",
     "DEFAULT_RULE": "api.explainer", "Explainer": "api.explainer", "RelevanceReport": "api.report",
     "explain": "api.cache",
-    "Explanation": "visual.explanation", "RelevanceCallback": "pipelines.callbacks",
+    "Explanation": "visual.explanation", "RelevanceCallback": "integrations.callbacks",
     "load_model": "frontends",
     "Handler": "core.handlers", "register_handler": "core.handlers", "supported_layers": "core.handlers",
     "unregister_handler": "core.handlers",
 }
 #: The package's layers and product parts, the public heatmap namespace, and the module paths of the
 #: flat 0.1 layout (aliases, see :mod:`lrp_grad._moved`).
-_LAZY_MODULES = ("frontends", "core", "api", "concepts", "pipelines", "visual", "evaluate", "app",
+_LAZY_MODULES = ("frontends", "core", "api", "concepts", "pipelines", "integrations", "visual", "evaluate", "app",
                  "heatmap") + tuple(MOVED)
+
 
 def __getattr__(name):
     import importlib

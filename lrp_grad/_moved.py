@@ -28,11 +28,12 @@ MOVED = {
     "rewrite": "core.planner",
     # The explainer API.
     "explainer": "api.explainer",
-    # Pipelines around it.
+    # Explanations as data.
     "stream": "pipelines.stream",
     "export": "pipelines.export",
-    "beam": "pipelines.beam",
-    "callbacks": "pipelines.callbacks",
+    # Integrations with other systems.
+    "beam": "integrations.beam",
+    "callbacks": "integrations.callbacks",
     # Pictures.
     "explanation": "visual.explanation",
     # Applications.

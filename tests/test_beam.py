@@ -336,7 +336,7 @@ def test_tf_keras_h5_model_and_a_copied_uri(tmp_path, monkeypatch):
 def test_import_error_without_apache_beam(monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # what a missing install looks like to import
     monkeypatch.delitem(sys.modules, "lrp_grad.beam", raising=False)  # the old path is an alias of the new one
-    monkeypatch.delitem(sys.modules, "lrp_grad.pipelines.beam")
+    monkeypatch.delitem(sys.modules, "lrp_grad.integrations.beam")
     with pytest.raises(ImportError, match=r'lrp_grad.beam needs Apache Beam, which is an optional dependency: '
                                           r'pip install "lrp-grad\[beam\]"'):
         import lrp_grad.beam  # noqa: F401

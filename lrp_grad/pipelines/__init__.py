@@ -1,2 +1,1 @@
-"""Explanations at scale and in other systems: datasets streamed to disk with safe resume,
-SavedModel export, Apache Beam, and the Keras training callback."""
+"""Explanations as data: whole datasets streamed to disk with safe resume, and servable SavedModels."""
