@@ -447,7 +447,7 @@ def read_npy_shards(folder, arrays_per_record: int, prefix: str = "relevance") -
     that ends inside a record (a truncated file)."""
     import glob
 
-    from .stream import OutputError
+    from ..pipelines.stream import OutputError
 
     files = sorted(glob.glob(os.path.join(os.fspath(folder), f"{prefix}*.npys")))
     if not files:
