@@ -152,7 +152,7 @@ def test_fused_equals_unfused_with_layer_sums(K, rule, monkeypatch):
 def test_fused_pass_op_counts(K):
     """Fused layers divide by relu(z) + eps: only the logits layer needs the sign-dependent stabiliser."""
     model = cnn(padding="valid", K=K)
-    fn, _ = lrp_grad.Explainer(model, rule=Epsilon())._function(True, "logit", False)
+    fn, _ = lrp_grad.Explainer(model, rule=Epsilon()).passes.function(True, "logit", False)
     types = [op.type for op in fn.get_concrete_function().graph.get_operations()]
     assert types.count("GreaterEqual") == 1  # stabilize() of the logits layer
     assert types.count("RealDiv") == 4  # one division per weighted layer
@@ -179,7 +179,7 @@ def test_add_runs_per_input_without_stacking(K, rule, stacked):
     flags, gone = fusion(model, everywhere)
     fused = rule.scales_with_input  # the Dense above is flat too: relevance reaches zeros
     assert flags["add"] is fused and gone == (["after_add"] if fused else [])
-    fn, _ = lrp_grad.Explainer(model, rule=everywhere)._function(False, "logit", False)
+    fn, _ = lrp_grad.Explainer(model, rule=everywhere).passes.function(False, "logit", False)
     ops = fn.get_concrete_function().graph.get_operations()
     stacks = [op for op in ops if op.type == "Pack" and op.inputs[0].shape.rank == 4]  # not shape packs
     assert bool(stacks) == stacked
