@@ -39,7 +39,7 @@ def test_blocked_dense_equals_reference(tiny_blocks, rule, signed):
 def test_blocked_graph_slices_the_kernel(tiny_blocks):
     """The blocks really run: the z+ forward and both transposes are split into per-row matmuls."""
     model = mlp()
-    fn, _ = lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1))._function(True, "logit", False)
+    fn, _ = lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1)).passes.function(True, "logit", False)
     types = [op.type for op in fn.get_concrete_function().graph.get_operations()]
     # Kernels 7x6, 6x5, 5x4 -> blocks of 1, 1, 2 rows: 7, 6, 3 blocks. Per layer: the forward
     # (whole W), and per block one z+ matmul and two transposed ones (W+ and W-).
