@@ -19,7 +19,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from ._moved import MOVED, install as _install_moved_paths
-from .core.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
+from .core.rules import AlphaBeta, AttnLRP, CPLRP, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
 __version__ = "0.1.0"
 
@@ -63,7 +63,7 @@ def __dir__():
 
 __all__ = [
     "explain", "Explainer", "RelevanceReport", "Explanation", "RelevanceCallback", "DEFAULT_RULE", "load_model",
-    "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma",
+    "Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma", "AttnLRP", "CPLRP",
     "Composite", "RuleMap", "presets", "canonizers", "datasets",
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",

@@ -56,6 +56,15 @@ class _TFOps:
     def relu(self, x):
         return self.tf.nn.relu(x)
 
+    def matmul(self, a, b):
+        return self.tf.linalg.matmul(a, b)
+
+    def transpose(self, x, axes):
+        return self.tf.transpose(x, axes)
+
+    def softmax(self, x, axis=-1):
+        return self.tf.nn.softmax(x, axis=axis)
+
     def sigmoid(self, x):
         return self.tf.math.sigmoid(x)
 

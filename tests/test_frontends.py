@@ -120,7 +120,7 @@ def test_branches_that_only_feed_gates_need_no_handler(K):
     """An attention softmax and an operation without an LRP rule (``x - y`` of two tensors) on a
     branch that only feeds gates get no relevance, so they are computed by their own forward and
     not refused; the relevance equals the twin written with supported operations (``x + (-1) y``),
-    and the gate branch's layers get exactly zero. A softmax outside a gate is refused."""
+    and the gate branch's layers get exactly zero."""
     L, ops = K.layers, kit.ops_of(K)
 
     def build(odd):
@@ -144,12 +144,32 @@ def test_branches_that_only_feed_gates_need_no_handler(K):
     np.testing.assert_allclose(lrp_grad.Explainer(odd).forward(x), odd(x).numpy(), rtol=1e-5, atol=1e-6)
     assert all(np.array_equal(a, b) for a, b in zip(before, odd.get_weights()))
 
-    inp = K.Input((6, 4))
-    h = L.Softmax(axis=1, name="attn")(L.Dense(4, name="score")(inp))
-    signal = K.Model(inp, L.Dense(3, name="head")(L.Flatten()(h)))
-    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(Softmax\): softmax is only supported as the "
-                                                    r"explained output's last operation"):
-        lrp_grad.Explainer(signal)
+
+
+def test_softmax_on_the_signal_path_takes_the_softmax_rule(K):
+    """A softmax that is not the output's last operation: AttnLRP's softmax rule
+    ``R_x = x (R - s sum R)`` over its axis, against the float64 equations."""
+    import npref_attention as nra
+
+    L = K.layers
+    inp = K.Input((6, 4), dtype="float64")
+    h = L.Softmax(axis=1, name="attn", dtype="float64")(L.Dense(4, name="score", dtype="float64")(inp))
+    model = kit.randomize(K.Model(inp, L.Dense(3, name="head", dtype="float64")(L.Flatten(dtype="float64")(h))),
+                          seed=5)
+    x = np.random.default_rng(5).normal(size=(2, 6, 4))
+    R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))(x, target=np.array([0, 2]))
+    Ws, bs = model.get_layer("score").get_weights()
+    Wh, bh = model.get_layer("head").get_weights()
+    for n, t in enumerate((0, 2)):
+        z = x[n] @ Ws + bs
+        e = np.exp(z - z.max(0))
+        s = e / e.sum(0)
+        y = s.reshape(-1) @ Wh + bh
+        _, R_s = nra.linear(s.reshape(-1), Wh, bh, np.eye(3)[t] * y)
+        R_s = R_s.reshape(6, 4)
+        R_z = z * (R_s - s * R_s.sum(0, keepdims=True))
+        _, R_x = nra.linear(x[n], Ws, bs, R_z)
+        kit.assert_close(R[n], R_x, 1e-9, f"softmax rule, sample {n}")
 
 
 def test_unsupported_operations_are_named_by_their_operation(K):

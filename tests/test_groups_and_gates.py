@@ -410,57 +410,64 @@ def test_hand_written_hard_swish_equals_the_activation():
                  1e-12, f"hard swish {rule!r}")
 
 
-INDEPENDENT = ("a product of two independent signals: neither input comes through a sigmoid, hard-sigmoid or "
-               "softmax gate, nor is one an elementwise function of the other")
-BOTH_GATES = "both inputs come through a sigmoid/softmax gate; cannot tell which one is the gated signal"
+def _half_grad_x_input(model, x, target):
+    """``x * d f_target / dx / 2``: what the uniform rule gives a product of two signals on a
+    bias-free network that is linear apart from the product (homogeneous of degree 2, Euler)."""
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = model(x)[:, target]
+    return (x * tape.gradient(out, x)).numpy() / 2
 
 
-def _refused(model, label, message):
-    with pytest.raises(lrp_grad.UnsupportedLayerError, match=re.escape(f"{label}: {message}")) as info:
-        lrp_grad.Explainer(model)
-    return info.value
+Z_EVERYWHERE = lrp_grad.Composite([("linear", lrp_grad.Z())], name="Z")
 
 
 @pytest.mark.parametrize("form", ["layer", "raw"])
 @pytest.mark.parametrize("kind", ["dense", "conv"])
-def test_product_of_two_independent_signals_is_refused(K, kind, form):
+def test_product_of_two_independent_signals_takes_the_uniform_rule(K, kind, form):
+    """AttnLRP's uniform rule: half of the relevance to each signal; with LRP-0 elsewhere on a
+    bias-free network that is exactly half of gradient x input (Achtibat et al. 2024, Prop. 3.3)."""
     L = K.layers
     inp = K.Input((6,) if kind == "dense" else (4, 4, 2), **F64)
     make = (lambda: L.Dense(4, **F64)) if kind == "dense" else (lambda: L.Conv2D(3, 3, padding="same", **F64))
     a, b = make()(inp), make()(inp)
     y = L.Multiply(name="prod", **F64)([a, b]) if form == "layer" else a * b
-    model = K.Model(inp, L.Dense(2, **F64)(L.Flatten(**F64)(y) if kind == "conv" else y))
-    if form == "layer":
-        err = _refused(model, "'prod' (Multiply)", INDEPENDENT)
-        assert [(n, c) for n, c, _ in err.layers] == [("prod", "Multiply")]
-    else:
-        _refused(model, "(operation " + ("keras.ops.multiply" if K.__name__ == "keras" else "tf.math.multiply") + ")",
-                 INDEPENDENT)
+    model = K.Model(inp, L.Dense(2, use_bias=False, **F64)(L.Flatten(**F64)(y) if kind == "conv" else y))
+    x = np.random.default_rng(11).normal(size=(3,) + tuple(model.input_shape[1:]))
+    R = lrp_grad.Explainer(model, rule=Z_EVERYWHERE)(x, target=1)
+    assert_close(R, _half_grad_x_input(model, x, 1), 1e-10, f"uniform product ({kind}, {form})")
 
 
-@pytest.mark.parametrize("activation", ["linear", "relu", "tanh"])
-def test_broadcast_product_without_a_sigmoid_is_refused(K, activation):
-    """A 1x1 'gate' that is no gate: the shape heuristic took the broadcast input for the gate."""
+@pytest.mark.parametrize("activation", ["linear", "relu"])
+def test_broadcast_product_without_a_sigmoid_takes_the_uniform_rule(K, activation):
+    """A 1x1 factor that is no gate: the uniform rule, the broadcast factor's half summed over positions."""
     L = K.layers
     inp = K.Input((4, 4, 3), **F64)
     h = L.Conv2D(4, 3, padding="same", activation="relu", **F64)(inp)
     g = L.Reshape((1, 1, 4), **F64)(L.Dense(4, activation=activation, **F64)(L.GlobalAveragePooling2D(**F64)(h)))
     y = L.Multiply(name="prod", **F64)([h, g])
-    model = K.Model(inp, L.Dense(2, **F64)(L.Flatten(**F64)(y)))
-    _refused(model, "'prod' (Multiply)", INDEPENDENT)
+    model = K.Model(inp, L.Dense(2, use_bias=False, **F64)(L.Flatten(**F64)(y)))
+    x = np.random.default_rng(12).normal(size=(2, 4, 4, 3))
+    R = lrp_grad.Explainer(model, rule=Z_EVERYWHERE)(x, target=0)
+    assert_close(R, _half_grad_x_input(model, x, 0), 1e-9, f"broadcast uniform product ({activation})")
 
 
 @pytest.mark.parametrize("form", ["layer", "raw"])
-def test_product_of_two_gates_is_refused(K, form):
+def test_product_of_two_gates_takes_the_uniform_rule(K, form):
+    """Both factors through a sigmoid: no input is the gate, so each gets half."""
     L = K.layers
     inp = K.Input((6,), **F64)
-    a = L.Dense(4, activation="sigmoid", **F64)(inp)
-    b = L.Activation("sigmoid", **F64)(L.Dense(4, **F64)(inp))
+    a = L.Dense(4, activation="sigmoid", name="a", **F64)(inp)
+    b = L.Activation("sigmoid", name="b", **F64)(L.Dense(4, **F64)(inp))
     y = L.Multiply(name="prod", **F64)([a, b]) if form == "layer" else a * b
-    model = K.Model(inp, L.Dense(2, **F64)(y))
-    label = "'prod' (Multiply)" if form == "layer" else \
-        "(operation " + ("keras.ops.multiply" if K.__name__ == "keras" else "tf.math.multiply") + ")"
-    _refused(model, label, BOTH_GATES)
+    model = K.Model(inp, L.Dense(2, name="head", **F64)(y))
+    x = np.random.default_rng(13).normal(size=(3, 6))
+    _, report = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-9))(x, target=0, return_layers=True)
+    product = [k for k in report if k not in ("a", "b", "head") and "dense" not in k and k != "input_layer"
+               and not k.startswith("input")][0]
+    np.testing.assert_allclose(report["a"], report[product] / 2, rtol=1e-9)
+    np.testing.assert_allclose(report["b"], report[product] / 2, rtol=1e-9)
 
 
 # ----------------------------------------------------------------------- activations --

@@ -143,17 +143,27 @@ def test_multiply_gives_no_relevance_to_the_gate(K):
     np.testing.assert_allclose(report["x"], report["gated"], rtol=1e-12)
 
 
-def test_relevance_passes_through_preprocessing_and_layernorm(K):
+def test_relevance_passes_through_preprocessing_and_layernorm_holds_its_scale(K):
+    """Rescaling passes relevance to the raw pixels; LayerNormalization (over one axis and over two,
+    with random gamma and beta) is the epsilon rule of its map with the standard deviation held
+    constant (AttnLRP and CP-LRP), against the float64 equations; without beta it conserves."""
+    import npref_attention as nra
+
     L = K.layers
-    inp = K.Input((6,), **F64)
-    h = L.Rescaling(1 / 255.0, offset=-0.5, **F64)(inp)
-    h = L.LayerNormalization(**F64)(h)
-    h = L.Dense(4, activation="relu", **F64)(h)
-    model = _finish(K, inp, L.Dense(3, **F64)(h))
-    x = np.random.default_rng(0).uniform(0, 255, (2, 6))
-    R, report = lrp_grad.explain(model, x, target=1, rule=lrp_grad.Epsilon(1e-6), return_layers=True)
-    names = list(report)
-    np.testing.assert_allclose(report[names[0]], report[names[2]], rtol=1e-12)  # input == after LayerNorm
+    for axis, shape in ((-1, (6,)), ([1, 2], (3, 4))):
+        inp = K.Input(shape, **F64)
+        h = L.Rescaling(1 / 255.0, offset=-0.5, **F64)(inp)
+        model = _finish(K, inp, L.LayerNormalization(axis=axis, epsilon=1e-3, name="ln", **F64)(h))
+        x = np.random.default_rng(0).uniform(0, 255, (2,) + shape)
+        R0 = np.random.default_rng(1).normal(size=(2,) + shape)
+        R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))(x, initial=R0)
+        gamma, beta = model.get_layer("ln").get_weights()
+        flat = lambda v: v.reshape(2, -1)  # noqa: E731 - the normalised axes as one
+        _, ref = nra.layer_norm(flat(x / 255.0 - 0.5), gamma.reshape(-1), beta.reshape(-1), 1e-3, flat(R0))
+        assert_close(R, ref.reshape(R.shape), 1e-9, f"LayerNorm axis={axis}")
+        model.get_layer("ln").set_weights([gamma, np.zeros_like(beta)])
+        R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-12))(x, initial=R0)
+        np.testing.assert_allclose(flat(R).sum(1), flat(R0).sum(1), rtol=1e-7)
 
 
 def test_residual_network_conserves_exactly_through_add(K):

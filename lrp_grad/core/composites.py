@@ -3,7 +3,8 @@
 A :class:`Composite` is an ordered list of ``(matcher, rule)`` entries (the first match wins), an
 optional special rule for the first weighted layer, and overrides by layer name that take
 precedence over both. A matcher is a layer family (``'dense'``, ``'conv'``, ``'pool'``, ``'norm'``,
-``'merge'``; ``'weighted'`` = dense or conv; ``'linear'`` = every layer that takes a rule), a
+``'merge'``, ``'attention'``; ``'weighted'`` = dense or conv; ``'linear'`` = every family but
+attention), a
 Keras layer class or tuple of classes (a built-in class of either package matches its namesake in
 the other: ``keras.layers.Conv2D`` also matches a tf-keras Conv2D), or a predicate ``layer -> bool``.
 """
@@ -16,12 +17,15 @@ from typing import Any
 from ..errors import InvalidRuleError
 from ..frontends import check_model, class_name, is_instance
 from .handlers import FAMILIES
-from .rules import Epsilon, Rule, Z
+from .rules import AttnLRP, Epsilon, Rule, Z
 from .survey import survey
 
 __all__ = ["Composite", "RuleMap", "single_rule"]
 
-GROUPS = {"weighted": ("dense", "conv"), "linear": FAMILIES}
+LINEAR_FAMILIES = tuple(f for f in FAMILIES if f != "attention")
+GROUPS = {"weighted": ("dense", "conv"), "linear": LINEAR_FAMILIES}
+#: The rule of the ``'attention'`` family when a composite does not name it.
+DEFAULT_ATTENTION_RULE = AttnLRP()
 
 
 def _check_matcher(matcher, where):
@@ -150,21 +154,31 @@ class Composite:
                 f"this model; its rule-taking layers are: {[label for label, _, _ in layers]}."
             )
         first_done = self.first is None
-        out, missing = [], []
+        out, missing, wrong = [], [], []
         for label, layer, family in layers:
             rule = None
             if not first_done and _matches(self.first[0], layer, family):
                 rule, first_done = self.first[1], True
             if rule is None:
-                rule = next((r for m, r in self.rules if _matches(m, layer, family)), self.default)
+                fallback = DEFAULT_ATTENTION_RULE if family == "attention" else self.default
+                rule = next((r for m, r in self.rules if _matches(m, layer, family)), fallback)
             rule = self.overrides.get(label, self.overrides.get(layer.name, rule))
             if rule is None:
                 missing.append(f"'{label}' ({class_name(layer)}, family {family!r})")
+            elif bool(rule.attention) != (family == "attention"):
+                wrong.append(f"'{label}' ({class_name(layer)}, family {family!r}) got {rule!r}")
             out.append(rule)
         if missing:
             raise InvalidRuleError(
                 f"Composite {self.name!r} has no rule for {len(missing)} layer(s): {', '.join(missing)}. "
                 "Add an entry such as ('pool', lrp_grad.Epsilon(1e-6)), or a default=."
+            )
+        if wrong:
+            raise InvalidRuleError(
+                f"Composite {self.name!r} gives {len(wrong)} layer(s) a rule of the wrong kind: {'; '.join(wrong)}. "
+                "The 'attention' family (attention cores, products of two tensors) takes lrp_grad.AttnLRP() or "
+                "lrp_grad.CPLRP(); every other family takes a linear rule (Epsilon, Z, AlphaBeta, ...). Match "
+                "the attention rule with ('attention', rule) only."
             )
         return out
 
@@ -212,7 +226,13 @@ def single_rule(rule: Rule) -> Composite:
     non-negative inputs alpha-beta's ``z-`` is empty, its beta half vanishes and the layer returns
     ``alpha R`` instead of ``R``: on a ResNet the relevance grew by 2x per block (up to 1e25x the
     logit, and NaN in float32, on ResNetRS). :meth:`Composite.resolve` shows the map.
+
+    The ``'attention'`` family gets :class:`~lrp_grad.core.rules.AttnLRP` unless ``rule`` is an
+    attention rule itself (``AttnLRP``, ``CPLRP``); then the linear layers get ``Epsilon`` with its
+    epsilon, as in both papers.
     """
+    if rule.attention:  # the papers' setting: the attention rule, epsilon on every linear layer
+        return Composite([("attention", rule), ("linear", Epsilon(rule.epsilon))], name=repr(rule))
     if isinstance(rule, (Z, Epsilon)):
         return Composite([("linear", rule)], name=repr(rule))
     return Composite([("weighted", rule), ("linear", Epsilon(1e-6))], name=repr(rule))

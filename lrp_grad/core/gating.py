@@ -1,8 +1,7 @@
 """Which input of a product is the gate: decided from the layer graph, not from shapes.
 
-LRP has no rule that splits the relevance of a product of two signals. The products in real
-networks are of two kinds, both exact when all relevance goes to one input (the *signal*) and
-none to the other (the *gate*):
+Most products in real networks are of two kinds, both exact when all relevance goes to one
+input (the *signal*) and none to the other (the *gate*):
 
 1. **A tensor times a function of itself** computed elementwise (hard-swish written as
    ``x * relu6(x + 3) / 6``, swish as ``x * sigmoid(x)``): the product is an elementwise
@@ -13,7 +12,9 @@ none to the other (the *gate*):
    reshapes and constant arithmetic. That input is the gate, whatever its spatial size (SE gates
    are ``1 x 1`` maps, as are the feature maps of small inputs).
 
-Anything else, e.g. the product of two independent feature maps, is refused by name.
+Anything else, e.g. the product of two independent feature maps (a gated MLP) or of two gates,
+has no gate: it takes AttnLRP's uniform rule, half of the relevance to each factor
+(:func:`lrp_grad.core.transformer_layers.uniform_product`).
 """
 from __future__ import annotations
 

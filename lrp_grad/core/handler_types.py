@@ -9,11 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import tensorflow as tf
+
 __all__ = ["Context", "Handler", "KINDS", "FAMILIES"]
 
 KINDS = ("linear", "passthrough", "gradient", "identity", "gate", "forward")
-#: Families of linear layers; composites map rules to them.
-FAMILIES = ("dense", "conv", "pool", "norm", "merge")
+#: Families of rule-taking layers; composites map rules to them. ``'attention'`` (products of two
+#: signals: attention cores, matrix products and einsums of two tensors) takes the attention
+#: rules (:class:`~lrp_grad.core.rules.AttnLRP`, :class:`~lrp_grad.core.rules.CPLRP`), the others
+#: the linear rules.
+FAMILIES = ("dense", "conv", "pool", "norm", "merge", "attention")
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,9 @@ class Context:
         op. Set by the planner only where the relevance reaching that ReLU's output is zero
         wherever the output is zero (see :func:`lrp_grad.propagate.linear`).
     gate, gate_problem : int or None, str or None
-        For ``gate`` handlers: which input is the gate, as the planner read it from the graph
-        (:func:`lrp_grad.gating.gate_index`), or why none could be told.
+        For handlers that read gates (``gate`` handlers, products of two tensors): which input is
+        the gate, as the planner read it from the graph (:func:`lrp_grad.gating.gate_index`), or
+        why none could be told.
     """
 
     rule: object = None
@@ -100,6 +106,9 @@ class Handler:
         relevance this layer gives an input is zero wherever that input is zero, provided the
         relevance at its output is zero wherever the output is zero (true of routing layers and
         of activations with ``f(0) = 0``). Lets the planner fuse ReLUs below the layer.
+    reads_gate : bool
+        The planner reads which input is a gate (``ctx.gate``) for this non-``gate`` handler too
+        (a product of two tensors: CP-LRP holds its gate, the attention weights, constant).
     """
 
     kind: str
@@ -111,6 +120,12 @@ class Handler:
     fold: Callable | None = None
     fuses_relu: bool = False
     zero_in_zero_out: bool | Callable = False
+    reads_gate: bool = False
+
+    @property
+    def gated(self) -> bool:
+        """Whether the planner reads which input is a gate for it (``ctx.gate``)."""
+        return self.kind == "gate" or self.reads_gate
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -132,3 +147,17 @@ def _channels_last(layer, ctx=None):
 
 def _static(shape):
     return tuple(shape)[1:]
+
+
+def _own_call(layer, inputs):
+    """``layer.call`` on ``inputs`` in the layer's compute dtype, cast back to the inputs' dtype.
+
+    A mixed-precision layer (``dtype='mixed_float16'``) casts its constants to float16; the LRP
+    pass runs in the model input's dtype, so such a layer is called in its own dtype.
+    """
+    dtype = inputs[0].dtype
+    compute = tf.as_dtype(getattr(layer, "compute_dtype", None) or dtype)
+    if compute != dtype and compute.is_floating:
+        inputs = [tf.cast(t, compute) for t in inputs]
+        return tf.cast(layer.call(inputs if len(inputs) > 1 else inputs[0]), dtype)
+    return layer.call(inputs if len(inputs) > 1 else inputs[0])

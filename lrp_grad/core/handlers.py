@@ -12,9 +12,12 @@ Handler kinds:
 ``linear``
     ``z = F(x, W) + b``, linear in ``x``; the layer's rule decides the relevance. Families:
     ``dense``, ``conv`` (layers with weights), ``pool`` (average pooling), ``norm`` (an unfolded
-    BatchNormalization: an elementwise affine layer) and ``merge`` (Add: a sum with unit weights).
+    BatchNormalization, a LayerNormalization with its scale held constant), ``merge`` (Add: a sum
+    with unit weights) and ``attention`` (attention cores and products of two tensors, whose rule
+    is AttnLRP or CP-LRP: not linear, but rule-taking the same way).
 ``passthrough``
-    Relevance passes through unchanged (elementwise activations, preprocessing, LayerNorm).
+    Relevance passes through unchanged (elementwise activations, preprocessing); a softmax inside
+    the network takes the softmax rule.
 ``gradient``
     The plain gradient already is the LRP redistribution: reshapes, padding, cropping,
     concatenation, nearest upsampling (relevance is moved back) and max pooling (winner takes all).
@@ -22,7 +25,7 @@ Handler kinds:
     The identity at inference (Dropout and friends).
 ``gate``
     Multiply: all relevance goes to the gated signal, none to the gate; which input is the gate
-    is read from the graph (:mod:`lrp_grad.gating`).
+    is read from the graph (:mod:`lrp_grad.gating`). Without a gate, half to each factor.
 ``forward``
     Computed, never given relevance: the planner's handler (:data:`FORWARD_ONLY`) for a layer
     without a handler of its own on a branch that only feeds gates (an attention softmax, an
@@ -42,12 +45,16 @@ handlers other modules use (:data:`IDENTITY`, :data:`FUSED_RELU`, :data:`FORWARD
 """
 from __future__ import annotations
 
-from ..frontends import RawOp, is_layer_class
+from ..frontends import AttentionCore, RawOp, is_layer_class
 from .activations import ELEMENTWISE, HEADS, NONNEG, ZERO_AT_ZERO
 from .handler_types import FAMILIES, KINDS, Context, Handler
 from .layers import _BUILTIN, _BY_NAME, _SHORTCUTS, FORWARD_ONLY, FUSED_RELU, IDENTITY, is_plain_relu
 from .linear_layers import batch_norm_affine
 from .raw_ops import _RAW
+from .transformer_layers import attention_core, attention_rule_problem
+
+#: The handler of the attention core the front end splits out of a MultiHeadAttention layer.
+ATTENTION_CORE = Handler("linear", attention_core, attention_rule_problem, family="attention")
 
 __all__ = ["Context", "Handler", "register_handler", "unregister_handler", "handler_for", "supported_layers",
            "KINDS", "FAMILIES",
@@ -69,6 +76,10 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["refused" if several else "opaque"]
     if kind == "negative":
         return _RAW["scale"]
+    if kind == "product":
+        return _RAW["product" if several else "constant_product"]
+    if kind == "activation" and op.activation == "softmax":
+        return _RAW["softmax"]
     if kind in ("route", "activation"):
         return _RAW[kind]
     if kind in ("mean", "sum"):
@@ -136,10 +147,17 @@ def handler_for(layer) -> Handler | None:
     operation gets the handler of its kind."""
     if isinstance(layer, RawOp):
         return _raw_handler(layer)
+    if isinstance(layer, AttentionCore):
+        return ATTENTION_CORE
     cls = type(layer)
     return _USER.get(cls) or _BUILTIN.get(cls)
 
 
+#: Layer classes the front ends split into supported parts (lrp_grad.frontends.blocks).
+SPLIT_LAYERS = ("MultiHeadAttention",)
+
+
 def supported_layers() -> list:
-    """Names of the layer classes that have a handler, built-in and registered."""
-    return sorted({cls.__name__ for cls in (*_BUILTIN, *_USER)})
+    """Names of the layer classes that have a handler, built-in and registered, and of those the
+    front ends split into parts that have one."""
+    return sorted({cls.__name__ for cls in (*_BUILTIN, *_USER)} | set(SPLIT_LAYERS))

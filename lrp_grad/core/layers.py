@@ -15,7 +15,10 @@ import tensorflow as tf
 from . import ops, propagate
 from ..frontends import RawOp, activation_name, is_layer, layer_classes
 from .activations import NONNEG, ZERO_AT_ZERO, _activate, _activation_problem, _fused_nonneg
-from .handler_types import Handler, _channels_last, _keeps_sign
+from .handler_types import Handler, _channels_last, _keeps_sign, _own_call
+from .transformer_layers import (
+    einsum_dense, einsum_dense_problem, einsum_weights, inner_softmax, layer_norm, layer_norm_problem, uniform_product,
+)
 from .linear_layers import (
     _add, _avg_pool_2d, _batch_norm, _batch_norm_problem, _conv_problem, _conv_transpose_problem, _custom_scale,
     _custom_scale_nonneg, _custom_scale_problem, _dense_problem, _fold_conv_transpose, _fold_depthwise,
@@ -39,20 +42,6 @@ def _flatten(layer, inputs, ctx):
 def _reshape(layer, inputs, ctx):
     (x,) = inputs
     return tf.reshape(x, tf.concat([tf.shape(x)[:1], list(layer.target_shape)], 0))
-
-
-def _own_call(layer, inputs):
-    """``layer.call`` on ``inputs`` in the layer's compute dtype, cast back to the inputs' dtype.
-
-    A mixed-precision layer (``dtype='mixed_float16'``) casts its constants to float16; the LRP
-    pass runs in the model input's dtype, so such a layer is called in its own dtype.
-    """
-    dtype = inputs[0].dtype
-    compute = tf.as_dtype(getattr(layer, "compute_dtype", None) or dtype)
-    if compute != dtype and compute.is_floating:
-        inputs = [tf.cast(t, compute) for t in inputs]
-        return tf.cast(layer.call(inputs if len(inputs) > 1 else inputs[0]), dtype)
-    return layer.call(inputs if len(inputs) > 1 else inputs[0])
 
 
 def _call(layer, inputs, ctx):
@@ -115,12 +104,6 @@ def is_plain_relu(layer) -> bool:
     return False
 
 
-def _softmax_problem(layer, ctx):
-    if ctx.is_output:
-        return None
-    return "softmax is only supported as the explained output's last operation (it is then skipped)"
-
-
 def _upsampling_problem(layer, ctx):
     if layer.interpolation != "nearest":
         return (f"interpolation={layer.interpolation!r}; only 'nearest' is supported (its gradient "
@@ -138,6 +121,8 @@ def _upsample_nearest(layer, inputs, ctx):
 
 def _multiply(layer, inputs, ctx):
     gate = ctx.gate
+    if gate is None:  # two independent signals (a gated MLP, GRN): the uniform rule
+        return uniform_product(inputs[0], inputs[1])
     signal = 1 - gate
 
     @tf.custom_gradient
@@ -151,8 +136,8 @@ def _multiply(layer, inputs, ctx):
 
 
 def _multiply_problem(layer, ctx):
-    if ctx.gate is None:
-        return ctx.gate_problem or "cannot tell the gate from the signal"
+    if len(ctx.input_shapes) != 2:
+        return ctx.gate_problem or f"a product of {len(ctx.input_shapes)} tensors; only products of two are supported"
     return None
 
 
@@ -222,6 +207,10 @@ _BY_NAME = {
     "Cropping1D": _ROUTE,
     "UpSampling2D": Handler("gradient", _upsample_nearest, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
     "Multiply": Handler("gate", _multiply, _multiply_problem, zero_in_zero_out=True),
+    # transformers (lrp_grad.core.transformer_layers); MultiHeadAttention is split into EinsumDense
+    # projections and an attention core by the front end (lrp_grad.frontends.blocks)
+    "EinsumDense": Handler("linear", einsum_dense, einsum_dense_problem, _fused_nonneg, "dense", einsum_weights,
+                           fuses_relu=True),
     # identity at inference
     "Dropout": IDENTITY,
     "SpatialDropout1D": IDENTITY,
@@ -245,11 +234,11 @@ _BY_NAME = {
     "PReLU": _PASS,
     "ThresholdedReLU": Handler("passthrough", _elementwise_layer, nonneg=lambda layer, flags: True,
                                 zero_in_zero_out=True),
-    "Softmax": Handler("identity", _identity, _softmax_problem),
+    "Softmax": Handler("passthrough", inner_softmax, zero_in_zero_out=True),  # the output's: skipped
     "Rescaling": Handler("passthrough", _rescaling),  # f(0) = offset: not zero_in_zero_out
     "LayerScale": Handler("passthrough", _layer_scale, zero_in_zero_out=True),
     "Normalization": _OPAQUE_PASS,
-    "LayerNormalization": _OPAQUE_PASS,
+    "LayerNormalization": Handler("linear", layer_norm, layer_norm_problem, family="norm"),
 }
 
 #: The same handlers by layer class (both packages' classes of each name).

@@ -11,7 +11,7 @@ import tensorflow as tf
 from .propagate import LinearOp
 
 __all__ = ["DENSE_OP", "POINTWISE_OP", "DIAGONAL_OP", "SUM_OP", "conv_op", "conv_transpose_op", "depthwise_op",
-           "fixed_op"]
+           "einsum_op", "fixed_op"]
 
 
 def _vjp(f, x, s):
@@ -154,6 +154,18 @@ def depthwise_op(layer) -> LinearOp:
 
     def transpose(s, w, x):
         return tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), _dilate_kernel(w, dilations), s, strides, padding)
+
+    return LinearOp(forward, transpose, in_axis=None)
+
+
+def einsum_op(equation: str) -> LinearOp:
+    """``EinsumDense``: ``F(x, W) = einsum(equation, x, W)``, its transpose by the vector-Jacobian product."""
+
+    def forward(x, w):
+        return tf.einsum(equation, x, w)
+
+    def transpose(s, w, x):
+        return _vjp(lambda t: tf.einsum(equation, t, w), x, s)
 
     return LinearOp(forward, transpose, in_axis=None)
 

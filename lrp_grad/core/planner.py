@@ -7,7 +7,7 @@ from . import handlers
 from ..frontends import Graph, Node, activation_name, class_name
 from .composites import RuleMap
 from .presets import as_composite
-from .survey import survey
+from .survey import survey, unsupported
 
 __all__ = ["Step", "Plan", "build_plan", "run"]
 
@@ -70,8 +70,15 @@ def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=N
     surveyed = survey(model, canonizers, compute_dtype, output)
     graph, found = surveyed.graph, surveyed.entries
 
-    # 4. Give every rule-taking layer its rule.
-    rules = iter(composite.assign(surveyed.rule_taking))
+    # 4. Give every rule-taking layer its rule, and ask its handler again now that the rule is
+    #    known (a LayerNormalization takes Z or Epsilon only).
+    assigned = composite.assign(surveyed.rule_taking)
+    linear = [(node, handler, replace(ctx, rule=r))
+              for (node, handler, ctx), r in zip((e for e in found if e[1].kind == "linear"), assigned)]
+    problems = [(node.layer, why) for node, handler, ctx in linear if (why := handler.check(node.layer, ctx))]
+    if problems:
+        raise unsupported(graph, problems)
+    rules = iter(assigned)
 
     # 5. Propagate the sign knowledge (lets the split rules skip the x- half).
     flags = input_nonneg if isinstance(input_nonneg, tuple) else (input_nonneg,) * len(graph.input_ids)

@@ -348,6 +348,14 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
     raise TypeError(f"no LRP backward pass for rule {rule!r} ({type(rule).__name__})")
 
 
+def _with_bias(z, b):
+    """``z + b``: a channel bias (``bias_add``, as Keras adds it) or a bias of several axes
+    broadcast from the right (``EinsumDense``'s ``bias_axes``)."""
+    if b is None:
+        return z
+    return tf.nn.bias_add(z, b) if b.shape.rank == 1 else z + b
+
+
 def fuses_relu(rule: Rule) -> bool:
     """Whether :func:`linear` with ``relu=True`` runs the rule on ``relu(z)`` instead of keeping ``z``."""
     return isinstance(rule, (Z, AlphaBeta)) or (isinstance(rule, Epsilon) and rule.bias)
@@ -388,7 +396,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
         @tf.custom_gradient
         def lrp_linear_relu(x):
             z = op.forward(x, w)
-            y = tf.nn.relu(z if b is None else tf.nn.bias_add(z, b))
+            y = tf.nn.relu(_with_bias(z, b))
             return y, _backward(rule, op, x, w, b, None, None, x_nonneg, reduced, y=y)
 
         return lrp_linear_relu(x)
@@ -396,7 +404,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
     @tf.custom_gradient
     def lrp_linear(x):
         z_nobias = op.forward(x, w)
-        z = z_nobias if b is None else tf.nn.bias_add(z_nobias, b)
+        z = _with_bias(z_nobias, b)
         return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced)
 
     return lrp_linear(x)

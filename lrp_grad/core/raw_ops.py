@@ -1,8 +1,10 @@
 """The built-in handlers of raw operations (``x + y``, ``x * 2``, ``keras.ops.*``), as the layers they stand for.
 
 A sum of tensors is an ``Add``, arithmetic with a constant and activation functions pass relevance
-through, reshapes/slices/concatenations route it, and ``mean``/``sum`` over non-batch axes are
-weight-free linear layers of the ``pool`` family; :data:`_RAW` is their table. Which entry an
+through, reshapes/slices/concatenations route it, ``mean``/``sum`` over non-batch axes are
+weight-free linear layers of the ``pool`` family, a matrix product or einsum of two tensors takes
+the ``'attention'`` family's rule and a softmax inside the network the softmax rule;
+:data:`_RAW` is their table. Which entry an
 operation gets (a product of two tensors is a ``Multiply`` gate) is decided in
 :mod:`lrp_grad.handlers`.
 """
@@ -14,6 +16,7 @@ from . import ops, propagate
 from .activations import HEADS, NONNEG, ZERO_AT_ZERO
 from .handler_types import Handler, _keeps_sign, _static
 from .linear_layers import _add, _linear
+from .transformer_layers import attention_rule_problem, raw_product, raw_softmax
 
 
 def _raw_route(op, inputs, ctx):
@@ -69,10 +72,9 @@ def _raw_reduce_problem(op, ctx):
     return None
 
 
-def _raw_activation_problem(op, ctx):
-    if op.activation == "softmax" and not ctx.is_output:
-        return "softmax is only supported as the explained output's last operation (it is then skipped)"
-    return None
+def _constant_product_problem(op, ctx):
+    return (f"{op.symbol} of a tensor with a constant is not supported yet; hold the constant in a layer "
+            "(keras.layers.EinsumDense or Dense), whose kernel takes the linear layers' rules")
 
 
 def _unknown_op_problem(op, ctx):
@@ -91,9 +93,13 @@ _RAW = {
     "route": Handler("gradient", _raw_route, nonneg=_keeps_sign, zero_in_zero_out=True),
     "reduce": Handler("linear", _raw_reduce, _raw_reduce_problem, _keeps_sign, "pool", fuses_relu=True),
     "activation": Handler(
-        "passthrough", _raw_activation, _raw_activation_problem,
+        "passthrough", _raw_activation, lambda op, ctx: None,
         lambda op, flags: op.activation in NONNEG,
         zero_in_zero_out=lambda op: op.activation in ZERO_AT_ZERO,
     ),
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
+    # transformers (lrp_grad.core.transformer_layers)
+    "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
+    "constant_product": Handler("passthrough", _raw_pass, _constant_product_problem),
+    "softmax": Handler("passthrough", raw_softmax, zero_in_zero_out=True),
 }

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import InvalidRuleError
 
-__all__ = ["Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma"]
+__all__ = ["Rule", "Z", "Epsilon", "AlphaBeta", "ZPlus", "Flat", "WSquare", "ZBox", "Gamma", "AttnLRP", "CPLRP",
+           "AttentionRule"]
 
 #: Stabiliser added to denominators of rules whose parameters are not an epsilon.
 STABILIZER = 1e-6
@@ -41,6 +42,9 @@ class Rule:
     #: Whether the relevance it gives an input is that input times something (so zero where the
     #: input is zero): lets the planner fuse the ReLU below such a layer.
     scales_with_input = False
+    #: Whether it is a rule of the ``'attention'`` family (products of two signals, softmax)
+    #: rather than of the linear layers.
+    attention = False
 
 
 @dataclass(frozen=True)
@@ -239,3 +243,62 @@ class Gamma(Rule):
         if gamma < 0:
             raise InvalidRuleError(f"Gamma: gamma must be >= 0, got {self.gamma!r}.")
         object.__setattr__(self, "gamma", gamma)
+
+
+class AttentionRule(Rule):
+    """Base of the rules of the ``'attention'`` family: how relevance crosses a product of two
+    signals (``Q K^T``, ``A V``, a gated MLP's ``u * v``) and a softmax inside the network.
+
+    Given alone as ``rule=``, such a rule also sets the linear layers' rule to
+    ``Epsilon(epsilon)``, as both papers do.
+    """
+
+    attention = True
+    scales_with_input = True
+
+    def __post_init__(self):
+        eps = _real(type(self).__name__, "epsilon", self.epsilon)
+        if eps <= 0:
+            raise InvalidRuleError(f"{type(self).__name__}: epsilon must be > 0, got {self.epsilon!r}.")
+        object.__setattr__(self, "epsilon", eps)
+
+
+@dataclass(frozen=True)
+class AttnLRP(AttentionRule):
+    """AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+    Transformers", ICML 2024).
+
+    A product of two signals ``z = sum_k a_k b_k`` (a matrix product, an einsum, an elementwise
+    product) gives each factor half of each term's share: ``R_a = a * dz/da^T (R / stab(z)) / 2``
+    and the same for ``b`` (the uniform rule, Prop. 3.3, with epsilon over the sum). A softmax
+    ``s = softmax(x)`` gives ``R_x = x * (R - s * sum(R))`` (Prop. 3.1, the bias term absorbed).
+    Normalisations hold their scale constant (the layers' own handlers).
+
+    Parameters
+    ----------
+    epsilon : float
+        Stabiliser of the products' denominators, ``> 0``.
+    """
+
+    epsilon: float = 1e-6
+
+
+@dataclass(frozen=True)
+class CPLRP(AttentionRule):
+    """CP-LRP (Ali et al., "XAI for Transformers: Better Explanations through Conservative
+    Propagation", ICML 2022).
+
+    The attention weights are held constant: a product whose factor comes through a softmax
+    (``A V``) is linear in the other factor, which receives all of the relevance
+    (``R_v = v * dz/dv^T (R / stab(z))``); the scores ``Q K^T`` and the softmax receive none.
+    Products of two signals without such a factor fall back to the uniform rule of
+    :class:`AttnLRP`. Normalisations hold their scale constant. On a transformer without biases
+    it conserves relevance (up to epsilon).
+
+    Parameters
+    ----------
+    epsilon : float
+        Stabiliser of the products' denominators, ``> 0``.
+    """
+
+    epsilon: float = 1e-6

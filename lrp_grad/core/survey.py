@@ -9,7 +9,7 @@ from ..errors import UnsupportedLayerError
 from ..frontends import Graph, class_name, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 
-__all__ = ["Survey", "survey", "gate_only"]
+__all__ = ["Survey", "survey", "gate_only", "unsupported"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
         handler = handler_of(node)
         ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
                                input_shapes=node.input_shapes, compute_dtype=compute_dtype)
-        if handler is not None and handler.kind == "gate":
+        if handler is not None and handler.gated:
             gate, why = gating.gate_index(node, producers, handler_of)
             ctx = replace(ctx, gate=gate, gate_problem=why)
         entries.append((node, handler, ctx))
@@ -73,7 +73,7 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
                 problems.append((node.layer, why))
         found.append((node, handler, ctx))
     if problems:
-        raise _unsupported(graph, problems)
+        raise unsupported(graph, problems)
     return Survey(graph, tuple(found))
 
 
@@ -94,7 +94,7 @@ def gate_only(graph, entries) -> set:
 
 
 
-def _unsupported(graph, problems):
+def unsupported(graph, problems):
     lines = "\n".join(f"  - {layer_label(layer)}: {why}" for layer, why in problems)
     return UnsupportedLayerError(
         f"{len(problems)} layer(s) of model {graph.model.name!r} cannot be explained:\n{lines}\n"

@@ -18,10 +18,10 @@ import pathlib
 import zipfile
 
 from ..errors import ModelFileError, UnsupportedModelError
-from . import keras3, tf_keras
-from .graph import RAW_KINDS, Graph, Node, RawOp, class_name, layer_label
+from . import blocks, keras3, tf_keras
+from .graph import RAW_KINDS, AttentionCore, Graph, Node, RawOp, class_name, layer_label
 
-__all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "RAW_KINDS", "frontend_for", "check_model", "walk",
+__all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "AttentionCore", "RAW_KINDS", "frontend_for", "check_model", "walk",
            "activation_name", "class_name", "is_instance", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
            "load_model", "output_names", "package_of"]
 
@@ -78,7 +78,7 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
         t_id = str(id(t))
         return rename.get(t_id, prefix + t_id)
 
-    for obj, ins, outs in frontend.calls(model):
+    for obj, ins, outs, arg_names, kwargs in frontend.calls(model):
         key = label_prefix + obj.name
         calls[key] = calls.get(key, 0) + 1
         label = key if calls[key] == 1 else f"{key}#{calls[key]}"
@@ -88,8 +88,11 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
         if inner is not None:
             _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls)
             continue
-        nodes.append(Node(obj, in_ids, out_ids, label, tuple(_shape(t) for t in ins),
-                          tuple(_shape(t) for t in outs)))
+        in_shapes = tuple(_shape(t) for t in ins)
+        if is_layer(obj, "MultiHeadAttention"):  # its projections and attention core, each with its rule
+            nodes.extend(blocks.split_attention(obj, in_ids, out_ids, arg_names, kwargs, label, in_shapes))
+            continue
+        nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, tuple(_shape(t) for t in outs), arg_names=arg_names))
 
 
 def output_names(model) -> list:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Node", "Graph", "RawOp", "RAW_KINDS", "class_name", "layer_label", "snake_case"]
+__all__ = ["Node", "Graph", "RawOp", "AttentionCore", "RAW_KINDS", "class_name", "layer_label", "snake_case"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Node:
     output_shapes: tuple = ()  # tf.TensorShape per output, batch axis included
     handler: object = None
     params: object = None
+    arg_names: tuple = ()  # per input: the argument it was passed as ('0', '1', 'key', 'mask/0')
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Graph:
 #: Canonical kinds of raw operations. ``arith`` ops (add, subtract, multiply, divide, negative)
 #: are told apart further by how many of their operands are tensors (see :class:`RawOp`).
 RAW_KINDS = ("add", "subtract", "multiply", "divide", "negative", "route", "mean", "sum", "activation",
-             "other")
+             "product", "other")
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +101,8 @@ class RawOp:
     activation : str or None
         For ``kind='activation'``: the canonical activation name (``'relu'``, ``'sigmoid'``).
     axes : tuple of int or None
-        For ``'mean'``/``'sum'``: the reduced axes, non-negative, ``None`` for all axes.
+        For ``'mean'``/``'sum'``: the reduced axes, non-negative, ``None`` for all axes; for a
+        softmax: the normalised axes.
     keepdims : bool
         For ``'mean'``/``'sum'``.
     out_shape : tuple or None
@@ -124,14 +126,49 @@ class RawOp:
         return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"
 
 
+@dataclass(frozen=True, eq=False)
+class AttentionCore:
+    """The attention of a ``MultiHeadAttention`` layer between its projections:
+    ``softmax(einsum(dot, k, q * scale)) -> einsum(combine, weights, v)``.
+
+    The front end splits the layer into its query, key, value and output projections (its own
+    ``EinsumDense`` sublayers, which take the linear layers' rules) and this core (the
+    ``'attention'`` family's rule); the node's inputs are the projected ``(q, k, v)``.
+
+    Attributes
+    ----------
+    name, symbol : str
+        ``'<layer>/attention'`` and ``'MultiHeadAttention attention'`` for messages.
+    dot_equation, combine_equation : str
+        The layer's einsum equations for the scores and for the weighted values.
+    scale : float
+        The factor on the queries (``1 / sqrt(key_dim)``).
+    softmax : callable
+        ``softmax(scores) -> weights``: the layer's own softmax (its forward).
+    softmax_axes : tuple of int
+        The axes the softmax normalises, non-negative, of the scores.
+    source : object
+        The ``MultiHeadAttention`` layer.
+    """
+
+    name: str
+    symbol: str
+    dot_equation: str
+    combine_equation: str
+    scale: float
+    softmax: Callable
+    softmax_axes: tuple
+    source: object = None
+
+
 def class_name(layer) -> str:
     """The class name of a layer, or the function a raw operation calls (``'keras.ops.add'``)."""
-    return layer.symbol if isinstance(layer, RawOp) else type(layer).__name__
+    return layer.symbol if isinstance(layer, (RawOp, AttentionCore)) else type(layer).__name__
 
 
 def layer_label(layer) -> str:
     """``'name' (ClassName)``, the way every error message names a layer (or raw operation)."""
-    if isinstance(layer, RawOp):
+    if isinstance(layer, (RawOp, AttentionCore)):
         return f"'{layer.name}' (operation {layer.symbol})"
     return f"'{layer.name}' ({type(layer).__name__})"
 

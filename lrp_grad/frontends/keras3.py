@@ -57,6 +57,7 @@ _KINDS = {
                      "Roll", "Repeat", "MoveAxis", "SwapAxes", "SplitTensor"], "route"),
     **dict.fromkeys(["Mean"], "mean"),
     **dict.fromkeys(["Sum"], "sum"),
+    **dict.fromkeys(["Matmul", "Einsum"], "product"),
 }
 # Operation class name -> canonical activation name
 _ACTIVATIONS = {
@@ -179,13 +180,26 @@ def raw_op(op, node) -> RawOp:
             axis = [axis] if isinstance(axis, int) else list(axis)
             axes = tuple(sorted(int(a) % rank for a in axis))
         keepdims = bool(getattr(op, "keepdims", False))
+    if cls == "Softmax":
+        rank = len(tensors[0].shape)
+        axis = getattr(op, "axis", -1)
+        axes = tuple(sorted(int(a) % rank for a in ([axis] if isinstance(axis, int) else axis)))
     return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=fn, n_tensors=len(tensors),
                  activation=_ACTIVATIONS.get(cls), axes=axes, keepdims=keepdims,
                  out_shape=tuple(node.output_tensors[0].shape), source=op)
 
 
+def _arg_names(arguments) -> list:
+    """Per tensor argument of a call, in the order of ``input_tensors``: ``'0'``, ``'1'`` for
+    positional arguments, the keyword for keyword arguments, ``/``-joined inside structures."""
+    flat = keras.tree.flatten_with_path((arguments.args, arguments.kwargs))
+    return ["/".join(str(p) for p in path[1:]) for path, value in flat
+            if isinstance(value, keras.KerasTensor)]
+
+
 def calls(model):
-    """The model's calls in execution order: ``(layer or RawOp, input tensors, output tensors)``."""
+    """The model's calls in execution order: ``(layer or RawOp, input tensors, output tensors,
+    argument names, keyword arguments)``."""
     fn = _functional(model)
     out = []
     for depth in sorted(fn._nodes_by_depth, reverse=True):
@@ -194,7 +208,10 @@ def calls(model):
                 continue
             op = node.operation
             obj = op if isinstance(op, keras.layers.Layer) else raw_op(op, node)
-            out.append((obj, list(node.input_tensors), list(node.output_tensors)))
+            ins = list(node.input_tensors)
+            names = _arg_names(node.arguments)
+            out.append((obj, ins, list(node.output_tensors), tuple(names) if len(names) == len(ins) else (),
+                        dict(node.arguments.kwargs)))
     return out
 
 

@@ -49,6 +49,8 @@ _KINDS = {
                      "image.resize_with_crop_or_pad", "pad", "compat.v1.pad"], "route"),
     **dict.fromkeys(["math.reduce_mean", "reduce_mean"], "mean"),
     **dict.fromkeys(["math.reduce_sum", "reduce_sum"], "sum"),
+    **dict.fromkeys(["linalg.matmul", "matmul", "compat.v1.matmul", "__operators__.matmul", "einsum",
+                     "linalg.einsum"], "product"),
 }
 # symbol -> canonical activation name
 _ACTIVATIONS = {
@@ -137,6 +139,10 @@ def raw_op(layer, node) -> RawOp:
         axis = kwargs.get("axis", rest[0] if rest else None)
         keepdims = bool(kwargs.get("keepdims", rest[1] if len(rest) > 1 else False))
         axes = _axes(axis, node.keras_inputs[0].shape.rank)
+    if _ACTIVATIONS.get(symbol) == "softmax":
+        kwargs = dict(node.call_kwargs or {})
+        rest = list(node.call_args[1:])
+        axes = _axes(kwargs.get("axis", rest[0] if rest else -1), node.keras_inputs[0].shape.rank)
     return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=fn, n_tensors=len(slots),
                  activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
                  out_shape=tuple(tf.nest.flatten(node.outputs)[0].shape), source=layer)
@@ -149,8 +155,23 @@ def _axes(axis, rank):
     return tuple(sorted(int(a) % rank for a in axis))
 
 
+def _arg_names(node) -> list:
+    """Per tensor argument of a call, in the order of ``keras_inputs``: ``'0'``, ``'1'`` for
+    positional arguments, the keyword for keyword arguments, ``/``-joined inside structures."""
+    named = [(str(i), a) for i, a in enumerate(node.call_args or ())]
+    named += [(str(k), v) for k, v in sorted((node.call_kwargs or {}).items())]  # tf.nest sorts dict keys
+    out = []
+    for name, value in named:
+        leaves = tf.nest.flatten(value)
+        for j, leaf in enumerate(leaves):
+            if _is_tensor(leaf):
+                out.append(name if len(leaves) == 1 else f"{name}/{j}")
+    return out
+
+
 def calls(model):
-    """The model's layer calls in execution order: ``(layer or RawOp, input tensors, output tensors)``."""
+    """The model's layer calls in execution order: ``(layer or RawOp, input tensors, output tensors,
+    argument names, keyword arguments)``."""
     out = []
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
@@ -158,7 +179,10 @@ def calls(model):
                 continue
             layer = node.layer
             obj = raw_op(layer, node) if hasattr(layer, "symbol") and hasattr(layer, "function") else layer
-            out.append((obj, list(node.keras_inputs), tf.nest.flatten(node.outputs)))
+            ins = list(node.keras_inputs)
+            names = _arg_names(node)
+            out.append((obj, ins, tf.nest.flatten(node.outputs), tuple(names) if len(names) == len(ins) else (),
+                        dict(node.call_kwargs or {})))
     return out
 
 
