@@ -89,6 +89,9 @@ class _TFOps:
     def subtract(self, a, b):
         return self.tf.math.subtract(a, b)
 
+    def divide(self, a, b):
+        return self.tf.math.divide(a, b)
+
 
 def rel_err(a, b):
     """Relative L2 error of ``a`` against ``b``."""

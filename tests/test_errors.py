@@ -55,9 +55,9 @@ def test_unsupported_layers_are_all_listed_with_the_fix(K):
     L = K.layers
     inp = K.Input((8, 8, 3))
     h = L.Conv2D(4, 3, name="conv")(inp)
-    h = L.Permute((2, 1, 3), name="perm")(h)
+    h = L.UnitNormalization(name="unit")(h)
     h = L.Lambda(lambda t: t * 2.0, name="lam")(h)
-    h = L.UpSampling2D(interpolation="bilinear", name="up")(h)
+    h = L.RandomFlip(name="flip")(h)
     h = L.Flatten()(h)
     h = L.Dense(5, activation="softmax", name="hidden_softmax")(h)
     out = L.Dense(3, name="head")(h)
@@ -66,13 +66,13 @@ def test_unsupported_layers_are_all_listed_with_the_fix(K):
         lrp_grad.explain(model, np.zeros((1, 8, 8, 3)))
     msg = str(info.value)
     assert "4 layer(s) of model 'zoo' cannot be explained" in msg, msg
-    assert "'perm' (Permute): no handler for this layer class" in msg, msg
+    assert "'unit' (UnitNormalization): no handler for this layer class" in msg, msg
     assert "'lam' (Lambda): no handler" in msg, msg
-    assert "'up' (UpSampling2D): interpolation='bilinear'; only 'nearest' is supported" in msg, msg
+    assert "'flip' (RandomFlip): no handler for this layer class" in msg, msg
     assert "'hidden_softmax' (Dense): softmax is only supported as the explained output's last operation" in msg, msg
     assert "lrp_grad.register_handler(LayerClass" in msg and "Supported layer classes: " in msg
-    assert [name for name, _, _ in info.value.layers] == ["perm", "lam", "up", "hidden_softmax"]
-    assert [cls for _, cls, _ in info.value.layers] == ["Permute", "Lambda", "UpSampling2D", "Dense"]
+    assert [name for name, _, _ in info.value.layers] == ["unit", "lam", "flip", "hidden_softmax"]
+    assert [cls for _, cls, _ in info.value.layers] == ["UnitNormalization", "Lambda", "RandomFlip", "Dense"]
 
 
 def test_unknown_activation_and_channels_first(K):
@@ -117,9 +117,10 @@ def test_unsupported_raw_operation_is_named_by_its_operation(K):
         lrp_grad.unregister_handler(Sin)
 
 
-def test_subtracting_two_tensors_is_refused(K):
-    """``x - y`` of two tensors (``keras.ops.subtract`` or the ``-`` operator) has no LRP rule; a
-    constant shift (``x - 1``) is fine."""
+def test_subtracting_two_tensors_is_a_signed_sum(K):
+    """``x - y`` of two tensors (``keras.ops.subtract`` or the ``-`` operator) is a sum with weights
+    (1, -1) under the merge family's rule (tests/test_zoo_operations.py checks its numbers); a
+    constant shift (``x - 1``) passes relevance through."""
     L, ops = K.layers, kit.ops_of(K)
     inp = K.Input((4,))
     h = L.Dense(3, name="d1")(inp)
@@ -129,15 +130,8 @@ def test_subtracting_two_tensors_is_refused(K):
     model = K.Model(inp, L.Dense(2, name="head")(e))
     names = raw_op_names(K, model)
     assert len(names) == 2, names
-    sub = sym(K, "subtract", "math.subtract")
-    with pytest.raises(UnsupportedLayerError) as info:
-        lrp_grad.Explainer(model)
-    msg = str(info.value)
-    assert f"2 layer(s) of model {model.name!r} cannot be explained" in msg, msg
-    for name in names:
-        assert (f"  - '{name}' (operation {sub}): {sub} of two tensors is not supported (no LRP rule for it); "
-                "supported are sums of tensors (x + y)") in msg, msg
-    assert [(n, c) for n, c, _ in info.value.layers] == [(n, sub) for n in names]
+    rules = lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1)).rules
+    assert all(rules[n] == lrp_grad.Epsilon(1e-6) for n in names), str(rules)  # merge: epsilon, as Add
     shifted = K.Model(inp, L.Dense(2, name="head2")(h - 1.0))
     assert lrp_grad.explain(shifted, np.ones((2, 4), np.float32)).shape == (2, 4)
 

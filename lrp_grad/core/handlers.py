@@ -69,7 +69,9 @@ def _raw_handler(op: RawOp) -> Handler:
     if kind == "add":
         return _RAW["add_tensors" if several else "shift"]
     if kind == "subtract":
-        return _RAW["refused" if several else "shift"]
+        return _RAW["subtract_tensors" if several else "shift"]
+    if kind == "resize":
+        return _RAW["resize" if not several else "unknown"]
     if kind == "multiply":
         return _BY_NAME["Multiply"] if several else _RAW["scale"]
     if kind == "divide":
@@ -142,15 +144,63 @@ def unregister_handler(layer_class: type) -> None:
         registry_version += 1
 
 
+#: Methods a subclass of a supported layer may define without changing what the layer computes
+#: at inference (configuration, serialisation, shapes, training-time noise).
+_HARMLESS = frozenset(("__init__", "get_config", "from_config", "compute_output_shape", "compute_output_spec",
+                       "compute_output_signature", "_get_noise_shape", "__module__", "__qualname__", "__doc__",
+                       "__dict__", "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__",
+                       "__classcell__"))
+
+
+def _overrides(cls, base) -> list:
+    """The methods that ``cls`` and its ancestors below ``base`` define beyond :data:`_HARMLESS`."""
+    found = []
+    for klass in cls.__mro__:
+        if klass is base:
+            break
+        found += [name for name, value in vars(klass).items()
+                  if name not in _HARMLESS and (callable(value) or isinstance(value, (property, staticmethod,
+                                                                                       classmethod)))]
+    return found
+
+
+def subclass_problem(layer) -> str | None:
+    """Why a subclass of a supported layer class does not get its base class's handler (or ``None``)."""
+    cls = type(layer)
+    for base in cls.__mro__[1:]:
+        if _USER.get(base) or _BUILTIN.get(base):
+            methods = _overrides(cls, base)
+            if methods:
+                return (f"a subclass of {base.__name__} that overrides {', '.join(sorted(methods))}; lrp_grad "
+                        f"explains subclasses that keep {base.__name__}'s computation (only configuration and "
+                        "training-time methods overridden). Register a handler for it "
+                        "(lrp_grad.register_handler) if it computes what its base class does")
+            return None
+    return None
+
+
+def _resolved(handler, layer):
+    """A table entry is a Handler, or a function of the layer choosing one by its configuration."""
+    return handler(layer) if handler is not None and not isinstance(handler, Handler) else handler
+
+
 def handler_for(layer) -> Handler | None:
-    """The handler of ``layer``'s exact class (user registrations first), or ``None``; a raw
-    operation gets the handler of its kind."""
+    """The handler of ``layer``'s exact class (user registrations first), else of the nearest
+    supported base class when the subclass keeps its computation (``FixedDropout(Dropout)``), or
+    ``None``; a raw operation gets the handler of its kind."""
     if isinstance(layer, RawOp):
         return _raw_handler(layer)
     if isinstance(layer, AttentionCore):
         return ATTENTION_CORE
     cls = type(layer)
-    return _USER.get(cls) or _BUILTIN.get(cls)
+    exact = _USER.get(cls) or _BUILTIN.get(cls)
+    if exact is not None:
+        return _resolved(exact, layer)
+    for base in cls.__mro__[1:]:
+        inherited = _USER.get(base) or _BUILTIN.get(base)
+        if inherited is not None:
+            return None if _overrides(cls, base) else _resolved(inherited, layer)
+    return None
 
 
 #: Layer classes the front ends split into supported parts (lrp_grad.frontends.blocks).

@@ -17,12 +17,12 @@ from ..frontends import RawOp, activation_name, is_layer, layer_classes
 from .activations import NONNEG, ZERO_AT_ZERO, _activate, _activation_problem, _fused_nonneg
 from .handler_types import Handler, _channels_last, _keeps_sign, _own_call
 from .transformer_layers import (
-    einsum_dense, einsum_dense_problem, einsum_weights, inner_softmax, layer_norm, layer_norm_problem, uniform_product,
+    einsum_dense, einsum_dense_problem, einsum_weights, group_norm, group_norm_problem, inner_softmax, layer_norm, layer_norm_problem, uniform_product,
 )
 from .linear_layers import (
     _add, _avg_pool_2d, _batch_norm, _batch_norm_problem, _conv_problem, _conv_transpose_problem, _custom_scale,
     _custom_scale_nonneg, _custom_scale_problem, _dense_problem, _fold_conv_transpose, _fold_depthwise,
-    _fold_last, _global_avg_pool, _reader, _separable, _weighted,
+    _fold_last, _global_avg_pool, _reader, _separable, _weighted, _fixed_linear, _subtract, _subtract_problem,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -104,11 +104,18 @@ def is_plain_relu(layer) -> bool:
     return False
 
 
-def _upsampling_problem(layer, ctx):
-    if layer.interpolation != "nearest":
-        return (f"interpolation={layer.interpolation!r}; only 'nearest' is supported (its gradient "
-                "moves relevance back to the copied pixel)")
-    return _channels_last(layer)
+def _resized(layer, t):
+    """The layer's own resizing of ``t`` (bilinear/bicubic/area interpolation: linear in ``t``)."""
+    return _own_call(layer, [t])
+
+
+#: Interpolating resize layers: fixed linear maps of the ``pool`` family (nearest UpSampling2D routes).
+_INTERPOLATE = Handler("linear", _fixed_linear(_resized), _channels_last, family="pool", fuses_relu=True)
+
+
+def _upsampling(layer):
+    """UpSampling2D: nearest copies route relevance; bilinear interpolation is a fixed linear map."""
+    return _NEAREST if layer.interpolation == "nearest" else _INTERPOLATE
 
 
 def _upsample_nearest(layer, inputs, ctx):
@@ -149,6 +156,7 @@ IDENTITY = Handler("identity", _identity, nonneg=_keeps_sign, zero_in_zero_out=T
 _PASS = Handler("passthrough", _elementwise_layer, zero_in_zero_out=True)  # for layers with f(0) = 0
 _OPAQUE_PASS = Handler("passthrough", _elementwise_layer)  # f(0) may be != 0, or unknown
 _ROUTE = Handler("gradient", _call, _channels_last, _keeps_sign, zero_in_zero_out=True)
+_NEAREST = Handler("gradient", _upsample_nearest, _channels_last, _keeps_sign, zero_in_zero_out=True)
 
 
 def _fused_away(layer, inputs, ctx):
@@ -191,6 +199,7 @@ _BY_NAME = {
                                        fuses_relu=True),
     "BatchNormalization": Handler("linear", _batch_norm, _batch_norm_problem, family="norm", fuses_relu=True),
     "Add": Handler("linear", _add, nonneg=_keeps_sign, family="merge", fuses_relu=True),
+    "Subtract": Handler("linear", _subtract, _subtract_problem, family="merge", fuses_relu=True),
     "CustomScaleLayer": Handler("linear", _custom_scale, _custom_scale_problem, _custom_scale_nonneg, "merge",
                                 fuses_relu=True),
     # routing layers: the plain gradient moves relevance back (positions or copies: zero stays zero)
@@ -205,7 +214,10 @@ _BY_NAME = {
     "ZeroPadding1D": _ROUTE,
     "Cropping2D": _ROUTE,
     "Cropping1D": _ROUTE,
-    "UpSampling2D": Handler("gradient", _upsample_nearest, _upsampling_problem, _keeps_sign, zero_in_zero_out=True),
+    "UpSampling2D": _upsampling,  # chosen by its interpolation
+    "Resizing": _INTERPOLATE,
+    "Permute": _ROUTE,
+    "RepeatVector": _ROUTE,
     "Multiply": Handler("gate", _multiply, _multiply_problem, zero_in_zero_out=True),
     # transformers (lrp_grad.core.transformer_layers); MultiHeadAttention is split into EinsumDense
     # projections and an attention core by the front end (lrp_grad.frontends.blocks)
@@ -239,6 +251,7 @@ _BY_NAME = {
     "LayerScale": Handler("passthrough", _layer_scale, zero_in_zero_out=True),
     "Normalization": _OPAQUE_PASS,
     "LayerNormalization": Handler("linear", layer_norm, layer_norm_problem, family="norm"),
+    "GroupNormalization": Handler("linear", group_norm, group_norm_problem, family="norm"),
 }
 
 #: The same handlers by layer class (both packages' classes of each name).

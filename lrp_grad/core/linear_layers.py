@@ -92,8 +92,6 @@ def _conv_problem(layer, ctx):
 
 
 def _conv_transpose_problem(layer, ctx):
-    if layer.output_padding is not None:
-        return f"output_padding={layer.output_padding}; only output_padding=None is supported"
     if tuple(layer.dilation_rate) != (1, 1):
         return f"dilation_rate={layer.dilation_rate}; only 1 is supported for Conv2DTranspose"
     return _conv_problem(layer, ctx)
@@ -152,19 +150,54 @@ def _add(layer, inputs, ctx):
     return _linear(stacked, ops.SUM_OP, w, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)
 
 
-def _custom_scale(layer, inputs, ctx):
-    """InceptionResNetV2's CustomScaleLayer ``x + scale * r`` (the residual join): a sum of the
-    shortcut and the scaled branch under the layer's rule, as an Add of ``x`` and ``scale * r``;
-    the scaled branch passes its relevance on to ``r``."""
-    x, r = inputs
-    scale = tf.constant(float(layer.scale), x.dtype)
+def _scaled_sum(layer, x, r, factor: float, ctx):
+    """``x + factor * r`` under the layer's rule: an Add of ``x`` and ``factor * r`` whose second
+    share passes on to ``r``; for the rules that read the weights themselves (w^2, z^B, gamma) a
+    linear layer with weights ``(1, factor)``."""
+    scale = tf.constant(factor, x.dtype)
     if isinstance(ctx.rule, (Z, Epsilon, AlphaBeta, Flat)):  # their shares only see the contributions x, s r
         branch = propagate.passthrough(lambda t: t * scale, r)
-        nonneg = (ctx.nonneg[0], ctx.nonneg[1] and float(layer.scale) >= 0)
+        nonneg = (ctx.nonneg[0], ctx.nonneg[1] and factor >= 0)
         return _add(layer, [x, branch], replace(ctx, nonneg=nonneg))
-    # Rules that read the weights themselves (w^2, z^B, gamma): a linear layer with weights (1, s).
     weights = tf.stack([tf.ones([], x.dtype), scale])
     return _linear(tf.stack([x, r], axis=-1), ops.SUM_OP, weights, None, ctx, all(ctx.nonneg), relu=ctx.fuse_relu)
+
+
+def _custom_scale(layer, inputs, ctx):
+    """InceptionResNetV2's CustomScaleLayer ``x + scale * r`` (the residual join): a sum of the
+    shortcut and the scaled branch under the layer's rule; the branch's share passes on to ``r``."""
+    x, r = inputs
+    return _scaled_sum(layer, x, r, float(layer.scale), ctx)
+
+
+def _subtract(layer, inputs, ctx):
+    """``x - y`` of two tensors (a ``Subtract`` layer, ``keras.ops.subtract``): a signed sum, the
+    ``merge`` family's rule on ``x + (-1) y``."""
+    x, y = inputs
+    return _scaled_sum(layer, x, y, -1.0, ctx)
+
+
+def _subtract_problem(layer, ctx):
+    if len(ctx.input_shapes) != 2:
+        return f"called on {len(ctx.input_shapes)} tensors; a difference takes two"
+    shapes = {_static(s) for s in ctx.input_shapes}
+    if len(shapes) != 1:
+        return (f"subtracts tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} (broadcasting); "
+                "only same-shaped tensors are supported")
+    return None
+
+
+def _fixed_linear(fn):
+    """``apply`` of a weight-free linear map ``fn`` of one tensor (bilinear resizing, interpolation):
+    a linear layer of the ``pool`` family (its rule; ``Epsilon`` by default)."""
+
+    def apply(layer, inputs, ctx):
+        (x,) = inputs
+        # tf.image.resize answers in float32 for any float input: cast back to the pass's dtype
+        return _linear(x, ops.fixed_op(lambda t: tf.cast(fn(layer, t), t.dtype)), tf.ones([], x.dtype), None, ctx,
+                       ctx.nonneg[0], relu=ctx.fuse_relu)
+
+    return apply
 
 
 def _custom_scale_problem(layer, ctx):

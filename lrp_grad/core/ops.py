@@ -125,17 +125,23 @@ def _grouped_transpose(s, w, shape, groups, rank, strides, padding, dense_transp
 
 
 def conv_transpose_op(layer) -> LinearOp:
-    """Conv2DTranspose: forward is ``conv2d_transpose``, its transpose a plain ``conv2d``."""
+    """Conv2DTranspose: forward is ``conv2d_transpose``, its transpose a plain ``conv2d``. The output
+    size is Keras' (``output_padding`` adds rows and columns at the end)."""
     strides = list(layer.strides)
     padding = layer.padding.upper()
     (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
+    extra = getattr(layer, "output_padding", None)
+    extra = None if extra is None else ((int(extra),) * 2 if isinstance(extra, int) else tuple(int(e) for e in extra))
 
-    def out_len(n, k, s):
-        return n * s if padding == "SAME" else n * s + max(k - s, 0)
+    def out_len(n, k, s, axis):
+        if extra is None:
+            return n * s if padding == "SAME" else n * s + max(k - s, 0)
+        pad = k // 2 if padding == "SAME" else 0  # Keras' deconv_output_length; TF places the SAME padding
+        return (n - 1) * s + k - 2 * pad + extra[axis]
 
     def forward(x, w):
         shape = tf.shape(x)
-        out = tf.stack([shape[0], out_len(shape[1], kh, sh), out_len(shape[2], kw, sw), tf.shape(w)[2]])
+        out = tf.stack([shape[0], out_len(shape[1], kh, sh, 0), out_len(shape[2], kw, sw, 1), tf.shape(w)[2]])
         return tf.nn.conv2d_transpose(x, w, out, strides, padding)
 
     def transpose(s, w, x):

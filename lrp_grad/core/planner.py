@@ -105,16 +105,17 @@ def _zero_safe(graph, steps, consumers) -> dict:
     """
     safe = {}
     for step in reversed(steps):
-        (out,) = step.node.outputs
-        ok = out != graph.output_id
-        for j in consumers.get(out, ()):
-            consumer = steps[j]
-            if consumer.handler.kind == "linear":
-                ok = ok and bool(getattr(consumer.context.rule, "scales_with_input", False))
-            else:
-                zz = consumer.handler.zero_in_zero_out
-                ok = ok and bool(zz(consumer.node.layer) if callable(zz) else zz) and safe[consumer.node.outputs[0]]
-        safe[out] = ok
+        for out in step.node.outputs:  # several for a split
+            ok = out != graph.output_id
+            for j in consumers.get(out, ()):
+                consumer = steps[j]
+                if consumer.handler.kind == "linear":
+                    ok = ok and bool(getattr(consumer.context.rule, "scales_with_input", False))
+                else:
+                    zz = consumer.handler.zero_in_zero_out
+                    ok = (ok and bool(zz(consumer.node.layer) if callable(zz) else zz)
+                          and all(safe[o] for o in consumer.node.outputs))
+            safe[out] = ok
     return safe
 
 

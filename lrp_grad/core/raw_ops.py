@@ -15,7 +15,7 @@ import tensorflow as tf
 from . import ops, propagate
 from .activations import HEADS, NONNEG, ZERO_AT_ZERO
 from .handler_types import Handler, _keeps_sign, _static
-from .linear_layers import _add, _linear
+from .linear_layers import _add, _fixed_linear, _linear, _subtract, _subtract_problem
 from .transformer_layers import attention_rule_problem, raw_product, raw_softmax
 
 
@@ -61,8 +61,9 @@ def _raw_add_problem(op, ctx):
 
 
 def _two_tensor_problem(op, ctx):
-    return (f"{op.symbol} of two tensors is not supported (no LRP rule for it); supported are sums of "
-            "tensors (x + y), gating products (x * gate) and arithmetic with constants (x - 1, x / 2)")
+    return (f"{op.symbol} of two tensors is not supported (no LRP rule for it); supported are sums and "
+            "differences of tensors (x + y, x - y), products (x * y, matmul, einsum) and arithmetic with "
+            "constants (x - 1, x / 2)")
 
 
 def _raw_reduce_problem(op, ctx):
@@ -79,9 +80,9 @@ def _constant_product_problem(op, ctx):
 
 def _unknown_op_problem(op, ctx):
     return (f"operation {op.symbol} has no LRP handler; supported operations: + and - of tensors and "
-            "constants, * and / by constants or gates, reshape, slicing, concatenate, transpose, "
-            "mean/sum over non-batch axes, elementwise activations. Wrap it in a layer and register a handler "
-            "(lrp_grad.register_handler)")
+            "constants, * of tensors, / by constants, matmul and einsum, softmax, reshape, slicing, split, "
+            "unstack, repeat, gather, concatenate, transpose, resize, mean/sum over non-batch axes, elementwise "
+            "activations. Wrap it in a layer and register a handler (lrp_grad.register_handler)")
 
 
 _RAW = {
@@ -98,6 +99,8 @@ _RAW = {
         zero_in_zero_out=lambda op: op.activation in ZERO_AT_ZERO,
     ),
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
+    "subtract_tensors": Handler("linear", _subtract, _subtract_problem, family="merge", fuses_relu=True),
+    "resize": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
     "constant_product": Handler("passthrough", _raw_pass, _constant_product_problem),

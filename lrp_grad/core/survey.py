@@ -66,7 +66,8 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
             continue
         if handler is None:
             hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
-            problems.append((node.layer, f"no handler for this layer class{hint}"))
+            problems.append((node.layer, handlers.subclass_problem(node.layer) or
+                             f"no handler for this layer class{hint}"))
         else:
             why = handler.check(node.layer, ctx)
             if why:

@@ -16,7 +16,8 @@ from .handler_types import _own_call
 from .linear_layers import _linear
 from .rules import AttentionRule, Epsilon, Z
 
-__all__ = ["einsum_weights", "einsum_dense", "einsum_dense_problem", "layer_norm", "layer_norm_problem", "attention_core",
+__all__ = ["einsum_weights", "einsum_dense", "einsum_dense_problem", "layer_norm", "layer_norm_problem", "group_norm",
+           "group_norm_problem", "attention_core",
            "attention_rule_problem", "inner_softmax", "raw_product", "raw_softmax", "uniform_product"]
 
 
@@ -83,6 +84,41 @@ def layer_norm(layer, inputs, ctx):
     offset = None if (beta is None or rms) else _broadcast(beta, x, axes)
     return attention.normalization(lambda t: _own_call(layer, [t]), x, factor, None if rms else center, ctx.rule,
                                    offset)
+
+
+def group_norm(layer, inputs, ctx):
+    """GroupNormalization (channels last): LayerNorm's rule per group of channels."""
+    (x,) = inputs
+    groups = int(layer.groups)
+    rank = x.shape.rank
+    channels = x.shape[-1]
+    grouped = lambda t: tf.reshape(t, tf.concat([tf.shape(t)[:-1], [groups, channels // groups]], 0))  # noqa: E731
+    axes = list(range(1, rank - 1)) + [rank]  # positions and the channels inside a group
+
+    def factor(t):
+        _, variance = tf.nn.moments(grouped(t), axes, keepdims=True)
+        f = tf.math.rsqrt(variance + tf.constant(layer.epsilon, t.dtype))
+        if getattr(layer, "scale", True) and getattr(layer, "gamma", None) is not None:
+            f = f * tf.reshape(tf.cast(layer.gamma, t.dtype), [groups, channels // groups])
+        else:
+            f = f * tf.ones([groups, channels // groups], t.dtype)
+        return tf.reshape(tf.broadcast_to(f, tf.shape(grouped(t))), tf.shape(t))
+
+    def center(v):
+        g = grouped(v)
+        return tf.reshape(g - tf.reduce_mean(g, axes, keepdims=True), tf.shape(v))
+
+    beta = getattr(layer, "beta", None) if getattr(layer, "center", True) else None
+    offset = None if beta is None else tf.cast(beta, x.dtype)
+    return attention.normalization(lambda t: _own_call(layer, [t]), x, factor, center, ctx.rule, offset)
+
+
+def group_norm_problem(layer, ctx):
+    axis = layer.axis if isinstance(layer.axis, int) else None
+    rank = len(ctx.input_shapes[0]) if ctx.input_shapes else None
+    if axis is None or rank is None or axis % rank != rank - 1:
+        return f"axis={layer.axis!r}; only the last axis (channels last) is supported"
+    return layer_norm_problem(layer, ctx)
 
 
 def layer_norm_problem(layer, ctx):

@@ -221,13 +221,23 @@ def _tensor_name(t, default) -> str:
     return getattr(layer, "name", None) or getattr(t, "name", None) or default
 
 
+#: Where the activation functions lrp_grad knows by name are defined: a function from anywhere
+#: else is the user's own, even if it is called ``relu``.
+_LIBRARY_MODULES = ("keras.", "tf_keras.", "tensorflow.", "keras", "tf_keras", "tensorflow")
+
+
 def activation_name(fn) -> str:
-    """Canonical name of a Keras activation function (``'relu'``, ``'linear'``, ...), either package."""
+    """Canonical name of a Keras activation function (``'relu'``, ``'linear'``, ...), either package.
+
+    Functions are told apart by where they are defined, not by their name: a user's own
+    ``def relu(t)`` is ``"function 'relu' (from module '__main__')"``, which no handler knows."""
     if fn is None:
         return "linear"
     if isinstance(fn, str):
         return fn
     module = getattr(fn, "__module__", "") or ""
+    if callable(fn) and not module.startswith(_LIBRARY_MODULES) and not isinstance(fn, type):
+        return f"function {getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))!r} (from module {module!r})"
     order = sorted(FRONTENDS, key=lambda f: not module.startswith(f.PACKAGE + "."))
     name = None
     for frontend in order:

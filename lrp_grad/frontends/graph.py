@@ -77,7 +77,7 @@ class Graph:
 #: Canonical kinds of raw operations. ``arith`` ops (add, subtract, multiply, divide, negative)
 #: are told apart further by how many of their operands are tensors (see :class:`RawOp`).
 RAW_KINDS = ("add", "subtract", "multiply", "divide", "negative", "route", "mean", "sum", "activation",
-             "product", "other")
+             "product", "resize", "other")
 
 
 @dataclass(frozen=True, eq=False)
