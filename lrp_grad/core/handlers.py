@@ -69,7 +69,7 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["refused" if several else "opaque"]
     if kind == "negative":
         return _RAW["scale"]
-    if kind in ("route", "activation"):
+    if kind in ("route", "activation", "cut"):
         return _RAW[kind]
     if kind in ("mean", "sum"):
         return _RAW["reduce"]

@@ -2,7 +2,8 @@
 
 A sum of tensors is an ``Add``, arithmetic with a constant and activation functions pass relevance
 through, reshapes/slices/concatenations route it, and ``mean``/``sum`` over non-batch axes are
-weight-free linear layers of the ``pool`` family; :data:`_RAW` is their table. Which entry an
+weight-free linear layers of the ``pool`` family; operations without a gradient (rounding,
+``stop_gradient``, casts to integers, comparisons) are refused. :data:`_RAW` is their table. Which entry an
 operation gets (a product of two tensors is a ``Multiply`` gate) is decided in
 :mod:`lrp_grad.handlers`.
 """
@@ -82,6 +83,13 @@ def _unknown_op_problem(op, ctx):
             "(lrp_grad.register_handler)")
 
 
+def _cut_problem(op, ctx):
+    return (f"{op.symbol} cuts the gradient: {op.cut}. No relevance flows back through it, so the explanation "
+            "would be all zero. Keep the explained path in floats (casts between float dtypes are supported), or, "
+            "to look through the step (e.g. a quantization), wrap it in a layer and register that layer as the "
+            "identity for relevance: lrp_grad.register_handler(YourLayer, 'passthrough')")
+
+
 _RAW = {
     "add_tensors": Handler("linear", _add, _raw_add_problem, _keeps_sign, "merge", fuses_relu=True),
     "shift": Handler("passthrough", _raw_pass, _elementwise_problem),  # x + c: f(0) = c
@@ -96,4 +104,5 @@ _RAW = {
         zero_in_zero_out=lambda op: op.activation in ZERO_AT_ZERO,
     ),
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
+    "cut": Handler("passthrough", _raw_pass, _cut_problem),  # refused (computed only on a branch feeding gates)
 }
