@@ -307,8 +307,9 @@ def _demo(args) -> int:
 
 def _export(args) -> int:
     from ..api.explainer import Explainer
+    from ..pipelines.export import check_target
 
-    out = _output_folder(args.out, "export", "the output")
+    out = check_target(args.out, source=args.model)  # before the model is loaded: fail fast
     model = _load_model(args.model, "export")
     ex = Explainer(model, rule=args.rule)
     path = ex.export(out)
