@@ -14,6 +14,7 @@ from .errors import (
     LRPError,
     LRPMemoryError,
     ModelFileError,
+    OutputPathError,
     StaleExplainerError,
     UnsupportedLayerError,
     UnsupportedModelError,
@@ -68,4 +69,5 @@ __all__ = [
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
     "InvalidTargetError", "InvalidRuleError", "ModelFileError", "StaleExplainerError", "LRPMemoryError",
+    "OutputPathError",
 ]

@@ -35,6 +35,10 @@ class ModelFileError(LRPError, ValueError):
     """A model file or folder does not exist or cannot be read by either Keras package."""
 
 
+class OutputPathError(LRPError, ValueError):
+    """An output path would overwrite existing files, the model being read or another output."""
+
+
 class StaleExplainerError(LRPError, RuntimeError):
     """The model's weights changed in a way the Explainer's plan cannot follow; build a new one."""
 

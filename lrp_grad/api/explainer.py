@@ -230,8 +230,8 @@ class Explainer:
 
     def export(self, path):
         """Write a TensorFlow SavedModel with ``explain(images, target)`` and ``serving_default(images)``
-        signatures (relevance and logits); it loads and runs without lrp_grad. See
-        :func:`lrp_grad.export.export`."""
+        signatures (relevance and logits); it loads and runs without lrp_grad. ``path`` must be a new or
+        empty folder outside the model's own file (nothing is overwritten). See :func:`lrp_grad.export.export`."""
         return _export.export(self, path)
 
     def concept_relevance(self, x, target=None, *, layer, condition=None, initial="logit", batch_size=None):

@@ -259,6 +259,53 @@ def _plan_steps(ex):
     return ex.passes.signed_plan.steps
 
 
+def _image_names(paths, out):
+    """``(keys, stems)`` for the images of ``explain --images``, unique however the files are named.
+
+    A key is the image's path relative to the folder all images share (``img0.png`` for images
+    of one folder, ``a/digit.png`` and ``b/digit.png`` otherwise): ``targets.json`` is keyed by it.
+    A stem is the key without its extension, with the extension kept (``digit_png``) where two
+    images differ only in it (compared case-insensitively, as some file systems do); the heatmap
+    and overlay are written to ``out/STEM_heatmap.png`` and ``out/STEM_overlay.png``. The same file
+    given twice, and an output that would overwrite an input image, are refused.
+    """
+    from ..errors import OutputPathError
+
+    absolute = [pathlib.Path(os.path.abspath(p)) for p in paths]
+    seen = {}
+    for p, a in zip(paths, absolute):
+        real = a.resolve()
+        if real in seen:
+            raise OutputPathError(f"--images names the same file twice ({seen[real]} and {p}); give each image "
+                                  "once (its heatmap and targets.json entry would be written twice).")
+        seen[real] = p
+    try:
+        root = pathlib.Path(os.path.commonpath([str(a.parent) for a in absolute]))
+        keys = [a.relative_to(root).as_posix() for a in absolute]
+    except ValueError:  # different drives: keep the whole path
+        keys = [a.as_posix().replace(":", "") for a in absolute]
+    pure = [pathlib.PurePosixPath(k) for k in keys]
+    stems = [str(k.with_suffix("")) for k in pure]
+    counts = {}
+    for stem in stems:
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    stems = [f"{st}_{k.suffix[1:]}" if counts[st.casefold()] > 1 and k.suffix else st for st, k in zip(stems, pure)]
+    taken = set()
+    for i, stem in enumerate(stems):  # still equal (e.g. 'x_png.png' next to 'x.png' and 'x.jpg'): number them
+        unique, n = stem, 2
+        while unique.casefold() in taken:
+            unique, n = f"{stem}_{n}", n + 1
+        taken.add(unique.casefold())
+        stems[i] = unique
+    outputs = {(out / f"{st}_{kind}.png").resolve() for st in stems for kind in ("heatmap", "overlay")}
+    outputs |= {(out / name).resolve() for name in ("relevance.npy", "targets.json")}
+    for p in paths:
+        if pathlib.Path(p).resolve() in outputs:
+            raise OutputPathError(f"--out {out} would overwrite the input image {p} with an output of the same "
+                                  "name; give another --out folder.")
+    return keys, stems
+
+
 def _explain(args) -> int:
     import numpy as np
 
@@ -268,25 +315,26 @@ def _explain(args) -> int:
     model, shape = _image_model(args.model, "explain")
     if args.dataset is not None:
         return _explain_dataset(args, model, shape)
+    out = _output_folder(args.out, "explain", "--out")
+    keys, stems = _image_names(args.images, out)  # before any work: names that collide are refused
     x = _load_images(args.images, shape, args.resize) * args.scale
     ex = Explainer(model, rule=args.rule)
     if args.target is not None and args.target >= ex.n_classes:
         raise SystemExit(f"lrp-grad explain: --target {args.target} is out of range: the model has {ex.n_classes} "
                          f"classes (0..{ex.n_classes - 1}).")
-    out = _output_folder(args.out, "explain", "--out")
     out.mkdir(parents=True, exist_ok=True)
     logits = ex.forward(x)
     targets = logits.argmax(1) if args.target is None else np.full(len(x), args.target)
     relevance = np.zeros_like(x)
     for i in _progress(range(len(x)), len(x), not args.no_progress, "explaining"):
         relevance[i] = ex(x[i:i + 1], target=targets[i:i + 1])[0]
-        stem = pathlib.Path(args.images[i]).stem
-        save_png(relevance[i], out / f"{stem}_heatmap.png", scheme=args.scheme)
-        save_png(relevance[i], out / f"{stem}_overlay.png", scheme=args.scheme, image=x[i])
+        (out / stems[i]).parent.mkdir(parents=True, exist_ok=True)  # images of several folders: kept apart
+        save_png(relevance[i], out / f"{stems[i]}_heatmap.png", scheme=args.scheme)
+        save_png(relevance[i], out / f"{stems[i]}_overlay.png", scheme=args.scheme, image=x[i])
     np.save(out / "relevance.npy", relevance)
-    (out / "targets.json").write_text(json.dumps(
-        {pathlib.Path(p).name: int(t) for p, t in zip(args.images, targets)}, indent=2))
-    print(f"wrote {len(x)} heatmaps and relevance.npy {relevance.shape} to {out}")
+    (out / "targets.json").write_text(json.dumps({k: int(t) for k, t in zip(keys, targets)}, indent=2))
+    print(f"wrote {len(x)} heatmaps and overlays, relevance.npy {relevance.shape} and targets.json (one entry per "
+          f"image, in the order of the rows) to {out}")
     return 0
 
 
@@ -307,8 +355,9 @@ def _demo(args) -> int:
 
 def _export(args) -> int:
     from ..api.explainer import Explainer
+    from ..pipelines.export import check_target
 
-    out = _output_folder(args.out, "export", "the output")
+    out = check_target(args.out, source=args.model)  # before the model is loaded: fail fast
     model = _load_model(args.model, "export")
     ex = Explainer(model, rule=args.rule)
     path = ex.export(out)

@@ -82,7 +82,7 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["product" if several else "constant_product"]
     if kind == "activation" and op.activation == "softmax":
         return _RAW["softmax"]
-    if kind in ("route", "activation"):
+    if kind in ("route", "activation", "cut"):
         return _RAW[kind]
     if kind in ("mean", "sum"):
         return _RAW["reduce"]

@@ -75,7 +75,7 @@ def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=N
     assigned = composite.assign(surveyed.rule_taking)
     linear = [(node, handler, replace(ctx, rule=r))
               for (node, handler, ctx), r in zip((e for e in found if e[1].kind == "linear"), assigned)]
-    problems = [(node.layer, why) for node, handler, ctx in linear if (why := handler.check(node.layer, ctx))]
+    problems = [(node, why) for node, handler, ctx in linear if (why := handler.check(node.layer, ctx))]
     if problems:
         raise unsupported(graph, problems)
     rules = iter(assigned)

@@ -3,7 +3,8 @@
 A sum of tensors is an ``Add``, arithmetic with a constant and activation functions pass relevance
 through, reshapes/slices/concatenations route it, ``mean``/``sum`` over non-batch axes are
 weight-free linear layers of the ``pool`` family, a matrix product or einsum of two tensors takes
-the ``'attention'`` family's rule and a softmax inside the network the softmax rule;
+the ``'attention'`` family's rule and a softmax inside the network the softmax rule; operations
+without a gradient (rounding, ``stop_gradient``, casts to integers, comparisons) are refused.
 :data:`_RAW` is their table. Which entry an
 operation gets (a product of two tensors is a ``Multiply`` gate) is decided in
 :mod:`lrp_grad.handlers`.
@@ -85,6 +86,13 @@ def _unknown_op_problem(op, ctx):
             "activations. Wrap it in a layer and register a handler (lrp_grad.register_handler)")
 
 
+def _cut_problem(op, ctx):
+    return (f"{op.symbol} cuts the gradient: {op.cut}. No relevance flows back through it, so the explanation "
+            "would be all zero. Keep the explained path in floats (casts between float dtypes are supported), or, "
+            "to look through the step (e.g. a quantization), wrap it in a layer and register that layer as the "
+            "identity for relevance: lrp_grad.register_handler(YourLayer, 'passthrough')")
+
+
 _RAW = {
     "add_tensors": Handler("linear", _add, _raw_add_problem, _keeps_sign, "merge", fuses_relu=True),
     "shift": Handler("passthrough", _raw_pass, _elementwise_problem),  # x + c: f(0) = c
@@ -105,4 +113,5 @@ _RAW = {
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
     "constant_product": Handler("passthrough", _raw_pass, _constant_product_problem),
     "softmax": Handler("passthrough", raw_softmax, zero_in_zero_out=True),
+    "cut": Handler("passthrough", _raw_pass, _cut_problem),  # refused (computed only on a branch feeding gates)
 }

@@ -66,12 +66,12 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
             continue
         if handler is None:
             hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
-            problems.append((node.layer, handlers.subclass_problem(node.layer) or
+            problems.append((node, handlers.subclass_problem(node.layer) or
                              f"no handler for this layer class{hint}"))
         else:
             why = handler.check(node.layer, ctx)
             if why:
-                problems.append((node.layer, why))
+                problems.append((node, why))
         found.append((node, handler, ctx))
     if problems:
         raise unsupported(graph, problems)
@@ -95,12 +95,19 @@ def gate_only(graph, entries) -> set:
 
 
 
+def _where(node) -> str:
+    """How a problem line names a layer call: ``'name' (Class)``, and its path in the model when that
+    differs from the name (a layer of a nested model, ``'block/conv'``; a shared layer's ``'conv#2'``)."""
+    label = layer_label(node.layer)
+    return label if node.label == getattr(node.layer, "name", None) else f"{label} at '{node.label}'"
+
+
 def unsupported(graph, problems):
-    lines = "\n".join(f"  - {layer_label(layer)}: {why}" for layer, why in problems)
+    lines = "\n".join(f"  - {_where(node)}: {why}" for node, why in problems)
     return UnsupportedLayerError(
         f"{len(problems)} layer(s) of model {graph.model.name!r} cannot be explained:\n{lines}\n"
         f"Supported layer classes: {', '.join(handlers.supported_layers())}.\n"
         "For a custom layer, register a handler: lrp_grad.register_handler(LayerClass, "
         "'passthrough' | 'gradient' | 'identity' | lrp_grad.handlers.Handler(...)).",
-        [(layer.name, class_name(layer), why) for layer, why in problems],
+        [(node.layer.name, class_name(node.layer), why) for node, why in problems],
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import weakref
 import zipfile
 
 from ..errors import ModelFileError, UnsupportedModelError
@@ -23,7 +24,7 @@ from .graph import RAW_KINDS, AttentionCore, Graph, Node, RawOp, class_name, lay
 
 __all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "AttentionCore", "RAW_KINDS", "frontend_for", "check_model", "walk",
            "activation_name", "class_name", "is_instance", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
-           "load_model", "output_names", "package_of"]
+           "load_model", "output_names", "package_of", "source_path"]
 
 #: The available front ends, Keras 3 first.
 FRONTENDS = tuple(f for f in (keras3, tf_keras) if getattr(f, "available", True))
@@ -315,6 +316,19 @@ def _zip_keras_version(path: pathlib.Path) -> str:
     return str(meta.get("keras_version", ""))
 
 
+#: Model -> the resolved path it was loaded from by :func:`load_model` (weak: forgets dropped models).
+_SOURCES = weakref.WeakKeyDictionary()
+
+
+def source_path(model) -> pathlib.Path | None:
+    """The file or folder ``model`` was loaded from by :func:`load_model` (resolved), else ``None``.
+    Export refuses to write into it."""
+    try:
+        return _SOURCES.get(model)
+    except TypeError:  # pragma: no cover
+        return None
+
+
 def load_model(path):
     """Load a saved Keras model with the package that wrote it, without compiling it.
 
@@ -349,9 +363,15 @@ def load_model(path):
         )
     for frontend in candidates:
         try:
-            return frontend.load(path)
+            model = frontend.load(path)
         except UnsupportedModelError:
             raise
         except Exception as e:  # noqa: BLE001 - each package fails in its own way on foreign files
             errors.append(f"{frontend.PACKAGE}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        try:
+            _SOURCES[model] = path.resolve()
+        except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
+            pass
+        return model
     raise ModelFileError(f"cannot load model {os.fspath(path)!r}: " + "; ".join(errors))

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Node", "Graph", "RawOp", "AttentionCore", "RAW_KINDS", "class_name", "layer_label", "snake_case"]
+__all__ = ["Node", "Graph", "RawOp", "AttentionCore", "RAW_KINDS", "ZERO_GRADIENT", "gradient_cut",
+           "class_name", "layer_label", "snake_case"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,46 @@ class Graph:
 
 #: Canonical kinds of raw operations. ``arith`` ops (add, subtract, multiply, divide, negative)
 #: are told apart further by how many of their operands are tensors (see :class:`RawOp`).
+#: ``cut``: the operation's gradient is zero or undefined (:func:`gradient_cut`); it is refused.
 RAW_KINDS = ("add", "subtract", "multiply", "divide", "negative", "route", "mean", "sum", "activation",
-             "product", "resize", "other")
+             "product", "resize", "cut", "other")
+
+#: Operations on floats whose gradient is zero (or undefined) everywhere, by the last part of their
+#: name in either package (``keras.ops.round``, ``tf.math.round``, ``tf.compat.v1.floor_div``):
+#: relevance cannot flow back through them. The value says why.
+ZERO_GRADIENT = {
+    **dict.fromkeys(["round", "rint", "floor", "ceil", "trunc", "sign", "floor_divide", "floordiv", "floor_div"],
+                    "it is piecewise constant"),
+    "stop_gradient": "it stops the gradient by design",
+}
+
+
+def _no_gradient_dtype(dtype) -> bool:
+    """Whether values of ``dtype`` (a name or a ``tf.DType``) carry no gradient: integers, bool, strings."""
+    name = str(getattr(dtype, "name", dtype))
+    return name in ("bool", "string") or name.startswith(("int", "uint", "qint", "quint"))
+
+
+def gradient_cut(name: str, is_cast: bool, out_dtype, in_dtypes) -> str | None:
+    """Why a raw operation has no gradient (so it would give all-zero relevance), or ``None``.
+
+    ``name`` is the operation's name without its module (``'round'``), ``out_dtype`` its recorded
+    output dtype and ``in_dtypes`` those of its tensor operands. Cut are: the operations of
+    :data:`ZERO_GRADIENT`; a cast to an integer or bool dtype; any other operation that turns its
+    operands into integer or bool values (``argmax``, comparisons, logical operations). An operation
+    that keeps an integer dtype (slicing a ``uint8`` model input, which is explained in float32) is
+    not: the cut is where the integers are made.
+    """
+    if name in ZERO_GRADIENT:
+        return f"its gradient is zero everywhere ({ZERO_GRADIENT[name]})"
+    out = str(getattr(out_dtype, "name", out_dtype))
+    if not _no_gradient_dtype(out):
+        return None
+    if is_cast:
+        return f"it casts to {out}, and integer and bool values carry no gradient"
+    if all(str(getattr(d, "name", d)) != out for d in in_dtypes):
+        return f"its result is {out}, and integer and bool values carry no gradient"
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,6 +146,8 @@ class RawOp:
         For ``'mean'``/``'sum'``.
     out_shape : tuple or None
         The static output shape (batch axis included).
+    cut : str or None
+        For ``kind='cut'``: why the operation has no gradient (see :func:`gradient_cut`).
     source : object
         The front end's own object (a ``TFOpLambda`` layer or a Keras 3 ``Operation``).
     """
@@ -121,6 +162,7 @@ class RawOp:
     keepdims: bool = False
     out_shape: tuple | None = None
     source: object = None
+    cut: str | None = None
 
     def __repr__(self):
         return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"

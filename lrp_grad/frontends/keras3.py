@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UnsupportedModelError
-from .graph import RawOp, snake_case
+from .graph import RawOp, gradient_cut, snake_case
 
 try:  # Keras 3 ships with TensorFlow >= 2.16; with another backend it still imports
     import keras
@@ -174,6 +174,9 @@ def raw_op(op, node) -> RawOp:
         return op(*args, **kwargs)
 
     kind = _KINDS.get(cls, "activation" if cls in _ACTIVATIONS else "other")
+    cut = gradient_cut(snake_case(cls), cls == "Cast", node.output_tensors[0].dtype, [t.dtype for t in tensors])
+    if cut:
+        kind = "cut"
     axes, keepdims = None, False
     if kind in ("mean", "sum"):
         rank = len(tensors[0].shape)
@@ -188,7 +191,7 @@ def raw_op(op, node) -> RawOp:
         axes = tuple(sorted(int(a) % rank for a in ([axis] if isinstance(axis, int) else axis)))
     return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=fn, n_tensors=len(tensors),
                  activation=_ACTIVATIONS.get(cls), axes=axes, keepdims=keepdims,
-                 out_shape=tuple(node.output_tensors[0].shape), source=op)
+                 out_shape=tuple(node.output_tensors[0].shape), source=op, cut=cut)
 
 
 def _arg_names(arguments) -> list:

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from ..errors import UnsupportedModelError
-from .graph import RawOp
+from .graph import RawOp, gradient_cut
 
 __all__ = ["PACKAGE", "keras", "owns", "check_model", "calls", "graph_model", "io", "serialize_activation",
            "load"]
@@ -54,6 +54,8 @@ _KINDS = {
     **dict.fromkeys(["linalg.matmul", "matmul", "compat.v1.matmul", "__operators__.matmul", "einsum",
                      "linalg.einsum"], "product"),
 }
+#: The symbols of a cast (a cast to an integer or bool dtype cuts the gradient).
+_CASTS = ("cast", "dtypes.cast", "compat.v1.cast")
 # symbol -> canonical activation name
 _ACTIVATIONS = {
     "nn.relu": "relu", "nn.relu6": "relu6", "math.sigmoid": "sigmoid", "nn.sigmoid": "sigmoid",
@@ -134,6 +136,11 @@ def raw_op(layer, node) -> RawOp:
         return layer.call(*a, **kw)  # SlicingOpLambda turns its recorded slice dicts back into slices
 
     kind = _KINDS.get(symbol, "activation" if symbol in _ACTIVATIONS else "other")
+    outputs = tf.nest.flatten(node.outputs)
+    cut = gradient_cut(symbol.rsplit(".", 1)[-1], symbol in _CASTS, outputs[0].dtype,
+                       [a.dtype for i, a in enumerate(flat) if i in slots])
+    if cut:
+        kind = "cut"
     axes, keepdims = None, False
     if kind in ("mean", "sum"):
         kwargs = dict(node.call_kwargs or {})
@@ -147,7 +154,7 @@ def raw_op(layer, node) -> RawOp:
         axes = _axes(kwargs.get("axis", rest[0] if rest else -1), node.keras_inputs[0].shape.rank)
     return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=fn, n_tensors=len(slots),
                  activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
-                 out_shape=tuple(tf.nest.flatten(node.outputs)[0].shape), source=layer)
+                 out_shape=tuple(outputs[0].shape), source=layer, cut=cut)
 
 
 def _axes(axis, rank):
