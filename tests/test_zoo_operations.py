@@ -160,8 +160,9 @@ def test_conv2d_transpose_with_output_padding(K, padding):
 
 def test_subclass_that_keeps_its_base_computation_is_explained(K):
     """``FixedDropout(Dropout)`` (efficientnet's) overrides only a training-time method: it is
-    explained as a Dropout; a subclass that overrides ``call`` (or a method ``call`` uses) is
-    refused naming the methods."""
+    explained as a Dropout. A subclass that overrides ``call`` is explained through what its call
+    does; one whose call uses an operation without a rule (a weight-standardised Conv2D's
+    convolution of a computed kernel) is refused naming that operation and its path."""
     L = K.layers
 
     class FixedDropout(L.Dropout):
@@ -170,7 +171,7 @@ def test_subclass_that_keeps_its_base_computation_is_explained(K):
 
     class Doubling(L.Dropout):
         def call(self, inputs, training=None):
-            return 2 * inputs
+            return 2.0 * inputs
 
     class StandardizedConv(L.Conv2D):
         def convolution_op(self, inputs, kernel):
@@ -178,21 +179,20 @@ def test_subclass_that_keeps_its_base_computation_is_explained(K):
 
     def build(layer):
         inp = K.Input((4, 4, 2))
-        h = layer(L.Conv2D(3, 3, activation="relu")(inp))
-        return K.Model(inp, L.Dense(2)(L.Flatten()(h)))
+        h = layer(L.Conv2D(3, 3, activation="relu", name="c")(inp))
+        return K.Model(inp, L.Dense(2, name="d")(L.Flatten()(h)))
 
     fixed, plain = build(FixedDropout(0.2, name="drop")), build(L.Dropout(0.2, name="drop"))
     plain.set_weights(fixed.get_weights())
     x = np.random.default_rng(11).uniform(0, 1, (2, 4, 4, 2)).astype("float32")
     np.testing.assert_array_equal(lrp_grad.explain(fixed, x), lrp_grad.explain(plain, x))
-    with pytest.raises(lrp_grad.UnsupportedLayerError,
-                       match=r"'doubling' \(Doubling\): a subclass of Dropout that overrides call; lrp_grad explains "
-                             r"subclasses that keep Dropout's computation"):
-        lrp_grad.Explainer(build(Doubling(0.1, name="doubling")))
+    doubling, rescaled = build(Doubling(0.1, name="doubling")), build(L.Rescaling(2.0, name="doubling"))
+    rescaled.set_weights(doubling.get_weights())
+    kit.assert_close(lrp_grad.explain(doubling, x), lrp_grad.explain(rescaled, x), 1e-6, "2 x looked into")
     inp = K.Input((4, 4, 2))
     conv = K.Model(inp, L.Dense(2)(L.Flatten()(StandardizedConv(3, 3, name="ws")(inp))))
-    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'ws' \(StandardizedConv\): a subclass of Conv2D that "
-                                                             r"overrides convolution_op"):
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"\(operation \S*conv\S*\) at 'ws/\S*conv\S*': operation "
+                                                             r"\S*conv\S* has no LRP handler"):
         lrp_grad.Explainer(conv)
 
 
@@ -212,3 +212,146 @@ def test_user_function_named_like_a_builtin_is_not_the_builtin(K):
         lrp_grad.Explainer(model)
     ok = K.Model(inp, L.Dense(2)(L.Dense(4, activation=tf.nn.relu)(inp)))  # TensorFlow's own: the built-in
     lrp_grad.Explainer(ok)
+
+
+# ------------------------------------------------------------------- looking inside user layers --
+
+def _user_layers(K):
+    """A user's own subclassed layers: a position embedding and a class token (weights used directly
+    in ``call``: constants added to the signal) and a transformer block made of stock layers and
+    operations."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+
+    class PositionEmbedding(L.Layer):
+        def build(self, shape):
+            self.pos = self.add_weight(shape=tuple(shape[1:]), initializer="random_normal", name="pos")
+
+        def call(self, x):
+            return x + self.pos
+
+    class ClassToken(L.Layer):
+        def build(self, shape):
+            self.cls = self.add_weight(shape=(1, 1, shape[-1]), initializer="random_normal", name="cls")
+
+        def call(self, x):
+            if keras3:  # Keras 3 traces with an unknown batch size: the token is built from x's shape
+                return K.ops.concatenate([K.ops.zeros_like(x[:, :1]) + self.cls, x], axis=1)
+            return tf.concat([tf.repeat(self.cls, tf.shape(x)[0], axis=0), x], axis=1)  # tf.shape: no relevance
+
+    class Block(L.Layer):
+        def __init__(self, dim, heads, **kw):
+            super().__init__(**kw)
+            self.ln1, self.ln2 = L.LayerNormalization(), L.LayerNormalization()
+            self.attn = L.MultiHeadAttention(heads, dim // heads)
+            self.fc1, self.fc2 = L.Dense(2 * dim, activation="gelu"), L.Dense(dim)
+
+        def call(self, x):
+            h = self.ln1(x)
+            x = x + self.attn(h, h)
+            return x + self.fc2(self.fc1(self.ln2(x)))
+
+    return PositionEmbedding, ClassToken, Block
+
+
+def _user_vit(K):
+    L = K.layers
+    PositionEmbedding, ClassToken, Block = _user_layers(K)
+    inp = K.Input((8, 8, 1))
+    x = L.Reshape((4, 16))(L.Conv2D(16, 4, strides=4)(inp))
+    x = ClassToken(name="cls")(PositionEmbedding(name="pos")(x))
+    x = Block(16, 2, name="block1")(Block(16, 2, name="block0")(x))
+    x = L.Lambda(lambda t: t[:, 0], name="take_cls")(L.LayerNormalization()(x))
+    return K.Model(inp, L.Dense(3)(x))
+
+
+def test_a_user_block_is_explained_through_what_it_calls(K):
+    """A subclassed block without a handler is run on symbolic inputs and explained through its
+    sublayers and operations: the same relevance, bit for bit, as the same layer objects wired as a
+    functional sub-model."""
+    L = K.layers
+    _, _, Block = _user_layers(K)
+    block = Block(8, 2, name="block")
+    inp = K.Input((4, 8))
+    subclassed = K.Model(inp, L.Dense(3, name="head")(L.Flatten()(block(inp))))
+    h = K.Input((4, 8))
+    a = block.ln1(h)
+    x = L.Add()([h, block.attn(a, a)])
+    wired = K.Model(h, L.Add()([x, block.fc2(block.fc1(block.ln2(x)))]), name="wired")
+    inp2 = K.Input((4, 8))
+    functional = K.Model(inp2, subclassed.get_layer("head")(L.Flatten()(wired(inp2))))
+    x = np.random.default_rng(12).normal(size=(2, 4, 8)).astype("float32")
+    np.testing.assert_allclose(subclassed(x).numpy(), functional(x).numpy(), rtol=1e-6, atol=1e-6)
+    for rule in (lrp_grad.AttnLRP(), lrp_grad.CPLRP(), lrp_grad.AlphaBeta(2, 1)):
+        kit.assert_close(lrp_grad.Explainer(subclassed, rule=rule)(x), lrp_grad.Explainer(functional, rule=rule)(x),
+                         1e-6, f"block looked into vs wired ({rule!r})")
+    labels = list(lrp_grad.Explainer(subclassed).rules)
+    assert {"block/ln1", "block/fc1", "block/fc2"} <= {label.rsplit("#", 1)[0] for label in labels} or \
+        sum(label.startswith("block/") for label in labels) >= 6, labels  # the block's parts, by path
+
+
+def test_a_vit_of_user_layers_with_class_token_and_position_embedding(K):
+    model = kit.randomize(_user_vit(K), seed=13)
+    x = np.random.default_rng(14).normal(size=(2, 8, 8, 1)).astype("float32")
+    before = [w.copy() for w in model.get_weights()]
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.AttnLRP())
+    np.testing.assert_allclose(ex.forward(x), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    R, report = ex(x, return_layers=True)
+    assert np.all(np.isfinite(R)) and np.abs(R).sum() > 0
+    kit.assert_close(lrp_grad.Explainer(model, rule=lrp_grad.AttnLRP(), jit_compile=True)(x), R, 1e-5, "XLA")
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_a_vit_of_user_layers_keras3_equals_tf_keras():
+    k3, k2 = kit.package("keras"), kit.package("tf_keras")
+    m3 = kit.randomize(_user_vit(k3), seed=15)
+    m2 = _user_vit(k2)
+    m2.set_weights(m3.get_weights())
+    x = np.random.default_rng(16).normal(size=(2, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(m2(x).numpy(), m3(x).numpy(), rtol=1e-5, atol=1e-5)
+    for rule in (lrp_grad.AttnLRP(), lrp_grad.CPLRP()):
+        kit.assert_close(lrp_grad.explain(m2, x, rule=rule), lrp_grad.explain(m3, x, rule=rule), 1e-4, repr(rule))
+
+
+def test_lambda_and_activation_of_a_python_function_are_traced(K):
+    """``Lambda(fn)`` and ``Activation(fn)`` are explained through the operations ``fn`` applies;
+    the same relevance as the twin written with those operations."""
+    L = K.layers
+
+    def double_relu(t):
+        return K.ops.relu(t) * 2.0 if K.__name__ == "keras" else tf.nn.relu(t) * 2.0
+
+    def build(twin):
+        inp = K.Input((6,), **F64)
+        h = L.Dense(4, name="d1", **F64)(inp)
+        h = (double_relu(h) if twin else L.Activation(double_relu, name="act", **F64)(h))
+        h = L.Dense(4, name="d2", **F64)(h)
+        h = (h * 3.0 - 1.0) if twin else L.Lambda(lambda t: t * 3.0 - 1.0, name="lam", **F64)(h)
+        return K.Model(inp, L.Dense(2, name="head", **F64)(h))
+
+    model, twin = kit.randomize(build(False), seed=17), build(True)
+    for name in ("d1", "d2", "head"):
+        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    x = np.random.default_rng(18).normal(size=(3, 6))
+    for rule in (lrp_grad.Epsilon(), lrp_grad.AlphaBeta(2, 1)):
+        kit.assert_close(lrp_grad.Explainer(model, rule=rule)(x), lrp_grad.Explainer(twin, rule=rule)(x), 1e-10,
+                         repr(rule))
+
+
+def test_a_layer_that_cannot_be_looked_into_is_refused_with_the_reason():
+    """Keras 3 runs a layer's call with an unknown batch size: a call that needs the batch size as a
+    number is refused naming the layer and what failed."""
+    K = kit.package("keras")
+
+    class BatchTiled(K.layers.Layer):
+        def build(self, shape):
+            self.token = self.add_weight(shape=(1, shape[-1]), name="token")
+
+        def call(self, x):
+            return x + K.ops.broadcast_to(self.token, (K.ops.shape(x)[0], x.shape[-1]))
+
+    inp = K.Input((4,))
+    model = K.Model(inp, K.layers.Dense(2)(BatchTiled(name="tiled")(inp)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'tiled' \(BatchTiled\): no handler for this layer "
+                                                             r"class; looking inside its call failed at \w+Error"):
+        lrp_grad.Explainer(model)

@@ -163,11 +163,17 @@ class Passes:
                     tape.watch(x)
                 logits, layers = planner.run(plan, xs, collect=return_layers)
             r0 = self.initial_relevance(logits, target_or_r0, select, mode)
-            sources = xs + list(layers.values())
+            # Shape computations (integers, no batch axis: a class token's tf.shape(x)[0]) carry no
+            # relevance; the report shows zeros for them.
+            carried = [t for t in layers.values() if t.dtype.is_floating and t.shape.rank]
             grads = tape.gradient(
-                logits, sources, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                logits, xs + carried, output_gradients=r0, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
-            sums = [tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), -1) for g in grads]
+            per_sample = iter(tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), -1) for g in grads)
+            batch = tf.shape(xs[0])[0]
+            sums = [next(per_sample) for _ in xs] + [
+                next(per_sample) if (t.dtype.is_floating and t.shape.rank) else tf.zeros([batch], logits.dtype)
+                for t in layers.values()]
             if len(xs) > 1:  # the inputs' total first: conservation holds over all inputs together
                 sums = [tf.add_n(sums[:len(xs)])] + sums
             return tuple(grads[:len(xs)]), logits, sums

@@ -78,6 +78,8 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["refused" if several else "opaque"]
     if kind == "negative":
         return _RAW["scale"]
+    if kind == "shape":  # reads only shapes: computed, carries no relevance
+        return FORWARD_ONLY
     if kind == "product":
         return _RAW["product" if several else "constant_product"]
     if kind == "activation" and op.activation == "softmax":

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from . import gating, handlers
 from ..errors import UnsupportedLayerError
-from ..frontends import Graph, class_name, is_model, layer_label, walk
+from ..frontends import Graph, activation_name, class_name, is_layer, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 
 __all__ = ["Survey", "survey", "gate_only", "unsupported"]
@@ -39,7 +39,7 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
         Listing every layer without a handler or with an unsupported configuration.
     """
     # 1. Walk the layer graph (this also rejects unsupported model kinds) and canonize it.
-    graph = walk(model, output)
+    graph = walk(model, output, look_inside=_look_inside)
     graph = canonize(graph, DEFAULT_CANONIZERS if canonizers is None else canonizers)
 
     # 2. Find every layer's handler and every product's gate.
@@ -66,8 +66,8 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
             continue
         if handler is None:
             hint = " (a subclassed model used as a layer)" if is_model(node.layer) else ""
-            problems.append((node, handlers.subclass_problem(node.layer) or
-                             f"no handler for this layer class{hint}"))
+            why = handlers.subclass_problem(node.layer) or f"no handler for this layer class{hint}"
+            problems.append((node, f"{why}; {node.note}" if node.note else why))
         else:
             why = handler.check(node.layer, ctx)
             if why:
@@ -76,6 +76,14 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     if problems:
         raise unsupported(graph, problems)
     return Survey(graph, tuple(found))
+
+
+def _look_inside(layer) -> bool:
+    """Whether the front end should run a layer's ``call`` and explain what it calls: a layer
+    without a handler (a subclassed block, a ``Lambda``), or an ``Activation`` of a user function."""
+    if handlers.handler_for(layer) is None:
+        return not is_model(layer)
+    return is_layer(layer, "Activation") and activation_name(layer.activation).startswith("function ")
 
 
 def gate_only(graph, entries) -> set:

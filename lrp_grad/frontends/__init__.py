@@ -65,11 +65,42 @@ def _shape(t):
     return tf.TensorShape(t.shape)
 
 
-def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, calls):
+#: How deep layers are looked into (a layer whose call is made of layers whose calls are ...).
+_MAX_DEPTH = 12
+
+
+def _call_structure(inputs, arg_names, kwargs):
+    """``(args, kwargs)`` of a call from its tensors, the argument names they were passed as and its
+    other (non-tensor) keyword arguments."""
+    constants = {k: v for k, v in (kwargs or {}).items() if not hasattr(v, "shape") and k != "mask"}
+    if not arg_names or any("/" in n for n in arg_names):
+        if len(inputs) == 1:
+            return [inputs[0]], constants
+        raise ValueError("its tensors were passed inside nested structures")
+    positional = sorted((int(n), t) for n, t in zip(arg_names, inputs) if n.isdigit())
+    if [i for i, _ in positional] != list(range(len(positional))):
+        raise ValueError("its positional tensors are not the first arguments")
+    named = {n: t for n, t in zip(arg_names, inputs) if not n.isdigit()}
+    return [t for _, t in positional], {**constants, **named}
+
+
+def _look_inside(frontend, layer, in_shapes, arg_names, kwargs):
+    """``(graph model, None)`` of the layer's ``call`` run on symbolic inputs (its sublayers and
+    operations become the graph's calls; its own weights are constants there), or ``(None, why)``."""
+    try:
+        return frontend.functionalize(layer, in_shapes, lambda inputs: _call_structure(inputs, arg_names, kwargs)), None
+    except Exception as e:  # noqa: BLE001 - any failure of the user's call is reported, not raised
+        text = str(e).strip().splitlines()
+        return None, f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, calls, look_inside=None, depth=0):
     """Append ``model``'s calls to ``nodes``, nested graph models inlined recursively.
 
     Tensor ids get the call path as prefix so that a model used twice stays distinct; the inner
-    model's inputs and outputs are renamed to the outer tensors they stand for.
+    model's inputs and outputs are renamed to the outer tensors they stand for. A layer for which
+    ``look_inside(layer)`` is true (no handler: a subclassed block, a ``Lambda``) is run on symbolic
+    inputs and inlined the same way, its calls labelled ``'layer/...'``.
     """
     inputs, outputs = frontend.io(model)
     rename = {str(id(t)): outer for t, outer in zip(inputs, input_ids)}
@@ -87,13 +118,24 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
         out_ids = tuple(tensor(t) for t in outs)
         inner = None if isinstance(obj, RawOp) else frontend.graph_model(obj)
         if inner is not None:
-            _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls)
+            _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls, look_inside,
+                    depth)
             continue
         in_shapes = tuple(_shape(t) for t in ins)
         if is_layer(obj, "MultiHeadAttention"):  # its projections and attention core, each with its rule
             nodes.extend(blocks.split_attention(obj, in_ids, out_ids, arg_names, kwargs, label, in_shapes))
             continue
-        nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, tuple(_shape(t) for t in outs), arg_names=arg_names))
+        note = ""
+        if look_inside is not None and not isinstance(obj, RawOp) and depth < _MAX_DEPTH and look_inside(obj):
+            inner, note = _look_inside(frontend, obj, in_shapes, arg_names, kwargs)
+            if inner is not None:
+                _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls,
+                        look_inside, depth + 1)
+                continue
+            note = f"looking inside its call failed at {note}"
+        nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, tuple(_shape(t) for t in outs), arg_names=arg_names,
+                          note=note))
+
 
 
 def output_names(model) -> list:
@@ -178,7 +220,7 @@ def _dtype_name(t) -> str:
     return t.dtype.name if hasattr(t.dtype, "name") else str(t.dtype)
 
 
-def walk(model, output=None) -> Graph:
+def walk(model, output=None, look_inside=None) -> Graph:
     """Return the model's layer calls in execution order.
 
     The model must have passed :func:`check_model` (the Explainer checks it once; the walk only
@@ -190,7 +232,7 @@ def walk(model, output=None) -> Graph:
     inputs, outputs = frontend.io(model)
     input_ids = [str(id(t)) for t in inputs]
     nodes = []
-    _inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {})
+    _inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {}, look_inside)
     names, aliases = _output_names(frontend, model, outputs)
     keys = frontend.input_keys(model)  # a model called on a dict of inputs is fed by its keys
     input_names = (tuple(str(k) for k in keys) if keys is not None and len(keys) == len(inputs) else

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Node", "Graph", "RawOp", "AttentionCore", "RAW_KINDS", "ZERO_GRADIENT", "gradient_cut",
+__all__ = ["Node", "Graph", "RawOp", "AttentionCore", "RAW_KINDS", "ZERO_GRADIENT", "SHAPE_ONLY", "gradient_cut",
            "class_name", "layer_label", "snake_case"]
 
 
@@ -34,6 +34,7 @@ class Node:
     handler: object = None
     params: object = None
     arg_names: tuple = ()  # per input: the argument it was passed as ('0', '1', 'key', 'mask/0')
+    note: str = ""  # why the front end could not look inside this layer's call (for the refusal)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Graph:
 #: are told apart further by how many of their operands are tensors (see :class:`RawOp`).
 #: ``cut``: the operation's gradient is zero or undefined (:func:`gradient_cut`); it is refused.
 RAW_KINDS = ("add", "subtract", "multiply", "divide", "negative", "route", "mean", "sum", "activation",
-             "product", "resize", "cut", "other")
+             "product", "resize", "cut", "shape", "other")
 
 #: Operations on floats whose gradient is zero (or undefined) everywhere, by the last part of their
 #: name in either package (``keras.ops.round``, ``tf.math.round``, ``tf.compat.v1.floor_div``):
@@ -97,6 +98,12 @@ def _no_gradient_dtype(dtype) -> bool:
     return name in ("bool", "string") or name.startswith(("int", "uint", "qint", "quint"))
 
 
+#: Operations that read only the shape of a tensor (``tf.shape``, ``tf.size``, ``zeros_like``): their result never
+#: depends on the values, so it carries no relevance and cuts nothing (kind ``'shape'``; a class
+#: token repeated ``tf.shape(x)[0]`` times).
+SHAPE_ONLY = frozenset(("shape", "shape_n", "size", "rank", "zeros_like", "ones_like"))
+
+
 def gradient_cut(name: str, is_cast: bool, out_dtype, in_dtypes) -> str | None:
     """Why a raw operation has no gradient (so it would give all-zero relevance), or ``None``.
 
@@ -107,6 +114,8 @@ def gradient_cut(name: str, is_cast: bool, out_dtype, in_dtypes) -> str | None:
     that keeps an integer dtype (slicing a ``uint8`` model input, which is explained in float32) is
     not: the cut is where the integers are made.
     """
+    if name in SHAPE_ONLY:
+        return None
     if name in ZERO_GRADIENT:
         return f"its gradient is zero everywhere ({ZERO_GRADIENT[name]})"
     out = str(getattr(out_dtype, "name", out_dtype))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UnsupportedModelError
-from .graph import RawOp, gradient_cut, snake_case
+from .graph import SHAPE_ONLY, RawOp, gradient_cut, snake_case
 
 try:  # Keras 3 ships with TensorFlow >= 2.16; with another backend it still imports
     import keras
@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - a broken or missing Keras 3 install
     keras = None
     available = False
 
-__all__ = ["PACKAGE", "available", "keras", "owns", "check_model", "calls", "graph_model", "io",
+__all__ = ["PACKAGE", "available", "keras", "owns", "check_model", "calls", "graph_model", "io", "functionalize",
            "serialize_activation", "load"]
 
 PACKAGE = "keras"
@@ -177,6 +177,8 @@ def raw_op(op, node) -> RawOp:
     cut = gradient_cut(snake_case(cls), cls == "Cast", node.output_tensors[0].dtype, [t.dtype for t in tensors])
     if cut:
         kind = "cut"
+    elif snake_case(cls) in SHAPE_ONLY:
+        kind = "shape"
     axes, keepdims = None, False
     if kind in ("mean", "sum"):
         rank = len(tensors[0].shape)
@@ -218,6 +220,17 @@ def calls(model):
             out.append((obj, ins, list(node.output_tensors), tuple(names) if len(names) == len(ins) else (),
                         dict(node.arguments.kwargs)))
     return out
+
+
+def functionalize(layer, shapes, structure):
+    """A functional model of ``layer.call`` on symbolic inputs of these shapes: its sublayers and
+    ``keras.ops`` become the model's calls, its own weights constant operands. ``structure(inputs)``
+    gives the call's ``(args, kwargs)``. Raises whatever the call raises on symbolic tensors."""
+    dtype = getattr(layer, "compute_dtype", None) or "float32"
+    inputs = [keras.Input(batch_shape=tuple(s), dtype=dtype) for s in shapes]
+    args, kwargs = structure(inputs)
+    outputs = layer.call(*args, **kwargs)
+    return keras.Model(inputs, outputs, name=f"{layer.name}_call")
 
 
 def serialize_activation(fn):

@@ -11,9 +11,9 @@ import tensorflow as tf
 import tf_keras as keras
 
 from ..errors import UnsupportedModelError
-from .graph import RawOp, gradient_cut
+from .graph import SHAPE_ONLY, RawOp, gradient_cut
 
-__all__ = ["PACKAGE", "keras", "owns", "check_model", "calls", "graph_model", "io", "serialize_activation",
+__all__ = ["PACKAGE", "keras", "owns", "check_model", "calls", "graph_model", "io", "functionalize", "serialize_activation",
            "load"]
 
 PACKAGE = "tf_keras"
@@ -141,6 +141,8 @@ def raw_op(layer, node) -> RawOp:
                        [a.dtype for i, a in enumerate(flat) if i in slots])
     if cut:
         kind = "cut"
+    elif symbol.rsplit(".", 1)[-1] in SHAPE_ONLY:
+        kind = "shape"
     axes, keepdims = None, False
     if kind in ("mean", "sum"):
         kwargs = dict(node.call_kwargs or {})
@@ -193,6 +195,17 @@ def calls(model):
             out.append((obj, ins, tf.nest.flatten(node.outputs), tuple(names) if len(names) == len(ins) else (),
                         dict(node.call_kwargs or {})))
     return out
+
+
+def functionalize(layer, shapes, structure):
+    """A functional model of ``layer.call`` on symbolic inputs of these shapes: its sublayers become
+    the model's calls and the TensorFlow operations on them ``TFOpLambda`` layers; its own weights
+    are constant operands. ``structure(inputs)`` gives the call's ``(args, kwargs)``."""
+    dtype = getattr(layer, "compute_dtype", None) or "float32"
+    inputs = [keras.Input(batch_shape=tuple(s), dtype=dtype) for s in shapes]
+    args, kwargs = structure(inputs)
+    outputs = layer.call(*args, **kwargs)
+    return keras.Model(inputs, outputs, name=f"{layer.name}_call")
 
 
 def serialize_activation(fn):
