@@ -29,8 +29,10 @@ def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, re
     data : tf.data.Dataset, numpy array, (images, labels) arrays or iterable
         Images, ``(image, label)`` pairs, or dicts with an image key (``'image'``, ``'x'``,
         ...) and optionally a label key (``'label'``, ``'y'``, ...); elements may be single
-        images or batches. Labels may be class indices (any integer dtype) or one-hot rows.
-        The order is preserved.
+        images or batches. Labels may be class indices (any integer dtype, or whole floats) or
+        one-hot rows; each must be a class of the model (an error names the element otherwise),
+        either every element has one or none has, and they are read only for ``target`` 'auto'
+        or 'label'. The order is preserved.
     target : 'auto', 'label', 'predicted', None or int
         ``'auto'`` (default): the label of each element when the data has labels, else the
         predicted class. ``'label'``: the labels (an error without them). ``'predicted'``
@@ -155,7 +157,7 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
     bar = _bar(progress, length, sum(b[1] for b in finished.values()))
     writer = None if sink is None else _Writer(sink)
     try:
-        for x, labels, start in _batches(data, explainer, batch_size):
+        for x, labels, start in _batches(data, explainer, batch_size, target):
             if limit is not None and start + len(x) > limit:
                 raise InvalidInputError(f"the dataset has more than length={limit} images (image {start + len(x) - 1} "
                                         "arrived); pass the right length= (or leave it out for a folder output).")

@@ -1,0 +1,113 @@
+"""Nothing silently wrong, round 3: dataset labels out of range or malformed, resumes after an
+option that changes the numbers, integer one-hot targets, and relevance absorbed by the
+stabiliser; each in both Keras packages."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kit
+import lrp_grad
+from lrp_grad.errors import InvalidInputError
+
+CLASSES = 4
+
+
+def _small(K):
+    """A conv - BatchNorm - Dense(hidden) - Dense(head) classifier of ``CLASSES`` classes, and 20 images with labels."""
+    L = K.layers
+    inp = K.Input((6, 6, 1))
+    h = L.Conv2D(3, 3, name="conv")(inp)
+    h = L.BatchNormalization(name="bn")(h)
+    h = L.ReLU(name="relu")(L.Flatten(name="flat")(h))
+    h = L.Dense(5, activation="relu", name="hidden")(h)
+    model = kit.randomize(K.Model(inp, L.Dense(CLASSES, name="head")(h)))
+    rng = np.random.default_rng(0)
+    return model, rng.uniform(0, 1, (20, 6, 6, 1)).astype("float32"), rng.integers(0, CLASSES, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Dataset labels: out of range (e.g. -1 as "no label"), malformed one-hot rows, floats
+
+
+def test_negative_or_out_of_range_labels_name_the_element_and_the_range(K):
+    """A label of -1 used to make the whole batch explained for predicted classes (and recorded
+    as such); now every way of giving labels names the element and the valid range."""
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))
+    name = model.name
+    for bad_value in (-1, CLASSES):
+        bad = y.copy()
+        bad[7] = bad_value
+        message = (rf"dataset element 7: label {bad_value} is out of range for model '{name}' with {CLASSES} classes "
+                   rf"\(valid: 0\.\.{CLASSES - 1}\)\. Fix or drop such elements .*target='predicted'")
+        forms = {"pair of arrays": lambda: (x, bad), "zip": lambda: zip(x, bad),
+                 "tf.data": lambda: tf.data.Dataset.from_tensor_slices((x, bad)),
+                 "tf.data batched": lambda: tf.data.Dataset.from_tensor_slices((x, bad)).batch(3),
+                 "dicts": lambda: [{"image": a, "label": b} for a, b in zip(x, bad)],
+                 "whole floats": lambda: (x, bad.astype("float32"))}
+        for what, data in forms.items():
+            for target in ("auto", "label"):
+                with pytest.raises(InvalidInputError, match=message):
+                    ex.explain_dataset(data(), target=target, batch_size=8, progress=False)
+                    pytest.fail(f"{what}, target={target!r}: accepted")
+    # Labels that are not used are not read: -1 markers are fine with target='predicted' or a class.
+    bad = y.copy()
+    bad[7] = -1
+    res = ex.explain_dataset((x, bad), target="predicted", batch_size=8, progress=False)
+    np.testing.assert_array_equal(res.summaries["target"], res.summaries["predicted"])
+    assert np.all(ex.explain_dataset((x, bad), target=2, batch_size=8, progress=False).summaries["target"] == 2)
+
+
+def test_malformed_labels_name_the_element_and_what_a_label_must_be(K):
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))
+    soft = np.eye(CLASSES, dtype="float32")[y]
+    soft[5] = [0.1, 0.9, 0, 0]
+    with pytest.raises(InvalidInputError, match=r"dataset element 5: label of shape \(20, 4\) is neither class indices "
+                                                r"nor one-hot rows \(row \[0\.1 0\.9 0\.  0\. \] is not exactly one 1 .*"
+                                                r"labels\.argmax\(-1\)"):
+        ex.explain_dataset((x, soft), progress=False)
+    with pytest.raises(InvalidInputError, match=r"dataset element 13: label of shape \(4,\) is neither class indices"):
+        ex.explain_dataset([(a, b) for a, b in zip(x, soft[[0] * 13 + [5] * 7])], progress=False)
+    with pytest.raises(InvalidInputError, match=rf"dataset element 0: one-hot labels of length 10, but model "
+                                                rf"'{model.name}' has 4 classes; pass one-hot rows of length 4"):
+        ex.explain_dataset((x, np.eye(10)[y]), progress=False)
+    fractional = y.astype("float64")
+    fractional[3] = 2.5
+    with pytest.raises(InvalidInputError, match=r"dataset element 3: labels must be integer class indices in 0\.\.3, "
+                                                r"got 2\.5 \(dtype float64\); float labels are read only when they are "
+                                                r"whole numbers"):
+        ex.explain_dataset(zip(x, fractional), progress=False)
+    fractional[3] = np.nan
+    with pytest.raises(InvalidInputError, match=r"dataset element 3: labels must be integer class indices"):
+        ex.explain_dataset((x, fractional), progress=False)
+    with pytest.raises(InvalidInputError, match=r"dataset element 0: labels must be integer class indices in 0\.\.3 "
+                                                r"\(or one-hot rows\), got \[False"):
+        ex.explain_dataset((x, y > 1), progress=False)
+    # The forms that are labels still are: integers of any dtype, whole floats, one-hot rows.
+    ref = ex(x, target=y)
+    for labels in (y.astype("uint8"), y.astype("float32"), np.eye(CLASSES, dtype="int64")[y], np.eye(CLASSES)[y]):
+        got = ex.explain_dataset((x, labels), batch_size=8, progress=False)
+        np.testing.assert_allclose(got.relevance, ref, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(got.summaries["target"], y)
+
+
+def test_some_elements_without_a_label_are_refused_not_explained_for_their_prediction(K):
+    """With target='auto', a label missing on some elements used to switch whole batches to the
+    predicted class; now the mix is an error naming both elements (target='label': the first
+    element without one)."""
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))
+    mixed = [(x[i], y[i]) if i != 6 else x[i] for i in range(20)]
+    with pytest.raises(InvalidInputError, match=r"dataset element 6 has no label but element 0 has one: with "
+                                                r"target='auto' either every element has a label .*target='predicted'"):
+        ex.explain_dataset(mixed, batch_size=4, progress=False)
+    with pytest.raises(InvalidInputError, match=r"target='label' needs \(image, label\) elements; dataset element 6 "
+                                                r"has no label"):
+        ex.explain_dataset(mixed, target="label", batch_size=4, progress=False)
+    late = [x[i] if i < 10 else (x[i], y[i]) for i in range(20)]
+    with pytest.raises(InvalidInputError, match=r"dataset element 0 has no label but element 10 has one"):
+        ex.explain_dataset(late, batch_size=4, progress=False)
+    np.testing.assert_allclose(ex.explain_dataset(mixed, target="predicted", batch_size=4, progress=False).relevance,
+                               ex(x), rtol=1e-5, atol=1e-7)
