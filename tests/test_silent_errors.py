@@ -1,6 +1,7 @@
 """Nothing silently wrong, round 3: dataset labels out of range or malformed, resumes after an
 option that changes the numbers, integer one-hot targets, and relevance absorbed by the
 stabiliser; each in both Keras packages."""
+import json
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import tensorflow as tf
 
 import kit
 import lrp_grad
+from lrp_grad.canonizers import Canonizer
 from lrp_grad.errors import InvalidInputError
 
 CLASSES = 4
@@ -111,3 +113,64 @@ def test_some_elements_without_a_label_are_refused_not_explained_for_their_predi
         ex.explain_dataset(late, batch_size=4, progress=False)
     np.testing.assert_allclose(ex.explain_dataset(mixed, target="predicted", batch_size=4, progress=False).relevance,
                                ex(x), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A resume after changing an option that changes the numbers
+
+
+class _Identity(Canonizer):
+    """A canonizer without a repr of its own (``object``'s would hold a memory address)."""
+
+    def __init__(self, tag="a"):
+        self.tag = tag
+
+    def apply(self, graph):
+        return graph
+
+
+def test_resume_refuses_other_canonizers_output_or_compute_dtype_and_names_the_change(K, tmp_path):
+    model, x, y = _small(K)
+    base = lrp_grad.Explainer(model)
+    out = tmp_path / "r.npy"
+
+    def resume(ex):
+        return ex.explain_dataset(zip(x, y), batch_size=4, out=out, length=20, resume=True, progress=False)
+
+    base.explain_dataset(zip(x[:8], y[:8]), batch_size=4, out=out, length=20, progress=False)  # killed after 8
+    changes = {
+        "canonizers": (dict(canonizers=[]), r"canonizers was \['FoldBatchNorm\(\)'\], now \[\]"),
+        "output": (dict(output="hidden"), r"output was 'head', now 'hidden'"),
+        "compute_dtype": (dict(compute_dtype="bfloat16"), r"compute_dtype was None, now 'bfloat16'"),
+        "rule": (dict(rule="epsilon_plus"), r"rule was Composite 'AlphaBeta\(alpha=2\.0, beta=1\.0, bias=True\)', "
+                                            r"now Composite 'epsilon_plus'"),
+    }
+    for key, (options, said) in changes.items():
+        with pytest.raises(InvalidInputError, match=rf"cannot resume .*r\.npy: it was written with other settings "
+                                                    rf"\(differs in \['{key}'\]: {said}\), and resuming would mix two "
+                                                    r"kinds of relevance in one output"):
+            resume(lrp_grad.Explainer(model, **options))
+    # The default canonizers given explicitly, the output by its name and XLA change nothing that matters.
+    same = lrp_grad.Explainer(model, canonizers=[lrp_grad.canonizers.FoldBatchNorm()], output="head",
+                              jit_compile=True)
+    done = resume(same)
+    np.testing.assert_allclose(done.relevance, base(x, target=y), rtol=1e-4, atol=1e-6)
+    # A canonizer without a repr of its own is recorded by class and attributes, the same in every process.
+    recorded = lrp_grad.stream.fingerprint(lrp_grad.Explainer(model, canonizers=[_Identity("b")]))["canonizers"]
+    assert recorded == [f"{__name__}._Identity(tag='b')"]
+
+
+def test_resume_of_an_output_without_the_newer_fingerprint_keys_is_refused(K, tmp_path):
+    """An output of an earlier version recorded neither canonizers, output nor compute_dtype: what
+    it was written with is unknown, so it is not resumed."""
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model)
+    folder = tmp_path / "shards"
+    ex.explain_dataset(zip(x[:8], y[:8]), batch_size=4, out=folder, progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key in ("canonizers", "output", "compute_dtype"):
+        del manifest["fingerprint"][key]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match=r"differs in \['canonizers', 'output', 'compute_dtype'\]: canonizers "
+                                                r"was not recorded \(an output of an earlier lrp_grad\)"):
+        ex.explain_dataset(zip(x, y), batch_size=4, out=folder, resume=True, progress=False)

@@ -48,9 +48,10 @@ def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, re
         time (a lock file with its pid and host; a lock left by a dead process is taken over);
         the disk space of a ``.npy`` output is reserved up front.
     resume : bool
-        Continue a run that stopped, skipping the images already written. Refuses (with the
-        reason) when the output was written by another model, rule, target choice or batch
-        size, when the data differs from what was explained before (each batch's images are
+        Continue a run that stopped, skipping the images already written. Refuses (naming the
+        change) when the output was written by another model, rule, canonizers, output,
+        compute_dtype (see :func:`~lrp_grad.pipelines.stream.ondisk.fingerprint`), target choice or
+        batch size, when the data differs from what was explained before (each batch's images are
         hashed in the manifest), or when the output files were deleted, truncated or changed
         since (checked against per-batch hashes before anything is trusted).
     progress : bool
