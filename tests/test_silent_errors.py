@@ -10,7 +10,7 @@ import tensorflow as tf
 import kit
 import lrp_grad
 from lrp_grad.canonizers import Canonizer
-from lrp_grad.errors import InvalidInputError
+from lrp_grad.errors import InvalidInputError, InvalidTargetError
 
 CLASSES = 4
 
@@ -174,3 +174,32 @@ def test_resume_of_an_output_without_the_newer_fingerprint_keys_is_refused(K, tm
     with pytest.raises(InvalidInputError, match=r"differs in \['canonizers', 'output', 'compute_dtype'\]: canonizers "
                                                 r"was not recorded \(an output of an earlier lrp_grad\)"):
         ex.explain_dataset(zip(x, y), batch_size=4, out=folder, resume=True, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. An integer one-hot target
+
+
+def test_integer_one_hot_target_is_refused_with_the_three_readings(K):
+    """``np.eye(classes, dtype=int)[y]`` used to be read as `classes` class indices per image (only
+    classes 0 and 1) and returned (n, classes, ...) silently."""
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))
+    x, y = x[:6], y[:6]
+    for onehot in (np.eye(CLASSES, dtype=int)[y], np.eye(CLASSES, dtype="uint8")[y], tf.constant(np.eye(CLASSES)[y],
+                                                                                                   tf.int32)):
+        with pytest.raises(InvalidTargetError, match=r"target is an integer array of shape \(6, 4\) of one-hot rows, "
+                                                     r"one column per class \(4 classes\): it is ambiguous.*"
+                                                     r"target\.argmax\(1\) \(shape \(6,\)\); for a mask over the "
+                                                     r"classes pass target\.astype\(float\); for every class pass "
+                                                     r"target='all'"):
+            ex(x, target=onehot)
+    with pytest.raises(InvalidTargetError, match=r"of rows of 0s and 1s, one column per class"):
+        lrp_grad.explain(model, x, target=np.tile([0, 1, 1, 0], (6, 1)), rule=lrp_grad.Epsilon(1e-6))
+    # The fixes it names, and the class lists that are not one-hot, work.
+    np.testing.assert_allclose(ex(x, target=np.eye(CLASSES)[y]), ex(x, target=y), rtol=1e-5, atol=1e-7)
+    every = ex(x, target="all")
+    np.testing.assert_allclose(ex(x, target=np.tile([3, 1, 0, 2], (6, 1))), every[:, [3, 1, 0, 2]], rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(ex(x, target=np.tile([0, 1], (6, 1))), every[:, :2], rtol=1e-5, atol=1e-7)
+    assert ex(x, target=np.eye(3, dtype=int)[y % 3]).shape == (6, 3, 6, 6, 1)  # k != classes: class lists
