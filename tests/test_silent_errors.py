@@ -2,6 +2,7 @@
 option that changes the numbers, integer one-hot targets, and relevance absorbed by the
 stabiliser; each in both Keras packages."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import tensorflow as tf
 import kit
 import lrp_grad
 from lrp_grad.canonizers import Canonizer
-from lrp_grad.errors import InvalidInputError, InvalidTargetError
+from lrp_grad.errors import InvalidInputError, InvalidTargetError, RelevanceAbsorbedWarning
 
 CLASSES = 4
 
@@ -203,3 +204,56 @@ def test_integer_one_hot_target_is_refused_with_the_three_readings(K):
                                atol=1e-7)
     np.testing.assert_allclose(ex(x, target=np.tile([0, 1], (6, 1))), every[:, :2], rtol=1e-5, atol=1e-7)
     assert ex(x, target=np.eye(3, dtype=int)[y % 3]).shape == (6, 3, 6, 6, 1)  # k != classes: class lists
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Relevance absorbed by the stabiliser
+
+
+def _tiny_logits(K):
+    """A CNN whose logits are ~1e-9..1e-8: the last Dense kernel scaled by 1e-9, no bias."""
+    model = kit.cnn(classes=5, K=K)
+    w, b = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([w * 1e-9, b * 0])
+    return model
+
+
+def test_tiny_explained_output_warns_that_the_stabiliser_absorbed_the_relevance(K):
+    model = _tiny_logits(K)
+    x = np.random.default_rng(0).normal(size=(6, 10, 10, 3)).astype("float32")
+    assert np.abs(lrp_grad.Explainer(model).forward(x)).max() < 1e-7
+    said = (r"relevance at the input sums to \d+\.\d% of the explained logit \(6 of 6 samples; explained output values "
+            r"of magnitude up to .*e-0[89]\): the explained output is below the rules' stabiliser \(epsilon 1e-06\).*"
+            r"Use rule=lrp_grad\.Z\(\) \(no stabiliser\) or a smaller epsilon, e\.g\. rule=lrp_grad\.Epsilon\(1e-12\)")
+    for rule in (None, lrp_grad.Epsilon(1e-6), "epsilon_plus_flat"):
+        with pytest.warns(RelevanceAbsorbedWarning, match=said) as caught:
+            R = lrp_grad.Explainer(model, rule=rule)(x)
+        assert issubclass(caught[0].category, UserWarning)
+        assert np.all(np.abs(R.reshape(6, -1).sum(1)) < 0.1 * np.abs(lrp_grad.Explainer(model).forward(x)).max(1))
+    with pytest.warns(RelevanceAbsorbedWarning, match=r"of the initial relevance \(6 of 6 samples"):
+        lrp_grad.Explainer(model)(x, initial="one")
+    with pytest.warns(RelevanceAbsorbedWarning, match=r"of the explained output"):
+        lrp_grad.Explainer(model)(x, target=np.eye(5)[[1] * 6])  # a mask
+    with warnings.catch_warnings():  # what the warning says to do: no stabiliser, or a smaller one
+        warnings.simplefilter("error", RelevanceAbsorbedWarning)
+        for rule in (lrp_grad.Z(), lrp_grad.Epsilon(1e-12)):
+            R = lrp_grad.Explainer(model, rule=rule)(x)
+            ratio = R.reshape(6, -1).sum(1) / lrp_grad.Explainer(model).forward(x).max(1)
+            assert np.all(ratio > 0.5), ratio
+    with pytest.warns(RelevanceAbsorbedWarning) as caught:  # a dataset: once per run, naming the images
+        lrp_grad.Explainer(model).explain_dataset(np.concatenate([x] * 3), batch_size=4, progress=False)
+    assert len([w for w in caught if w.category is RelevanceAbsorbedWarning]) == 1
+    assert "First seen in images 0..3; warned once per run." in str(caught[0].message)
+
+
+def test_a_normal_model_does_not_warn(K):
+    model = kit.cnn(classes=5, K=K)
+    x = np.random.default_rng(0).normal(size=(6, 10, 10, 3)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RelevanceAbsorbedWarning)
+        for rule in (None, lrp_grad.Epsilon(1e-6), lrp_grad.Z(), "epsilon_plus_flat", lrp_grad.ZPlus()):
+            ex = lrp_grad.Explainer(model, rule=rule)
+            ex(x)
+            ex(x, target="all")
+            ex(x, initial="one")
+        lrp_grad.Explainer(model).explain_dataset(x, batch_size=4, progress=False)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 
 import numpy as np
 
-from ...errors import InvalidInputError
+from ...core.absorption import absorbed_message
+from ...errors import InvalidInputError, RelevanceAbsorbedWarning
 from .ondisk import (OutputError, _Lock, _matches, _read_manifest, _read_sidecar, _sidecar, _target_mode,
                      _verify_folder, _verify_npy, _write_error, fingerprint)
 from .reading import _batches, _length, _pair_of_arrays, _targets
@@ -157,6 +159,7 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
     parts, summaries = [], []
     bar = _bar(progress, length, sum(b[1] for b in finished.values()))
     writer = None if sink is None else _Writer(sink)
+    warned = False
     try:
         for x, labels, start in _batches(data, explainer, batch_size, target):
             if limit is not None and start + len(x) > limit:
@@ -176,6 +179,8 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
             t = _targets(target, labels, len(x))
             R, logits = explainer._explain_with_logits(x, t)
             summary = _summaries(R, logits, t)
+            if not warned:  # the stabiliser absorbed a tiny logit: once per run, from the summaries
+                warned = _warn_if_absorbed(summary, start)
             if sink is None:
                 parts.append(R)
                 summaries.append(summary)
@@ -202,6 +207,15 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
         sink.close()
         raise
     return sink.finish()
+
+
+def _warn_if_absorbed(summary, start) -> bool:
+    """:mod:`lrp_grad.core.absorption`'s warning for one batch's summaries; whether it warned."""
+    message = absorbed_message(summary["relevance_sum"], summary["target_logit"], summary["target_logit"])
+    if message is not None:
+        warnings.warn(f"{message} (First seen in images {start}..{start + len(summary) - 1}; warned once per run.)",
+                      RelevanceAbsorbedWarning, stacklevel=5)  # explain_dataset's caller (in memory)
+    return message is not None
 
 
 def _bar(progress, total, initial):
