@@ -49,3 +49,8 @@ class LRPMemoryError(LRPError, MemoryError):
 
 class InvalidRuleError(LRPError, ValueError):
     """A rule was constructed with parameters outside its valid range."""
+
+
+class RelevanceAbsorbedWarning(UserWarning):
+    """The explained output was so small that the rules' stabiliser absorbed its relevance: the map
+    is (nearly) all zero. The message says how much reached the input and which rule to use."""

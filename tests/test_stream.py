@@ -109,9 +109,10 @@ def test_resume_refuses_another_model_or_rule(setup, tmp_path):
     ex, x, y = setup
     ex.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", progress=False)
     other = lrp_grad.Explainer(ex.model, rule=lrp_grad.Epsilon())
-    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*different model, rule, target choice or batch size \(differs in \['rule'\]\)"):
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*written with other settings \(differs in \['rule'\]: rule was "
+                       r"Composite 'AlphaBeta\(alpha=2.0, beta=1.0, bias=True\)', now Composite 'Epsilon"):
         other.explain_dataset(zip(x, y), batch_size=5, out=tmp_path / "o", resume=True, progress=False)
-    with pytest.raises(lrp_grad.InvalidInputError, match=r"differs in \['batch_size'\]"):
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"differs in \['batch_size'\]: batch_size was 5, now 6"):
         ex.explain_dataset(zip(x, y), batch_size=6, out=tmp_path / "o", resume=True, progress=False)
 
 

@@ -34,7 +34,8 @@ def _partial(ex, x, y, out, stop_after=2, **kw):
 def test_resume_with_another_target_choice_is_refused(setup, tmp_path):
     ex, x, y = setup
     _partial(ex, x, y, tmp_path / "r.npy", target="label")
-    with pytest.raises(lrp_grad.InvalidInputError, match=r"different model, rule, target choice.*\['target'\]"):
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"other settings \(differs in \['target'\]: target was 'label', "
+                                                      r"now 'predicted'\)"):
         ex.explain_dataset(zip(x, y), target="predicted", batch_size=4, out=tmp_path / "r.npy", length=20,
                            resume=True, progress=False)
 

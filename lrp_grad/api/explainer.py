@@ -157,7 +157,8 @@ class Explainer:
             predicted class of a classifier, and the whole output when it is one number per
             sample (a ``(n, 1)`` regression). Several classes per image: an ``(n, k)`` integer
             array with ``k >= 2`` or ``'all'``; the result then has shape ``(n, k, ...)``. An
-            ``(n, 1)`` integer array is refused as ambiguous. A float or bool array is a *mask*
+            ``(n, 1)`` integer array is refused as ambiguous, and so is an integer ``(n, classes)``
+            array of 0s and 1s (``np.eye(classes, dtype=int)[y]``: pass ``y``, or a float mask). A float or bool array is a *mask*
             broadcastable to the output, per sample ``(n, ...)`` or shared ``(...)``: the
             explained quantity is ``sum(output * mask)`` per sample (e.g. one class inside a
             region of a segmentation map).

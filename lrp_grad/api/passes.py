@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..core import planner
+from ..core.absorption import warn_if_absorbed
 from ..errors import LRPMemoryError, StaleExplainerError
 from .report import RelevanceReport
 from .request import check_batch_size
@@ -250,10 +251,36 @@ class Passes:
             sums.append(layer_sums)
         R = [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts)]
         logits = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        self.check_absorbed(logits, mode, select, second, np.concatenate([b[0] for b in sums]))
         if not return_layers:
             return R, logits, None
         labels = self.report_labels(steps)
         return R, logits, RelevanceReport({k: np.concatenate([b[i] for b in sums]) for i, k in enumerate(labels)})
+
+    def check_absorbed(self, logits, mode, select, second, input_sums):
+        """Warn when the stabiliser absorbed the relevance of a tiny explained output (see
+        :mod:`lrp_grad.core.absorption`), from the input relevance sums the pass returns and one
+        product with the output; a callable or explicit initial relevance is not checked."""
+        if not (isinstance(mode, str) and mode in ("logit", "one")) or select == "array":
+            return
+        n = len(logits)
+        if select == "mask":
+            chosen = np.broadcast_to(np.asarray(second, logits.dtype), logits.shape)
+        else:
+            t = np.asarray(second)
+            if self.signature.is_classifier:
+                t = np.where(t < 0, logits.argmax(-1), t)
+            classes = logits.shape[-1]
+            chosen = (np.arange(classes) == t[:, None]).reshape((n,) + (1,) * (logits.ndim - 2) + (classes,))
+        explained = (logits * chosen).reshape(n, -1).sum(1)
+        if mode == "logit":
+            initial = explained
+            of_what = "the explained logit" if self.signature.is_classifier and select == "index" else \
+                "the explained output"
+        else:
+            initial = np.broadcast_to(chosen, logits.shape).reshape(n, -1).sum(1)
+            of_what = "the initial relevance"
+        warn_if_absorbed(input_sums, explained, initial, of_what, stacklevel=5)  # the user's Explainer call
 
     def run_batch(self, fn, xs, second):
         """``(relevances, logits, per-layer sums)`` of one batch as numpy, padded to an XLA bucket."""

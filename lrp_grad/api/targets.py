@@ -166,5 +166,18 @@ class TargetChecks:
             raise InvalidTargetError(
                 f"target has shape {t.shape}; for several classes per image it must be (n, k) with n = {n}."
             )
+        k = t.shape[1]
+        if k == self.n_classes and np.all((t == 0) | (t == 1)):
+            # An integer one-hot (or multi-hot) array, e.g. np.eye(classes, dtype=int)[y]: read as k
+            # classes per image it would explain classes 0 and 1 over and over, and a float one-hot
+            # is a mask: too close to be told apart, so neither reading is guessed.
+            units = ("class", "classes") if self.is_classifier and self.model_output else (
+                f"channel of output {self.output_name!r}", "channels")
+            rows = "one-hot rows" if np.all(t.sum(1) == 1) else "rows of 0s and 1s"
+            raise InvalidTargetError(
+                f"target is an integer array of shape {t.shape} of {rows}, one column per {units[0]} ({k} "
+                f"{units[1]}): it is ambiguous, as {k} class indices per image it would explain only classes 0 "
+                f"and 1, {k} times. For one class per image pass the class indices, target.argmax(1) (shape ({n},)); "
+                "for a mask over the classes pass target.astype(float); for every class pass target='all'.")
         self.target(t.reshape(-1), t.size)  # dtype and range, with the usual messages
         return t.astype(np.int32)

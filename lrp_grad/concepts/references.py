@@ -170,7 +170,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
             fields[position] = receptive_field(ex, label, position) if n_sp else ()
         return fields[position]
 
-    for images, labels, start in stream._batches(data, ex, batch_size):
+    for images, labels, start in stream._batches(data, ex, batch_size, target if by == "relevance" else None):
         n = len(images)
         if by == "relevance":
             select, second = ex.signature.target(stream._targets(target, labels, n), n)

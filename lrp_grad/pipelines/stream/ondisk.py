@@ -31,28 +31,84 @@ class OutputError(LRPError, RuntimeError):
 
 
 def fingerprint(explainer) -> dict:
-    """What a resumed run must share with the run that wrote the output."""
+    """What a resumed run must share with the run that wrote the output: everything that changes the
+    numbers. The model (name, weights) and input, the rule (or composite), the canonizers (``None``
+    is the default, recorded as what it is), the explained output (resolved to its name, so
+    ``output=None`` and the same name given explicitly agree) and ``compute_dtype`` (bfloat16 or
+    float16 change the relevance by 1e-2..1e-1 relative, benchmarks/README.md).
+
+    Not recorded, on purpose: ``jit_compile`` and ``strategy``. XLA and a split across replicas run
+    the same operations fused or grouped differently, so they change the relevance only by float32
+    rounding, not in kind (measured: XLA vs none 4e-7 relative L2 on a small CNN for AlphaBeta,
+    Epsilon and epsilon_plus_flat; two replicas vs one 1e-5, README), like the CPU kernels of
+    another batch size (rare max-pooling near-ties aside, see README "Max pooling"). And their
+    default depends on the machine (XLA on a GPU), so recording them would refuse to resume a run
+    on another machine for no difference in meaning.
+    """
+    from ...core.canonizers import DEFAULT_CANONIZERS  # noqa: PLC0415 - TensorFlow, only with an explainer
+
     digest = hashlib.sha256()
     for w in explainer.model.weights:
         digest.update(np.ascontiguousarray(w.numpy()).tobytes())
     return {"model": explainer.model.name, "weights_sha256": digest.hexdigest(),
             "rule": str(explainer.rule), "input_shape": list(explainer.input_shape),
-            "dtype": str(explainer.dtype)}
+            "dtype": str(explainer.dtype),
+            "canonizers": [_describe_canonizer(c) for c in (DEFAULT_CANONIZERS if explainer.canonizers is None
+                                                            else explainer.canonizers)],
+            "output": explainer.output_name, "compute_dtype": explainer.compute_dtype}
+
+
+def _describe_canonizer(c) -> str:
+    """A canonizer as text that is the same in every process: its repr (dataclasses print their
+    fields), or, when that is ``object``'s (with a memory address), its class and attributes."""
+    if type(c).__repr__ is not object.__repr__:
+        return repr(c)
+    fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(c).items()))
+    return f"{type(c).__module__}.{type(c).__qualname__}({fields})"
 
 
 def _target_mode(target) -> str:
     return repr(int(target)) if isinstance(target, (int, np.integer)) else repr(target)
 
 
+def _shown(value, limit=150) -> str:
+    """A recorded value for a message: on one line (a composite prints one line per entry), shortened."""
+    if isinstance(value, str):
+        text = " ".join(value.split())
+        return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_same_run(out, manifest, fp, batch_size):
-    if manifest["fingerprint"] != fp or manifest["batch_size"] != batch_size:
-        diff = [k for k in fp if manifest["fingerprint"].get(k) != fp[k]]
-        if manifest["batch_size"] != batch_size:
-            diff.append("batch_size")
-        raise InvalidInputError(
-            f"cannot resume {out}: it was written by a different model, rule, target choice or batch size "
-            f"(differs in {diff}). Use a new output path, or resume=False to start over."
-        )
+    before = manifest["fingerprint"]
+    diff = [k for k in fp if before.get(k, _MISSING) != fp[k]]
+    if manifest["batch_size"] != batch_size:
+        diff.append("batch_size")
+    if not diff:
+        return
+    changes = []
+    for k in diff:
+        if k == "batch_size":
+            changes.append(f"batch_size was {manifest['batch_size']}, now {batch_size}")
+        elif k not in before:
+            changes.append(f"{k} was not recorded (an output of an earlier lrp_grad)")
+        elif k == "weights_sha256":
+            changes.append("the model's weights changed")
+        elif k == "target":  # recorded as a repr already
+            changes.append(f"target was {before[k]}, now {fp[k]}")
+        elif k == "rule" and before[k].splitlines()[:1] != fp[k].splitlines()[:1]:  # composites: their names
+            changes.append(f"rule was {before[k].splitlines()[0].rstrip(':')}, now {fp[k].splitlines()[0].rstrip(':')}")
+        else:
+            changes.append(f"{k} was {_shown(before[k])}, now {_shown(fp[k])}")
+    raise InvalidInputError(
+        f"cannot resume {out}: it was written with other settings (differs in {diff}: {'; '.join(changes)}), and "
+        "resuming would mix two kinds of relevance in one output. Resume with the model, Explainer options, target "
+        "and batch size it was written with, use a new output path, or start over with resume=False."
+    )
+
+
+_MISSING = object()
 
 
 #: The working files of an unfinished ``.npy`` run, in ``<out>.parts/``.

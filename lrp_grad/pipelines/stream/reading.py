@@ -45,16 +45,25 @@ def _length(data, input_rank):
     return len(data) if hasattr(data, "__len__") else None
 
 
-def _batches(data, explainer, batch_size):
+def _batches(data, explainer, batch_size, target="auto"):
     """Regroup the stream into ``(x, labels, first_index)`` batches of ``batch_size``; checks every element.
 
     Batched elements (and whole arrays) are checked and sliced as blocks; single images are
     collected as they come and checked, stacked and labelled once per batch (vectorised): no
     per-image numpy work, only the unpacking of each element.
+
+    Labels are read only when ``target`` uses them (``'auto'``, ``'label'``): then each must be a
+    class of the explained output (an error names the element otherwise), and either every element
+    has one or none has. ``-1`` in ``labels`` means "no label" (only ever set here, never taken
+    from the data).
     """
     shape = tuple(explainer.input_shape)
-    xs, ys, held, start = [], [], 0, 0
-    for images, labels in _blocks(data, shape, batch_size):
+    classes = (explainer.n_classes, explainer.signature.model_name) if _uses_labels(target) else None
+    xs, ys, held, start, seen, first = [], [], 0, 0, 0, None
+    for images, labels in _blocks(data, shape, batch_size, classes):
+        if classes is not None and len(labels):
+            first = _check_presence(labels, seen, first, target)
+        seen += len(images)
         while len(images):
             take = min(batch_size - held, len(images))
             xs.append(images[:take])
@@ -69,13 +78,45 @@ def _batches(data, explainer, batch_size):
         yield _joined(xs), _joined(ys), start
 
 
+def _uses_labels(target) -> bool:
+    """Whether ``target`` reads the data's labels (else they are not even parsed)."""
+    return isinstance(target, str) and target in ("auto", "label")
+
+
+def _check_presence(labels, index, first, target):
+    """Refuse a dataset where some elements have a label and others not (for ``target='auto'`` the
+    choice between labels and predicted classes would change from batch to batch), and, for
+    ``target='label'``, any element without one. ``first``: ``(has a label, dataset index)`` of the
+    first element, or ``None`` before it. Returns ``first``."""
+    has = labels >= 0
+    if first is None:
+        first = (bool(has[0]), index)
+    if target == "label" and not first[0]:
+        raise InvalidInputError(f"target='label' needs (image, label) elements; dataset element {first[1]} has no "
+                                "label (images alone, or an array of them, have none). Use target='predicted' or a "
+                                "class index.")
+    odd = np.flatnonzero(has != first[0])
+    if odd.size:
+        i = index + int(odd[0])
+        if target == "label":
+            raise InvalidInputError(f"target='label' needs (image, label) elements; dataset element {i} has no "
+                                    "label. Give every element a label, or use target='predicted' or a class index.")
+        have, lack = (first[1], i) if first[0] else (i, first[1])
+        raise InvalidInputError(
+            f"dataset element {lack} has no label but element {have} has one: with target='auto' either every "
+            "element has a label (each is explained for its label) or none has (each is explained for its "
+            "predicted class). Give every element a label, or pass target='predicted' (labels are then not read).")
+    return first
+
+
 def _joined(parts):
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def _blocks(data, shape, batch_size):
+def _blocks(data, shape, batch_size, classes=None):
     """Checked ``(images, class_labels)`` blocks in stream order: one per batched element, and runs of
-    up to ``batch_size`` consecutive single images stacked into one."""
+    up to ``batch_size`` consecutive single images stacked into one. ``classes``: ``(number of
+    classes, model name)`` to read and check the labels against, or ``None`` to ignore labels."""
     rank, index = len(shape), 0
     if isinstance(data, np.ndarray):
         _check_block(data, shape, 0)
@@ -107,24 +148,25 @@ def _blocks(data, shape, batch_size):
             images.append(image)
             labels.append(label)
             if len(images) == batch_size:
-                yield _single_block(images, labels, shape, index)
+                yield _single_block(images, labels, shape, index, classes)
                 index += len(images)
                 images, labels = [], []
             continue
         if images:
-            yield _single_block(images, labels, shape, index)
+            yield _single_block(images, labels, shape, index, classes)
             index += len(images)
             images, labels = [], []
         block = image if image.ndim == rank + 1 else image[None]  # a wrong rank is named by the check
-        y = np.full(len(block), -1) if label is None else _class_labels(label, len(block), index)
         _check_block(block, shape, index)
+        y = (np.full(len(block), -1) if label is None or classes is None
+             else _class_labels(label, len(block), index, classes))
         yield block, y
         index += len(block)
     if images:
-        yield _single_block(images, labels, shape, index)
+        yield _single_block(images, labels, shape, index, classes)
 
 
-def _single_block(images, labels, shape, index):
+def _single_block(images, labels, shape, index, classes=None):
     """Stack and check a run of single images (dataset indices from ``index``) with their labels, in
     one vectorised pass; when that fails, check them one by one so the error names the element."""
     n = len(images)
@@ -139,14 +181,15 @@ def _single_block(images, labels, shape, index):
         for i, im in enumerate(images):
             _check_block(im[None], shape, index + i)
         block = np.stack(images)
-    if all(label is None for label in labels):
+    if classes is None or all(label is None for label in labels):
         return block, np.full(n, -1)
     if not any(label is None for label in labels):
         try:
-            return block, _class_labels(np.asarray(labels), n, index)
+            return block, _class_labels(np.asarray(labels), n, index, classes)
         except (InvalidInputError, ValueError):
             pass  # named below, element by element
-    ys = [np.full(1, -1) if label is None else _class_labels(label, 1, index + i) for i, label in enumerate(labels)]
+    ys = [np.full(1, -1) if label is None else _class_labels(label, 1, index + i, classes)
+          for i, label in enumerate(labels)]
     return block, np.concatenate(ys)
 
 
@@ -161,22 +204,53 @@ def _from_dict(element):
     return element[image_key], None if label_key is None else element[label_key]
 
 
-def _class_labels(label, count, index):
-    """Class indices from a label entry: ints, or one-hot rows (argmax), for ``count`` images."""
+def _class_labels(label, count, index, classes):
+    """Class indices of ``count`` images (dataset indices from ``index``) from their label entry:
+    integers (or whole floats) in ``0..n-1``, or one-hot rows of length ``n`` (their argmax), where
+    ``classes = (n, model name)`` (``n`` ``None``: not checked). Anything else is an error naming
+    the element and what a label must be."""
+    n, model = classes
+    valid = "" if n is None else f" in 0..{n - 1}"
     a = np.asarray(label)
     if a.ndim >= 1 and a.shape[-1] > 1 and a.size == count * a.shape[-1]:  # one-hot (or soft) rows
         rows = a.reshape(count, -1)
-        if not np.all((rows == 0) | (rows == 1)) or not np.all(rows.sum(1) == 1):
-            raise InvalidInputError(f"dataset element {index}: label of shape {a.shape} is neither class indices "
-                                    "nor one-hot rows (exactly one 1 per row); pass integer class labels.")
+        numeric = a.dtype == bool or np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+        bad = (np.ones(count, bool) if not numeric
+               else ~(np.all((rows == 0) | (rows == 1), axis=1) & (rows.sum(1) == 1)))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise InvalidInputError(
+                f"dataset element {index + r}: label of shape {a.shape} is neither class indices nor one-hot rows "
+                f"(row {np.array2string(rows[r], threshold=12)} is not exactly one 1 and zeros elsewhere); pass "
+                "integer class indices (for soft or smoothed labels: labels.argmax(-1)).")
+        if n is not None and rows.shape[1] != n:
+            raise InvalidInputError(
+                f"dataset element {index}: one-hot labels of length {rows.shape[1]}, but model {model!r} has {n} "
+                f"classes; pass one-hot rows of length {n} or integer class indices{valid}.")
         return rows.argmax(1)
     a = a.reshape(-1)
     if a.size != count:
         raise InvalidInputError(f"dataset element {index}: {a.size} label(s) for {count} image(s).")
-    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or
-                               (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))):
-        raise InvalidInputError(f"dataset element {index}: labels must be integer class indices, got {a[:4]} "
-                                f"(dtype {a.dtype}).")
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise InvalidInputError(f"dataset element {index}: labels must be integer class indices{valid} (or one-hot "
+                                f"rows), got {a[:4]} (dtype {a.dtype}).")
+    if np.issubdtype(a.dtype, np.floating):
+        whole = np.isfinite(a) & (a == np.round(a))
+        if not whole.all():
+            i = int(np.flatnonzero(~whole)[0])
+            raise InvalidInputError(
+                f"dataset element {index + i}: labels must be integer class indices{valid}, got {a[i]} (dtype "
+                f"{a.dtype}); float labels are read only when they are whole numbers. Pass integer labels or "
+                "one-hot rows.")
+    if n is not None:
+        out = (a < 0) | (a >= n)
+        if out.any():
+            i = int(np.flatnonzero(out)[0])
+            raise InvalidInputError(
+                f"dataset element {index + i}: label {int(a[i])} is out of range for model {model!r} with {n} "
+                f"classes (valid: 0..{n - 1}). Fix or drop such elements (e.g. a -1 'no label' marker: "
+                "ds.filter(lambda x, y: y >= 0)), or explain the predicted classes with target='predicted' (labels "
+                "are then not read).")
     return a.astype(np.int64)
 
 

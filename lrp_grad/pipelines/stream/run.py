@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 
 import numpy as np
 
-from ...errors import InvalidInputError
+from ...core.absorption import absorbed_message
+from ...errors import InvalidInputError, RelevanceAbsorbedWarning
 from .ondisk import (OutputError, _Lock, _matches, _read_manifest, _read_sidecar, _sidecar, _target_mode,
                      _verify_folder, _verify_npy, _write_error, fingerprint)
 from .reading import _batches, _length, _pair_of_arrays, _targets
@@ -29,8 +31,10 @@ def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, re
     data : tf.data.Dataset, numpy array, (images, labels) arrays or iterable
         Images, ``(image, label)`` pairs, or dicts with an image key (``'image'``, ``'x'``,
         ...) and optionally a label key (``'label'``, ``'y'``, ...); elements may be single
-        images or batches. Labels may be class indices (any integer dtype) or one-hot rows.
-        The order is preserved.
+        images or batches. Labels may be class indices (any integer dtype, or whole floats) or
+        one-hot rows; each must be a class of the model (an error names the element otherwise),
+        either every element has one or none has, and they are read only for ``target`` 'auto'
+        or 'label'. The order is preserved.
     target : 'auto', 'label', 'predicted', None or int
         ``'auto'`` (default): the label of each element when the data has labels, else the
         predicted class. ``'label'``: the labels (an error without them). ``'predicted'``
@@ -46,9 +50,10 @@ def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, re
         time (a lock file with its pid and host; a lock left by a dead process is taken over);
         the disk space of a ``.npy`` output is reserved up front.
     resume : bool
-        Continue a run that stopped, skipping the images already written. Refuses (with the
-        reason) when the output was written by another model, rule, target choice or batch
-        size, when the data differs from what was explained before (each batch's images are
+        Continue a run that stopped, skipping the images already written. Refuses (naming the
+        change) when the output was written by another model, rule, canonizers, output,
+        compute_dtype (see :func:`~lrp_grad.pipelines.stream.ondisk.fingerprint`), target choice or
+        batch size, when the data differs from what was explained before (each batch's images are
         hashed in the manifest), or when the output files were deleted, truncated or changed
         since (checked against per-batch hashes before anything is trusted).
     progress : bool
@@ -154,8 +159,9 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
     parts, summaries = [], []
     bar = _bar(progress, length, sum(b[1] for b in finished.values()))
     writer = None if sink is None else _Writer(sink)
+    warned = False
     try:
-        for x, labels, start in _batches(data, explainer, batch_size):
+        for x, labels, start in _batches(data, explainer, batch_size, target):
             if limit is not None and start + len(x) > limit:
                 raise InvalidInputError(f"the dataset has more than length={limit} images (image {start + len(x) - 1} "
                                         "arrived); pass the right length= (or leave it out for a folder output).")
@@ -173,6 +179,8 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
             t = _targets(target, labels, len(x))
             R, logits = explainer._explain_with_logits(x, t)
             summary = _summaries(R, logits, t)
+            if not warned:  # the stabiliser absorbed a tiny logit: once per run, from the summaries
+                warned = _warn_if_absorbed(summary, start)
             if sink is None:
                 parts.append(R)
                 summaries.append(summary)
@@ -199,6 +207,15 @@ def _stream(explainer, data, target, batch_size, sink, progress, length, worker)
         sink.close()
         raise
     return sink.finish()
+
+
+def _warn_if_absorbed(summary, start) -> bool:
+    """:mod:`lrp_grad.core.absorption`'s warning for one batch's summaries; whether it warned."""
+    message = absorbed_message(summary["relevance_sum"], summary["target_logit"], summary["target_logit"])
+    if message is not None:
+        warnings.warn(f"{message} (First seen in images {start}..{start + len(summary) - 1}; warned once per run.)",
+                      RelevanceAbsorbedWarning, stacklevel=5)  # explain_dataset's caller (in memory)
+    return message is not None
 
 
 def _bar(progress, total, initial):
