@@ -257,3 +257,71 @@ def test_a_normal_model_does_not_warn(K):
             ex(x, target="all")
             ex(x, initial="one")
         lrp_grad.Explainer(model).explain_dataset(x, batch_size=4, progress=False)
+
+
+# ------------------------------------------------------------- round 3, medium items (this session) --
+
+def test_a_tf_data_dataset_of_dicts_is_read_by_its_keys(K):
+    """A tf.data.Dataset of {'image': ..., 'label': ...} batches (documented) is read, its labels
+    used as targets; its length is read from the image entry's spec."""
+    import tensorflow as tf
+
+    L = K.layers
+    inp = K.Input((6, 6, 1))
+    model = K.Model(inp, L.Dense(3)(L.Flatten()(L.Conv2D(2, 3, activation="relu")(inp))))
+    x = np.random.default_rng(0).uniform(0, 1, (5, 6, 6, 1)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1])
+    ex = lrp_grad.Explainer(model)
+    result = ex.explain_dataset(tf.data.Dataset.from_tensor_slices({"image": x, "label": y}).batch(2), progress=False)
+    np.testing.assert_array_equal(result.summaries["target"], y)
+    np.testing.assert_allclose(result.relevance, ex(x, target=y), rtol=1e-5, atol=1e-7)
+    unbatched = ex.explain_dataset(tf.data.Dataset.from_tensor_slices({"x": x, "y": y}), progress=False)
+    np.testing.assert_allclose(unbatched.relevance, result.relevance, rtol=1e-5, atol=1e-7)
+
+
+def test_a_callable_initial_of_the_wrong_shape_or_dtype_is_named(K):
+    L = K.layers
+    inp = K.Input((4,))
+    model = K.Model(inp, L.Dense(3)(inp))
+    x = np.ones((2, 4), np.float32)
+    import tensorflow as tf
+
+    with pytest.raises(lrp_grad.InvalidTargetError, match=r"initial\(logits, target\) returned shape \(None, 2\); it "
+                                                          r"must be the logits' shape \(None, 3\)"):
+        lrp_grad.Explainer(model)(x, initial=lambda logits, t: logits[:, :2])
+    with pytest.raises(lrp_grad.InvalidTargetError, match=r"initial\(logits, target\) returned dtype int32; return "
+                                                          r"floats shaped like the logits"):
+        lrp_grad.Explainer(model)(x, initial=lambda logits, t: tf.cast(logits, tf.int32))
+
+
+def test_unknown_input_sizes_are_chunked_by_the_images_size(K, monkeypatch):
+    """Input((None, None, 3)): the automatic batch size scales with the size of the images being
+    explained (it was 4096 whatever their size); several targets per image honour it too."""
+    import importlib
+
+    passes = importlib.import_module("lrp_grad.api.passes")
+    L = K.layers
+    inp = K.Input((None, None, 3))
+    model = K.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3, activation="relu")(inp))))
+    monkeypatch.setattr(passes, "free_memory_bytes", lambda: 64 << 20)
+    ex = lrp_grad.Explainer(model)
+    small, large = ex.passes.auto_batch_size((8, 8, 3)), ex.passes.auto_batch_size((128, 128, 3))
+    assert large < small and large * 200 < small * 1.1, (small, large)
+    calls = []
+    run = ex.passes.run
+    monkeypatch.setattr(ex.passes, "run", lambda fn, a, b: calls.append(len(a[0])) or run(fn, a, b))
+    x = np.random.default_rng(1).uniform(0, 1, (3, 128, 128, 3)).astype("float32")
+    ex(x, target="all")
+    assert max(calls) <= max(1, ex.passes.auto_batch_size((128, 128, 3))), (calls, large)
+
+
+def test_a_layer_called_with_training_true_is_refused(K):
+    """Dropout (or BatchNorm) called with training=True in the graph computes its training
+    behaviour at every call: refused by name instead of explained as inference."""
+    L = K.layers
+    inp = K.Input((6,))
+    h = L.Dropout(0.5, name="drop")(L.Dense(4)(inp), training=True)
+    model = K.Model(inp, L.Dense(2)(h))
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'drop' \(Dropout\): called with training=True in the "
+                                                             r"model, so it computes its training behaviour"):
+        lrp_grad.Explainer(model)

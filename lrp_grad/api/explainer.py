@@ -190,8 +190,9 @@ class Explainer:
         # MULTI_TARGET_ROWS rows (few images: one call instead of k; many: no giant batch).
         k = per_class.shape[1]
         repeated = [np.repeat(v, k, axis=0) for v in xs]
-        R, _, report = self.explain_checked(repeated, per_class.reshape(-1), initial, return_layers,
-                                            batch_size if batch_size is not None else max(n, MULTI_TARGET_ROWS))
+        rows = batch_size if batch_size is not None else min(max(n, MULTI_TARGET_ROWS),
+                                                             self.passes.auto_batch_size(xs[0].shape[1:]))
+        R, _, report = self.explain_checked(repeated, per_class.reshape(-1), initial, return_layers, rows)
         R = self.signature.pack([p.reshape((n, k) + v.shape[1:]) for p, v in zip(R, xs)], structure)
         if not return_layers:
             return R

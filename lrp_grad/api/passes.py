@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from ..core import planner
 from ..core.absorption import warn_if_absorbed
-from ..errors import LRPMemoryError, StaleExplainerError
+from ..errors import InvalidTargetError, LRPMemoryError, StaleExplainerError
 from .report import RelevanceReport
 from .request import check_batch_size
 
@@ -65,6 +65,24 @@ def free_memory_bytes() -> int:
 def default_jit() -> bool:
     """XLA only on accelerators: on CPU it made conv input-gradients ~3x slower (measured)."""
     return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
+
+
+def _called_initial(fn, logits, target):
+    """``initial(logits, target)`` of a user's callable, checked while the pass is traced: floats
+    shaped like the explained output."""
+    out = fn(logits, target)
+    try:
+        r0 = tf.convert_to_tensor(out)
+    except (TypeError, ValueError) as e:
+        raise InvalidTargetError(f"initial(logits, target) returned {type(out).__name__}, which is not a tensor "
+                                 f"({e}); return floats shaped like the logits {tuple(logits.shape)}.") from None
+    if not r0.dtype.is_floating:
+        raise InvalidTargetError(f"initial(logits, target) returned dtype {r0.dtype.name}; return floats shaped like "
+                                 f"the logits {tuple(logits.shape)} (e.g. tf.cast(..., logits.dtype)).")
+    if not r0.shape.is_compatible_with(logits.shape):
+        raise InvalidTargetError(f"initial(logits, target) returned shape {tuple(r0.shape)}; it must be the logits' "
+                                 f"shape {tuple(logits.shape)} (one value per output, per sample).")
+    return tf.cast(r0, logits.dtype)
 
 
 class Passes:
@@ -218,7 +236,7 @@ class Passes:
         elif mode == "one":
             r0 = chosen * tf.ones_like(logits)
         else:
-            r0 = tf.convert_to_tensor(mode(logits, target), dtype=logits.dtype)
+            r0 = _called_initial(mode, logits, target)
             r0 = tf.ensure_shape(r0, logits.shape)
         return tf.stop_gradient(r0)
 
@@ -240,7 +258,7 @@ class Passes:
         fn, steps = self.function(input_nonneg, mode, return_layers, select,
                                   second.shape if select == "mask" else None)
         shared = select == "mask" and second.shape[0] == 1
-        step = min(n, self.auto_batch_size()) if batch_size is None else batch_size
+        step = min(n, self.auto_batch_size(xs[0].shape[1:])) if batch_size is None else batch_size
         parts, outputs, sums = [], [], []
         for start in range(0, n, step):
             rows = [v[start:start + step] for v in xs]
@@ -331,13 +349,15 @@ class Passes:
         R, logits, sums = out
         return [gather(r) for r in R], gather(logits), [gather(v) for v in sums]
 
-    def auto_batch_size(self) -> int:
+    def auto_batch_size(self, sample_shape=None) -> int:
         """The default batch size: a quarter of the free memory over an estimate of one sample's need.
 
         One sample needs about :attr:`BYTES_PER_ACTIVATION` bytes per activation element of
         every layer (the sum of the layers' input sizes; about 5x what VGG16 was measured to
         take, on purpose); the free memory is the machine's available RAM (``/proc/meminfo``;
-        4 GiB assumed on a GPU). At least 1, at most 4096.
+        4 GiB assumed on a GPU). At least 1, at most 4096. A model with unknown input sizes
+        (``Input((None, None, 3))``) counts its unknown sizes as 1 and scales the estimate by the
+        size of ``sample_shape`` (one sample of the batch being explained), when given.
         """
         if self._auto_batch is None:
             elements = 0
@@ -346,7 +366,14 @@ class Passes:
                     dims = list(shape)[1:]
                     elements += int(np.prod([d or 1 for d in dims])) if dims else 1
             itemsize = np.dtype(self.signature.dtype).itemsize
-            per_sample = max(1, elements) * self.BYTES_PER_ACTIVATION * (itemsize / 4)
-            free = free_memory_bytes()
-            self._auto_batch = int(np.clip(free * self.MEMORY_SHARE // per_sample, 1, 4096))
-        return self._auto_batch
+            self._per_sample = max(1, elements) * self.BYTES_PER_ACTIVATION * (itemsize / 4)
+            self._auto_batch = self._fitting(self._per_sample)
+        known = [d for d in self.signature.input_shape if d is not None]
+        if sample_shape is None or len(known) == len(self.signature.input_shape):
+            return self._auto_batch
+        assumed = int(np.prod([d or 1 for d in self.signature.input_shape]))
+        actual = int(np.prod(sample_shape))
+        return self._fitting(self._per_sample * max(1.0, actual / max(1, assumed)))
+
+    def _fitting(self, per_sample: float) -> int:
+        return int(np.clip(free_memory_bytes() * self.MEMORY_SHARE // per_sample, 1, 4096))

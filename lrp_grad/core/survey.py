@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from . import gating, handlers
 from ..errors import UnsupportedLayerError
-from ..frontends import Graph, activation_name, class_name, is_layer, is_model, layer_label, walk
+from ..frontends import TRAINING_NOTE, Graph, activation_name, class_name, is_layer, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 
 __all__ = ["Survey", "survey", "gate_only", "unsupported"]
@@ -61,6 +61,10 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     problems, found = [], []
     only_gates = gate_only(graph, entries)
     for i, (node, handler, ctx) in enumerate(entries):
+        if node.note == TRAINING_NOTE:
+            problems.append((node, TRAINING_NOTE))
+            found.append((node, handler, ctx))
+            continue
         if i in only_gates and (handler is None or handler.check(node.layer, ctx)):
             found.append((node, handlers.FORWARD_ONLY, ctx))
             continue

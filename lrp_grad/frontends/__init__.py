@@ -22,7 +22,8 @@ from ..errors import ModelFileError, UnsupportedModelError
 from . import blocks, keras3, tf_keras
 from .graph import RAW_KINDS, AttentionCore, Graph, Node, RawOp, class_name, layer_label
 
-__all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "AttentionCore", "RAW_KINDS", "frontend_for", "check_model", "walk",
+__all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "AttentionCore", "RAW_KINDS", "TRAINING_NOTE", "frontend_for",
+           "check_model", "walk",
            "activation_name", "class_name", "is_instance", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
            "load_model", "output_names", "package_of", "source_path"]
 
@@ -64,6 +65,12 @@ def _shape(t):
 
     return tf.TensorShape(t.shape)
 
+
+#: The note of a layer called with ``training=True`` in the model's graph (it computes its training
+#: behaviour, e.g. a Dropout that drops, at every call): refused by the survey.
+TRAINING_NOTE = ("called with training=True in the model, so it computes its training behaviour (random dropping, "
+                 "batch statistics) at every call; lrp_grad explains inference. Rebuild the model without "
+                 "training=True on this layer (or call it with training=None)")
 
 #: How deep layers are looked into (a layer whose call is made of layers whose calls are ...).
 _MAX_DEPTH = 12
@@ -124,6 +131,10 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
         in_shapes = tuple(_shape(t) for t in ins)
         if is_layer(obj, "MultiHeadAttention"):  # its projections and attention core, each with its rule
             nodes.extend(blocks.split_attention(obj, in_ids, out_ids, arg_names, kwargs, label, in_shapes))
+            continue
+        if not isinstance(obj, RawOp) and (kwargs or {}).get("training") is True:
+            nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, tuple(_shape(t) for t in outs),
+                              arg_names=arg_names, note=TRAINING_NOTE))
             continue
         note = ""
         if look_inside is not None and not isinstance(obj, RawOp) and depth < _MAX_DEPTH and look_inside(obj):

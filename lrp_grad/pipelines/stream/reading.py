@@ -35,10 +35,15 @@ def _length(data, input_rank):
 
         if isinstance(data, tf.data.Dataset):
             spec = data.element_spec
+            if isinstance(spec, dict):  # dict elements: the image by its usual key names
+                key = next((k for k in IMAGE_KEYS if k in spec), None)
+                if key is None:
+                    return None  # _from_dict names the keys when the elements are read
+                spec = spec[key]
             spec = spec[0] if isinstance(spec, (tuple, list)) else spec
             n = int(data.cardinality())
-            if spec.shape.rank != input_rank or n < 0:  # batched elements: cardinality counts batches
-                return None
+            if getattr(spec, "shape", None) is None or spec.shape.rank != input_rank or n < 0:
+                return None  # batched elements: cardinality counts batches
             return n
     except ImportError:  # pragma: no cover
         pass
