@@ -68,8 +68,8 @@ def test_unsupported_layers_are_all_listed_with_the_fix(K):
     # every problem at once: layers without a handler are looked into, and what they call that has
     # no rule is named with its path; what cannot be looked into says why
     assert "cannot be explained" in msg and "at 'unit/" in msg and "normalize" in msg, msg
-    assert "'flip' (RandomFlip): no handler for this layer class; looking inside its call failed" in msg \
-        or "at 'flip/" in msg, msg
+    assert ("'flip' (RandomFlip): no handler for this layer class; looking inside its call failed" in msg
+            or "at 'flip/" in msg or "'flip' (RandomFlip): called with training=True" in msg), msg
     assert "'lam'" not in msg  # Lambda(t * 2) is explained through its operations
     assert "'hidden_softmax' (Dense): softmax is only supported as the explained output's last operation" in msg, msg
     assert "lrp_grad.register_handler(LayerClass" in msg and "Supported layer classes: " in msg

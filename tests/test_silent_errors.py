@@ -322,6 +322,20 @@ def test_a_layer_called_with_training_true_is_refused(K):
     inp = K.Input((6,))
     h = L.Dropout(0.5, name="drop")(L.Dense(4)(inp), training=True)
     model = K.Model(inp, L.Dense(2)(h))
-    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'drop' \(Dropout\): called with training=True in the "
-                                                             r"model, so it computes its training behaviour"):
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'drop' \(Dropout\): called with training=True in the model \(passed, or "
+                                                             r"recorded from the layer's own default\), so it computes its training behaviour"):
         lrp_grad.Explainer(model)
+
+
+@pytest.mark.parametrize("metadata", [b"[1, 2]", b'"3.0"', b"\xff\xfe not utf-8", b"{" + b" " * (2 << 20) + b"}"],
+                         ids=["list", "string", "not-utf8", "huge"])
+def test_a_keras_archive_with_bad_metadata_is_refused_by_name(tmp_path, metadata):
+    """load_model reads metadata.json of a .keras archive with bounded memory and refuses anything
+    but the object Keras writes, naming the file."""
+    import zipfile
+
+    path = tmp_path / "bad.keras"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("metadata.json", metadata)
+    with pytest.raises(lrp_grad.ModelFileError, match=r"cannot load model '.*bad\.keras': .*not a Keras \.keras archive"):
+        lrp_grad.load_model(path)

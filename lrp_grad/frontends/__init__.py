@@ -68,9 +68,10 @@ def _shape(t):
 
 #: The note of a layer called with ``training=True`` in the model's graph (it computes its training
 #: behaviour, e.g. a Dropout that drops, at every call): refused by the survey.
-TRAINING_NOTE = ("called with training=True in the model, so it computes its training behaviour (random dropping, "
-                 "batch statistics) at every call; lrp_grad explains inference. Rebuild the model without "
-                 "training=True on this layer (or call it with training=None)")
+TRAINING_NOTE = ("called with training=True in the model (passed, or recorded from the layer's own default), so it "
+                 "computes its training behaviour (random dropping or augmentation, batch statistics) at every "
+                 "call; lrp_grad explains inference. Rebuild the model calling this layer with training=False "
+                 "(or without it, for layers that default to inference)")
 
 #: How deep layers are looked into (a layer whose call is made of layers whose calls are ...).
 _MAX_DEPTH = 12
@@ -357,15 +358,28 @@ def is_layer_class(cls) -> bool:
 # Loading
 
 
+#: The largest metadata.json read from a .keras archive (Keras writes a few hundred bytes).
+_METADATA_LIMIT = 1 << 20
+
+
 def _zip_keras_version(path: pathlib.Path) -> str:
+    """The Keras version a ``.keras`` archive records, read with bounded memory."""
+    where = f"cannot load model {os.fspath(path)!r}"
     try:
         with zipfile.ZipFile(path) as z:
-            meta = json.loads(z.read("metadata.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ModelFileError(
-            f"cannot load model {os.fspath(path)!r}: not a Keras .keras archive (a zip with "
-            f"metadata.json): {e}"
-        ) from None
+            info = z.getinfo("metadata.json")
+            if info.file_size > _METADATA_LIMIT:
+                raise ModelFileError(f"{where}: its metadata.json is {info.file_size} bytes (Keras writes a few "
+                                     f"hundred; at most {_METADATA_LIMIT} are read): not a Keras .keras archive.")
+            with z.open(info) as f:
+                raw = f.read(_METADATA_LIMIT + 1)
+        meta = json.loads(raw.decode("utf-8"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ModelFileError(f"{where}: not a Keras .keras archive (a zip with metadata.json): "
+                             f"{type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{where}: its metadata.json holds a {type(meta).__name__}, not the object Keras writes "
+                             "(with keras_version): not a Keras .keras archive.")
     return str(meta.get("keras_version", ""))
 
 
