@@ -92,6 +92,9 @@ class _TFOps:
     def divide(self, a, b):
         return self.tf.math.divide(a, b)
 
+    def power(self, a, b):
+        return self.tf.math.pow(a, b)
+
 
 def rel_err(a, b):
     """Relative L2 error of ``a`` against ``b``."""

@@ -355,3 +355,45 @@ def test_a_layer_that_cannot_be_looked_into_is_refused_with_the_reason():
     with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'tiled' \(BatchTiled\): no handler for this layer "
                                                              r"class; looking inside its call failed at \w+Error"):
         lrp_grad.Explainer(model)
+
+
+def test_division_by_a_norm_holds_the_divisor_constant(K):
+    """``h / sqrt(sum(h^2))`` (a hand-written normalisation, GRN-style): the divisor is a scale held
+    constant, so all relevance reaches the numerator and the statistics branch (square, sum, sqrt:
+    elementwise maths and a reduction) gets none; the same relevance as the twin that divides by
+    the same numbers given as a second input."""
+    L, ops = K.layers, kit.ops_of(K)
+    keras3 = K.__name__ == "keras"
+    square = (lambda t: K.ops.square(t)) if keras3 else (lambda t: tf.math.square(t))
+    sqrt = (lambda t: K.ops.sqrt(t)) if keras3 else (lambda t: tf.math.sqrt(t))
+    total = (lambda t: K.ops.sum(t, axis=-1, keepdims=True)) if keras3 else (
+        lambda t: tf.math.reduce_sum(t, axis=-1, keepdims=True))
+    inp = K.Input((6,), **F64)
+    h = L.Dense(4, name="h", **F64)(inp)
+    y = ops.divide(h, sqrt(total(square(h))) + 1.0)
+    model = kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(y)), seed=19)
+    scale = K.Input((1,), **F64)
+    twin = K.Model([inp, scale], L.Dense(2, name="head2", **F64)(ops.divide(model.get_layer("h")(inp), scale)))
+    twin.get_layer("head2").set_weights(model.get_layer("head").get_weights())
+    x = np.random.default_rng(20).normal(size=(3, 6))
+    hx = model.get_layer("h")(x).numpy()
+    norm = np.sqrt((hx ** 2).sum(-1, keepdims=True)) + 1.0
+    np.testing.assert_allclose(model(x).numpy(), twin([x, norm]).numpy(), rtol=1e-12)
+    R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon())(x, target=1)
+    R_twin, _ = lrp_grad.Explainer(twin, rule=lrp_grad.Epsilon())([x, norm], target=1)
+    kit.assert_close(R, R_twin, 1e-10, "x / norm(x) vs x / given scale")
+
+
+def test_a_broadcasting_sum_is_an_add_of_the_copies(K):
+    """``h + b`` where ``b`` broadcasts (a relative position bias, a per-token offset): relevance as
+    for the twin that broadcasts ``b`` explicitly first (the copies' relevance summed back);
+    LRP-0 = gradient x input on the bias-free ReLU network."""
+    L, ops = K.layers, kit.ops_of(K)
+    inp = K.Input((4, 6), **F64)
+    h = L.Dense(6, activation="relu", name="h", **F64)(inp)
+    g = L.Dense(6, name="g", **F64)(L.GlobalAveragePooling1D(keepdims=True, **F64)(inp))  # (None, 1, 6)
+    model = _bias_free(kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(h + g))), seed=21))
+    x = np.random.default_rng(22).normal(size=(3, 4, 6))
+    _lrp0_is_gradient_x_input(model, x)
+    R, report = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-12))(x, target=1, return_layers=True)
+    np.testing.assert_allclose(R.reshape(3, -1).sum(1), report.output, rtol=1e-6)

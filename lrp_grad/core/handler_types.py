@@ -109,6 +109,9 @@ class Handler:
     reads_gate : bool
         The planner reads which input is a gate (``ctx.gate``) for this non-``gate`` handler too
         (a product of two tensors: CP-LRP holds its gate, the attention weights, constant).
+    fixed_gate : int or None
+        For ``gate`` handlers whose gate is always the same input (the divisor of ``x / y``, a
+        scale held constant): the planner does not read it from the graph.
     """
 
     kind: str
@@ -121,6 +124,7 @@ class Handler:
     fuses_relu: bool = False
     zero_in_zero_out: bool | Callable = False
     reads_gate: bool = False
+    fixed_gate: int | None = None
 
     @property
     def gated(self) -> bool:

@@ -75,13 +75,15 @@ def _raw_handler(op: RawOp) -> Handler:
     if kind == "multiply":
         return _BY_NAME["Multiply"] if several else _RAW["scale"]
     if kind == "divide":
-        return _RAW["refused" if several else "opaque"]
+        return _RAW["divide_tensors" if several else "opaque"]
     if kind == "negative":
         return _RAW["scale"]
     if kind == "shape":  # reads only shapes: computed, carries no relevance
         return FORWARD_ONLY
     if kind == "product":
         return _RAW["product" if several else "constant_product"]
+    if kind == "activation" and several:  # pow(x, y) of two tensors: no rule
+        return _RAW["refused"]
     if kind == "activation" and op.activation == "softmax":
         return _RAW["softmax"]
     if kind in ("route", "activation", "cut"):

@@ -142,6 +142,11 @@ def _batch_norm_problem(layer, ctx):
 
 
 def _add(layer, inputs, ctx):
+    if len({tuple(t.shape) for t in inputs}) > 1:  # a broadcasting sum (x + position bias): broadcast first;
+        shape = tf.shape(inputs[0])               # broadcast_to's gradient sums the copies' relevance back
+        for t in inputs[1:]:
+            shape = tf.broadcast_dynamic_shape(shape, tf.shape(t))
+        inputs = [tf.broadcast_to(t, shape) for t in inputs]
     out = propagate.add(inputs, ctx.rule, ctx.nonneg, relu=ctx.fuse_relu)
     if out is not None:
         return out

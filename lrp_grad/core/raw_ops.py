@@ -54,23 +54,48 @@ def _elementwise_problem(op, ctx):
 
 
 def _raw_add_problem(op, ctx):
-    shapes = {_static(s) for s in ctx.input_shapes}
-    if len(shapes) != 1:
-        return (f"{op.symbol} of tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} "
-                "(broadcasting); only a sum of same-shaped tensors is supported, as in an Add layer")
+    ranks = {len(s) for s in ctx.input_shapes}
+    if len(ranks) != 1:
+        return (f"{op.symbol} of tensors of different ranks {[tuple(s) for s in ctx.input_shapes]}; a sum "
+                "broadcasts along axes of size 1 of tensors of the same rank (x + position bias)")
     return None
 
 
 def _two_tensor_problem(op, ctx):
     return (f"{op.symbol} of two tensors is not supported (no LRP rule for it); supported are sums and "
-            "differences of tensors (x + y, x - y), products (x * y, matmul, einsum) and arithmetic with "
-            "constants (x - 1, x / 2)")
+            "differences of tensors (x + y, x - y), products (x * y, matmul, einsum), quotients (x / y: the "
+            "divisor held constant) and arithmetic with constants (x - 1, x / 2)")
 
 
 def _raw_reduce_problem(op, ctx):
     if op.axes is None or 0 in op.axes:
         return (f"{op.symbol} over axis={op.axes if op.axes is not None else 'None (all)'} reduces the batch "
                 "axis; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
+    return None
+
+
+def _raw_divide(op, inputs, ctx):
+    """``x / y`` of two tensors: the divisor is a scale held constant (a hand-written normalisation,
+    ``x / norm(x)``): all relevance to ``x``, none to ``y``, as LayerNorm's standard deviation."""
+    x, y = inputs
+
+    @tf.custom_gradient
+    def scaled(a, b):
+        z = op.fn(a, b)
+
+        def grad(r):
+            return r, tf.zeros_like(b)
+
+        return z, grad
+
+    return scaled(x, y)
+
+
+def _raw_divide_problem(op, ctx):
+    shapes = [_static(s) for s in ctx.input_shapes]
+    if len(shapes) == 2 and len(shapes[0]) != len(shapes[1]) and shapes[1]:
+        return (f"{op.symbol} of tensors of ranks {len(shapes[0])} and {len(shapes[1])}; the numerator's relevance "
+                "needs a divisor of the same rank (broadcast along size-1 axes)")
     return None
 
 
@@ -107,6 +132,7 @@ _RAW = {
         zero_in_zero_out=lambda op: op.activation in ZERO_AT_ZERO,
     ),
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
+    "divide_tensors": Handler("gate", _raw_divide, _raw_divide_problem, fixed_gate=1, zero_in_zero_out=True),
     "subtract_tensors": Handler("linear", _subtract, _subtract_problem, family="merge", fuses_relu=True),
     "resize": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)

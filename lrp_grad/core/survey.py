@@ -50,7 +50,9 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
         handler = handler_of(node)
         ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
                                input_shapes=node.input_shapes, compute_dtype=compute_dtype)
-        if handler is not None and handler.gated:
+        if handler is not None and handler.fixed_gate is not None:
+            ctx = replace(ctx, gate=handler.fixed_gate)
+        elif handler is not None and handler.gated:
             gate, why = gating.gate_index(node, producers, handler_of)
             ctx = replace(ctx, gate=gate, gate_problem=why)
         entries.append((node, handler, ctx))

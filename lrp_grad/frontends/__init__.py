@@ -73,6 +73,18 @@ TRAINING_NOTE = ("called with training=True in the model (passed, or recorded fr
                  "call; lrp_grad explains inference. Rebuild the model calling this layer with training=False "
                  "(or without it, for layers that default to inference)")
 
+#: Layer classes whose training behaviour differs from inference (``Random*`` augmentation layers too).
+_TRAINING_DEPENDENT = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
+                       "GaussianNoise", "AlphaDropout", "BatchNormalization")
+
+
+def _trains_differently(layer) -> bool:
+    """Whether ``training=True`` changes what ``layer`` computes (deterministic layers such as
+    Keras 3's ``Resizing`` record ``training=True`` as their default and are not refused)."""
+    return (any(isinstance(layer, cls) for cls in layer_classes(*_TRAINING_DEPENDENT))
+            or type(layer).__name__.startswith("Random"))
+
+
 #: How deep layers are looked into (a layer whose call is made of layers whose calls are ...).
 _MAX_DEPTH = 12
 
@@ -133,7 +145,7 @@ def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes,
         if is_layer(obj, "MultiHeadAttention"):  # its projections and attention core, each with its rule
             nodes.extend(blocks.split_attention(obj, in_ids, out_ids, arg_names, kwargs, label, in_shapes))
             continue
-        if not isinstance(obj, RawOp) and (kwargs or {}).get("training") is True:
+        if not isinstance(obj, RawOp) and (kwargs or {}).get("training") is True and _trains_differently(obj):
             nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, tuple(_shape(t) for t in outs),
                               arg_names=arg_names, note=TRAINING_NOTE))
             continue
@@ -278,7 +290,12 @@ def _tensor_name(t, default) -> str:
 
 #: Where the activation functions lrp_grad knows by name are defined: a function from anywhere
 #: else is the user's own, even if it is called ``relu``.
-_LIBRARY_MODULES = ("keras.", "tf_keras.", "tensorflow.", "keras", "tf_keras", "tensorflow")
+_LIBRARY_MODULES = ("keras", "tf_keras", "tensorflow")
+
+
+def _from_library(module: str) -> bool:
+    """Whether a module belongs to Keras or TensorFlow (not, e.g., ``keras_cv_attention_models``)."""
+    return any(module == m or module.startswith(m + ".") for m in _LIBRARY_MODULES)
 
 
 def activation_name(fn) -> str:
@@ -291,7 +308,7 @@ def activation_name(fn) -> str:
     if isinstance(fn, str):
         return fn
     module = getattr(fn, "__module__", "") or ""
-    if callable(fn) and not module.startswith(_LIBRARY_MODULES) and not isinstance(fn, type):
+    if callable(fn) and not _from_library(module) and not isinstance(fn, type):
         return f"function {getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))!r} (from module {module!r})"
     order = sorted(FRONTENDS, key=lambda f: not module.startswith(f.PACKAGE + "."))
     name = None

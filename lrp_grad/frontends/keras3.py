@@ -70,6 +70,9 @@ _ACTIVATIONS = {
     "Squareplus": "squareplus", "SoftShrink": "soft_shrink", "HardShrink": "hard_shrink",
     "TanhShrink": "tanh_shrink", "Softmax": "softmax", "Exp": "exponential", "Threshold": "threshold",
     "SparseSigmoid": "sparse_sigmoid",
+    # elementwise maths inside hand-written normalisations and activations: relevance passes through
+    "Square": "square", "Sqrt": "sqrt", "Rsqrt": "rsqrt", "Power": "pow", "Abs": "abs", "Absolute": "abs",
+    "Reciprocal": "reciprocal", "Erf": "erf", "Log": "log",
 }
 
 

@@ -38,7 +38,7 @@ APPLICATION_LAYERS = _application_layers()
 
 # symbol (TFOpLambda.symbol, without the 'tf.' prefix) -> canonical kind
 _KINDS = {
-    **dict.fromkeys(["__operators__.add", "math.add", "add", "math.add_n", "add_n"], "add"),
+    **dict.fromkeys(["__operators__.add", "math.add", "add", "math.add_n", "add_n", "nn.bias_add"], "add"),
     **dict.fromkeys(["math.subtract", "subtract", "__operators__.sub"], "subtract"),
     **dict.fromkeys(["math.multiply", "multiply", "__operators__.mul"], "multiply"),
     **dict.fromkeys(["math.truediv", "math.divide", "divide", "truediv", "__operators__.truediv"], "divide"),
@@ -64,6 +64,10 @@ _ACTIVATIONS = {
     "math.softplus": "softplus", "nn.softsign": "softsign", "math.softsign": "softsign",
     "nn.leaky_relu": "leaky_relu", "nn.softmax": "softmax", "math.softmax": "softmax",
     "math.exp": "exponential", "exp": "exponential",
+    # elementwise maths inside hand-written normalisations and activations: relevance passes through
+    "math.square": "square", "square": "square", "math.sqrt": "sqrt", "sqrt": "sqrt", "math.rsqrt": "rsqrt",
+    "math.pow": "pow", "pow": "pow", "math.abs": "abs", "abs": "abs", "math.reciprocal": "reciprocal",
+    "math.erf": "erf", "math.log": "log",
 }
 
 
