@@ -205,12 +205,27 @@ def test_rules_of_the_wrong_kind_are_refused(K):
         lrp_grad.AttnLRP(0)
 
 
-def test_matmul_with_a_constant_is_refused_by_name(K):
+def test_a_product_with_a_constant_kernel_is_a_linear_map(K):
+    """``x @ W`` with a constant ``W`` (a custom layer's own weight inside its call): a linear map
+    under Z or Epsilon, equal to the same map held in a Dense layer; other rules are refused by name."""
     L, ops = K.layers, kit.ops_of(K)
-    inp = K.Input((T, D))
-    out = ops.matmul(L.Dense(D)(inp), np.eye(D, dtype="float32"))
-    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"of a tensor with a constant is not supported yet"):
-        lrp_grad.Explainer(K.Model(inp, L.Flatten()(out)))
+    W = np.random.default_rng(30).normal(size=(D, D))
+    inp = K.Input((T, D), **F64)
+    h = L.Dense(D, name="h", **F64)(inp)
+    model = K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(ops.matmul(h, W))))
+    inp2 = K.Input((T, D), **F64)
+    twin = K.Model(inp2, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(
+        L.Dense(D, use_bias=False, name="w", **F64)(L.Dense(D, name="h", **F64)(inp2)))))
+    twin.get_layer("h").set_weights(model.get_layer("h").get_weights())
+    twin.get_layer("w").set_weights([W])
+    twin.get_layer("head").set_weights(model.get_layer("head").get_weights())
+    x = np.random.default_rng(31).normal(size=(2, T, D))
+    eps = lrp_grad.Composite([("linear", lrp_grad.Epsilon(1e-9))])
+    kit.assert_close(lrp_grad.Explainer(model, rule=eps)(x, target=1), lrp_grad.Explainer(twin, rule=eps)(x, target=1),
+                     1e-10, "matmul with a constant vs Dense")
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"with a constant kernel \(inside a layer's call\) takes Z "
+                                                             r"or Epsilon"):
+        lrp_grad.Explainer(model, rule=lrp_grad.Composite([("linear", lrp_grad.AlphaBeta(2, 1))]))
 
 
 def test_vit_example_on_real_digits(tmp_path):

@@ -16,6 +16,7 @@ import tensorflow as tf
 from . import ops, propagate
 from .activations import HEADS, NONNEG, ZERO_AT_ZERO
 from .handler_types import Handler, _keeps_sign, _static
+from .rules import Epsilon, Z
 from .linear_layers import _add, _fixed_linear, _linear, _subtract, _subtract_problem
 from .transformer_layers import attention_rule_problem, raw_product, raw_softmax
 
@@ -99,9 +100,21 @@ def _raw_divide_problem(op, ctx):
     return None
 
 
-def _constant_product_problem(op, ctx):
-    return (f"{op.symbol} of a tensor with a constant is not supported yet; hold the constant in a layer "
-            "(keras.layers.EinsumDense or Dense), whose kernel takes the linear layers' rules")
+def _constant_linear(op, inputs, ctx):
+    """A matrix product, einsum or convolution of a tensor with a constant kernel (a custom layer's
+    ``tf.nn.convolution(x, self.kernel)``, ``x @ self.w``): a linear map under the ``pool`` family's
+    rule (Z or Epsilon: the kernel is bound inside the operation)."""
+    (x,) = inputs
+    return _linear(x, ops.fixed_op(lambda t: op.fn(t)), tf.ones([], x.dtype), None, ctx, ctx.nonneg[0],
+                   relu=ctx.fuse_relu)
+
+
+def _constant_linear_problem(op, ctx):
+    if ctx.rule is not None and not isinstance(ctx.rule, (Z, Epsilon)):
+        return (f"{op.symbol} with a constant kernel (inside a layer's call) takes Z or Epsilon, whose relevance "
+                f"does not split the kernel; the composite gives it {ctx.rule!r}: map the 'pool' family to "
+                "lrp_grad.Epsilon(...), or hold the kernel in a layer (Dense, EinsumDense, Conv2D)")
+    return None
 
 
 def _unknown_op_problem(op, ctx):
@@ -137,7 +150,7 @@ _RAW = {
     "resize": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
-    "constant_product": Handler("passthrough", _raw_pass, _constant_product_problem),
+    "constant_product": Handler("linear", _constant_linear, _constant_linear_problem, family="pool", fuses_relu=True),
     "softmax": Handler("passthrough", raw_softmax, zero_in_zero_out=True),
     "cut": Handler("passthrough", _raw_pass, _cut_problem),  # refused (computed only on a branch feeding gates)
 }

@@ -59,7 +59,7 @@ _KINDS = {
     **dict.fromkeys(["Resize"], "resize"),
     **dict.fromkeys(["Mean"], "mean"),
     **dict.fromkeys(["Sum"], "sum"),
-    **dict.fromkeys(["Matmul", "Einsum"], "product"),
+    **dict.fromkeys(["Matmul", "Einsum", "Tensordot", "Conv", "DepthwiseConv", "ConvTranspose"], "product"),
 }
 # Operation class name -> canonical activation name
 _ACTIVATIONS = {

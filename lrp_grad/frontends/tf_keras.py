@@ -52,7 +52,9 @@ _KINDS = {
     **dict.fromkeys(["math.reduce_mean", "reduce_mean"], "mean"),
     **dict.fromkeys(["math.reduce_sum", "reduce_sum"], "sum"),
     **dict.fromkeys(["linalg.matmul", "matmul", "compat.v1.matmul", "__operators__.matmul", "einsum",
-                     "linalg.einsum"], "product"),
+                     "linalg.einsum", "tensordot", "linalg.tensordot"], "product"),
+    **dict.fromkeys(["nn.convolution", "nn.conv2d", "nn.conv1d", "nn.depthwise_conv2d", "nn.conv2d_transpose",
+                     "compat.v1.nn.conv2d", "compat.v1.nn.depthwise_conv2d"], "product"),
 }
 #: The symbols of a cast (a cast to an integer or bool dtype cuts the gradient).
 _CASTS = ("cast", "dtypes.cast", "compat.v1.cast")
