@@ -161,8 +161,8 @@ def test_conv2d_transpose_with_output_padding(K, padding):
 def test_subclass_that_keeps_its_base_computation_is_explained(K):
     """``FixedDropout(Dropout)`` (efficientnet's) overrides only a training-time method: it is
     explained as a Dropout. A subclass that overrides ``call`` is explained through what its call
-    does; one whose call uses an operation without a rule (a weight-standardised Conv2D's
-    convolution of a computed kernel) is refused naming that operation and its path."""
+    does: a weight-standardised Conv2D is a convolution with a computed (constant) kernel, the
+    same relevance as a Conv2D holding that kernel."""
     L = K.layers
 
     class FixedDropout(L.Dropout):
@@ -190,10 +190,16 @@ def test_subclass_that_keeps_its_base_computation_is_explained(K):
     rescaled.set_weights(doubling.get_weights())
     kit.assert_close(lrp_grad.explain(doubling, x), lrp_grad.explain(rescaled, x), 1e-6, "2 x looked into")
     inp = K.Input((4, 4, 2))
-    conv = K.Model(inp, L.Dense(2)(L.Flatten()(StandardizedConv(3, 3, name="ws")(inp))))
-    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"\(operation \S*conv\S*\) at 'ws/\S*conv\S*': operation "
-                                                             r"\S*conv\S* has no LRP handler"):
-        lrp_grad.Explainer(conv)
+    conv = K.Model(inp, L.Dense(2, name="d")(L.Flatten()(StandardizedConv(3, 3, name="ws")(inp))))
+    twin = K.Model(inp, L.Dense(2, name="d")(L.Flatten()(L.Conv2D(3, 3, name="ws")(inp))))
+    kernel, bias = conv.get_layer("ws").get_weights()
+    twin.get_layer("ws").set_weights([kernel - kernel.mean(), bias])
+    twin.get_layer("d").set_weights(conv.get_layer("d").get_weights())
+    np.testing.assert_allclose(conv(x).numpy(), twin(x).numpy(), rtol=1e-5, atol=1e-6)
+    # looked into: a convolution with a computed (constant) kernel, then a shift by the bias
+    eps = lrp_grad.Composite([("linear", lrp_grad.Epsilon(1e-9, bias=False))])
+    kit.assert_close(lrp_grad.Explainer(conv, rule=eps)(x), lrp_grad.Explainer(twin, rule=eps)(x), 1e-5,
+                     "weight-standardised conv looked into")
 
 
 def test_user_function_named_like_a_builtin_is_not_the_builtin(K):
