@@ -182,14 +182,19 @@ def _subtract(layer, inputs, ctx):
     return _scaled_sum(layer, x, y, -1.0, ctx)
 
 
-def _subtract_problem(layer, ctx):
+def _pair_problem(ctx, takes: str, combines: str, supported: str):
+    """Why a layer joining two same-shaped tensors cannot take these inputs (or ``None``)."""
     if len(ctx.input_shapes) != 2:
-        return f"called on {len(ctx.input_shapes)} tensors; a difference takes two"
+        return f"called on {len(ctx.input_shapes)} tensors; {takes}"
     shapes = {_static(s) for s in ctx.input_shapes}
     if len(shapes) != 1:
-        return (f"subtracts tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} (broadcasting); "
-                "only same-shaped tensors are supported")
+        return (f"{combines} tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} (broadcasting); "
+                f"only {supported} are supported")
     return None
+
+
+def _subtract_problem(layer, ctx):
+    return _pair_problem(ctx, "a difference takes two", "subtracts", "same-shaped tensors")
 
 
 def _fixed_linear(fn):
@@ -206,13 +211,8 @@ def _fixed_linear(fn):
 
 
 def _custom_scale_problem(layer, ctx):
-    if len(ctx.input_shapes) != 2:
-        return f"called on {len(ctx.input_shapes)} tensors; CustomScaleLayer adds a scaled branch to one shortcut"
-    shapes = {_static(s) for s in ctx.input_shapes}
-    if len(shapes) != 1:
-        return (f"adds tensors of different shapes {[tuple(s) for s in ctx.input_shapes]} (broadcasting); only "
-                "same-shaped shortcut and branch are supported")
-    return None
+    return _pair_problem(ctx, "CustomScaleLayer adds a scaled branch to one shortcut", "adds",
+                         "same-shaped shortcut and branch")
 
 
 def _custom_scale_nonneg(layer, flags):

@@ -100,16 +100,10 @@ def _raw_divide_problem(op, ctx):
     return None
 
 
-def _constant_linear(op, inputs, ctx):
-    """A matrix product, einsum or convolution of a tensor with a constant kernel (a custom layer's
-    ``tf.nn.convolution(x, self.kernel)``, ``x @ self.w``): a linear map under the ``pool`` family's
-    rule (Z or Epsilon: the kernel is bound inside the operation)."""
-    (x,) = inputs
-    return _linear(x, ops.fixed_op(lambda t: op.fn(t)), tf.ones([], x.dtype), None, ctx, ctx.nonneg[0],
-                   relu=ctx.fuse_relu)
-
-
 def _constant_linear_problem(op, ctx):
+    """A matrix product, einsum or convolution of a tensor with a constant kernel (a custom layer's
+    ``tf.nn.convolution(x, self.kernel)``, ``x @ self.w``) is a linear map whose kernel is bound
+    inside the operation: Z or Epsilon only."""
     if ctx.rule is not None and not isinstance(ctx.rule, (Z, Epsilon)):
         return (f"{op.symbol} with a constant kernel (inside a layer's call) takes Z or Epsilon, whose relevance "
                 f"does not split the kernel; the composite gives it {ctx.rule!r}: map the 'pool' family to "
@@ -150,7 +144,8 @@ _RAW = {
     "resize": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
-    "constant_product": Handler("linear", _constant_linear, _constant_linear_problem, family="pool", fuses_relu=True),
+    "constant_product": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), _constant_linear_problem,
+                                family="pool", fuses_relu=True),
     "softmax": Handler("passthrough", raw_softmax, zero_in_zero_out=True),
     "cut": Handler("passthrough", _raw_pass, _cut_problem),  # refused (computed only on a branch feeding gates)
 }

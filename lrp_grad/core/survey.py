@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import gating, handlers
-from ..errors import UnsupportedLayerError
+from ..errors import UnsupportedLayerError, UnsupportedModelError
 from ..frontends import TRAINING_NOTE, Graph, activation_name, class_name, is_layer, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 
@@ -40,6 +40,7 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     """
     # 1. Walk the layer graph (this also rejects unsupported model kinds) and canonize it.
     graph = walk(model, output, look_inside=_look_inside)
+    _check_connected(graph)
     graph = canonize(graph, DEFAULT_CANONIZERS if canonizers is None else canonizers)
 
     # 2. Find every layer's handler and every product's gate.
@@ -82,6 +83,20 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     if problems:
         raise unsupported(graph, problems)
     return Survey(graph, tuple(found))
+
+
+def _check_connected(graph):
+    """Every call's inputs are model inputs or outputs of earlier calls; a graph the walk could not
+    order (a nested model fed by a structure it did not follow) is refused by name, not run."""
+    made = set(graph.input_ids)
+    for node in graph.nodes:
+        missing = [t for t in node.inputs if t not in made]
+        if missing:
+            raise UnsupportedModelError(
+                f"model {graph.model.name!r}: the input of {layer_label(node.layer)} at {node.label!r} is not made by "
+                "any layer lrp_grad walked before it (a nested model fed through a structure, e.g. a dict, that "
+                "the walk does not follow). Feed the nested model a plain tensor, or explain it on its own.")
+        made.update(node.outputs)
 
 
 def _look_inside(layer) -> bool:
