@@ -403,3 +403,40 @@ def test_a_broadcasting_sum_is_an_add_of_the_copies(K):
     _lrp0_is_gradient_x_input(model, x)
     R, report = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-12))(x, target=1, return_layers=True)
     np.testing.assert_allclose(R.reshape(3, -1).sum(1), report.output, rtol=1e-6)
+
+
+def test_kecam_style_custom_layers_are_explained(K):
+    """What the kecam zoo writes inside its layers: a patch embedding convolving with its own
+    kernel (``tf.nn.convolution(x, self.kernel)`` + ``bias_add``), a hard sigmoid by
+    ``clip_by_value`` gating a squeeze-and-excitation product, and an l2 normalisation (its scale
+    held constant): explained, the forward equal to the model's."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+
+    class PatchConv(L.Layer):
+        def build(self, shape):
+            self.kernel = self.add_weight(shape=(2, 2, shape[-1], 4), name="kernel")
+            self.bias = self.add_weight(shape=(4,), initializer="random_normal", name="bias")
+
+        def call(self, x):
+            if keras3:
+                return K.ops.conv(x, self.kernel, strides=2) + self.bias
+            return tf.nn.bias_add(tf.nn.convolution(x, self.kernel, strides=2), self.bias)
+
+    def hard_sigmoid_torch(t):
+        return K.ops.clip(t / 6 + 0.5, 0.0, 1.0) if keras3 else tf.clip_by_value(t / 6 + 0.5, 0.0, 1.0)
+
+    def l2n(t):
+        return K.ops.normalize(t, axis=-1) if keras3 else tf.math.l2_normalize(t, axis=-1)
+
+    inp = K.Input((8, 8, 3))
+    h = PatchConv(name="patch")(inp)
+    g = L.Activation(hard_sigmoid_torch, name="gate")(L.Dense(4)(L.GlobalAveragePooling2D(keepdims=True)(h)))
+    h = L.Lambda(l2n, name="l2n")(L.Multiply()([h, g]))
+    model = K.Model(inp, L.Dense(3)(L.Flatten()(h)))
+    x = np.random.default_rng(23).uniform(0, 1, (2, 8, 8, 3)).astype("float32")
+    ex = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon())
+    np.testing.assert_allclose(ex.forward(x), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    R, report = ex(x, return_layers=True)
+    assert np.all(np.isfinite(R)) and np.abs(R).sum() > 0
+    assert all(np.all(v == 0) for k, v in report.items() if k.startswith("gate")), "the gate branch gets none"

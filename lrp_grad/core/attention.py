@@ -46,7 +46,11 @@ def product(fn: Callable, a, b, rule: Rule, constant: int | None = None):
     def lrp_product(a, b):
         z = fn(a, b)
 
-        def grad(r):
+        def grad(r, variables=None):  # variables a bound operand reads get no gradient
+            rab = _product_relevance(r)
+            return (rab, [None] * len(variables)) if variables else rab
+
+        def _product_relevance(r):
             s = _share(r, z, rule)
             with tf.GradientTape() as tape:  # only its gradients are used: the forward is pruned
                 tape.watch([a, b])

@@ -23,7 +23,7 @@ from ..frontends import RawOp, activation_name, is_layer
 __all__ = ["GATE_ACTIVATIONS", "gate_index"]
 
 #: Activations whose output is a gate (in ``[0, 1]``: a share of the signal that passes).
-GATE_ACTIVATIONS = frozenset(("sigmoid", "hard_sigmoid", "sparse_sigmoid", "softmax"))
+GATE_ACTIVATIONS = frozenset(("sigmoid", "hard_sigmoid", "sparse_sigmoid", "softmax", "clip"))
 
 #: Raw operations with constants that neither make nor break a gate (``g * 0.5``, ``g + 1``).
 _CONSTANT_ARITHMETIC = ("add", "subtract", "multiply", "divide", "negative")

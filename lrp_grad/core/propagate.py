@@ -348,6 +348,17 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
     raise TypeError(f"no LRP backward pass for rule {rule!r} ({type(rule).__name__})")
 
 
+def _no_variable_gradients(backward):
+    """A backward pass that also answers for variables the forward read (a custom layer's kernel
+    bound inside a raw operation): they get no gradient."""
+
+    def grad(r, variables=None):
+        rx = backward(r)
+        return (rx, [None] * len(variables)) if variables else rx
+
+    return grad
+
+
 def _with_bias(z, b):
     """``z + b``: a channel bias (``bias_add``, as Keras adds it) or a bias of several axes
     broadcast from the right (``EinsumDense``'s ``bias_axes``)."""
@@ -397,7 +408,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
         def lrp_linear_relu(x):
             z = op.forward(x, w)
             y = tf.nn.relu(_with_bias(z, b))
-            return y, _backward(rule, op, x, w, b, None, None, x_nonneg, reduced, y=y)
+            return y, _no_variable_gradients(_backward(rule, op, x, w, b, None, None, x_nonneg, reduced, y=y))
 
         return lrp_linear_relu(x)
 
@@ -405,7 +416,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
     def lrp_linear(x):
         z_nobias = op.forward(x, w)
         z = _with_bias(z_nobias, b)
-        return z, _backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced)
+        return z, _no_variable_gradients(_backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced))
 
     return lrp_linear(x)
 

@@ -84,8 +84,9 @@ def _raw_divide(op, inputs, ctx):
     def scaled(a, b):
         z = op.fn(a, b)
 
-        def grad(r):
-            return r, tf.zeros_like(b)
+        def grad(r, variables=None):
+            out = (r, tf.zeros_like(b))
+            return (out, [None] * len(variables)) if variables else out
 
         return z, grad
 

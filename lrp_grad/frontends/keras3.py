@@ -55,7 +55,7 @@ _KINDS = {
     **dict.fromkeys(["Reshape", "GetItem", "Slice", "Concatenate", "Stack", "Transpose", "ExpandDims", "Squeeze",
                      "Identity", "Tile", "BroadcastTo", "Cast", "Take", "Max", "Amax", "Pad", "Ravel", "Flip",
                      "Roll", "Repeat", "MoveAxis", "SwapAxes", "SplitTensor", "Split", "Unstack", "ArraySplit",
-                     "TakeAlongAxis", "Tril", "Triu"], "route"),
+                     "TakeAlongAxis", "Tril", "Triu", "ExtractPatches"], "route"),
     **dict.fromkeys(["Resize"], "resize"),
     **dict.fromkeys(["Mean"], "mean"),
     **dict.fromkeys(["Sum"], "sum"),
@@ -72,7 +72,9 @@ _ACTIVATIONS = {
     "SparseSigmoid": "sparse_sigmoid",
     # elementwise maths inside hand-written normalisations and activations: relevance passes through
     "Square": "square", "Sqrt": "sqrt", "Rsqrt": "rsqrt", "Power": "pow", "Abs": "abs", "Absolute": "abs",
-    "Reciprocal": "reciprocal", "Erf": "erf", "Log": "log",
+    "Reciprocal": "reciprocal", "Erf": "erf", "Log": "log", "Clip": "clip",
+    # a normalisation by the tensor's own norm: the scale is held constant, relevance passes
+    "Normalize": "l2_normalize",
 }
 
 

@@ -47,7 +47,8 @@ _KINDS = {
                      "stack", "transpose", "compat.v1.transpose", "expand_dims", "squeeze", "compat.v1.squeeze",
                      "identity", "tile", "broadcast_to", "cast", "gather", "math.reduce_max", "reduce_max",
                      "image.resize_with_crop_or_pad", "pad", "compat.v1.pad", "split", "unstack", "repeat",
-                     "compat.v1.gather", "gather_nd", "reverse", "roll", "experimental.numpy.repeat"], "route"),
+                     "compat.v1.gather", "gather_nd", "reverse", "roll", "experimental.numpy.repeat",
+                     "image.extract_patches"], "route"),
     **dict.fromkeys(["image.resize", "compat.v1.image.resize"], "resize"),
     **dict.fromkeys(["math.reduce_mean", "reduce_mean"], "mean"),
     **dict.fromkeys(["math.reduce_sum", "reduce_sum"], "sum"),
@@ -69,7 +70,9 @@ _ACTIVATIONS = {
     # elementwise maths inside hand-written normalisations and activations: relevance passes through
     "math.square": "square", "square": "square", "math.sqrt": "sqrt", "sqrt": "sqrt", "math.rsqrt": "rsqrt",
     "math.pow": "pow", "pow": "pow", "math.abs": "abs", "abs": "abs", "math.reciprocal": "reciprocal",
-    "math.erf": "erf", "math.log": "log",
+    "math.erf": "erf", "math.log": "log", "clip_by_value": "clip",
+    # a normalisation by the tensor's own norm: the scale is held constant, relevance passes
+    "math.l2_normalize": "l2_normalize", "nn.l2_normalize": "l2_normalize", "linalg.l2_normalize": "l2_normalize",
 }
 
 
