@@ -440,3 +440,14 @@ def test_kecam_style_custom_layers_are_explained(K):
     R, report = ex(x, return_layers=True)
     assert np.all(np.isfinite(R)) and np.abs(R).sum() > 0
     assert all(np.all(v == 0) for k, v in report.items() if k.startswith("gate")), "the gate branch gets none"
+
+
+def test_a_broadcasting_difference_is_a_signed_sum_of_the_copies(K):
+    """``h - mean(h)`` over positions (MogaNet's feature decomposition): LRP-0 = gradient x input."""
+    L, ops = K.layers, kit.ops_of(K)
+    inp = K.Input((4, 4, 3), **F64)
+    h = L.Conv2D(4, 3, padding="same", activation="relu", **F64)(inp)
+    m = L.GlobalAveragePooling2D(keepdims=True, **F64)(h)
+    model = _bias_free(kit.randomize(K.Model(inp, L.Dense(2, **F64)(L.Flatten(**F64)(ops.subtract(h, m)))), seed=24))
+    x = np.random.default_rng(25).uniform(0, 1, (2, 4, 4, 3))
+    _lrp0_is_gradient_x_input(model, x)

@@ -160,6 +160,9 @@ def _scaled_sum(layer, x, r, factor: float, ctx):
     share passes on to ``r``; for the rules that read the weights themselves (w^2, z^B, gamma) a
     linear layer with weights ``(1, factor)``."""
     scale = tf.constant(factor, x.dtype)
+    if x.shape != r.shape:  # a broadcasting difference (x - mean over positions): the copies first
+        shape = tf.broadcast_dynamic_shape(tf.shape(x), tf.shape(r))
+        x, r = tf.broadcast_to(x, shape), tf.broadcast_to(r, shape)
     if isinstance(ctx.rule, (Z, Epsilon, AlphaBeta, Flat)):  # their shares only see the contributions x, s r
         branch = propagate.passthrough(lambda t: t * scale, r)
         nonneg = (ctx.nonneg[0], ctx.nonneg[1] and factor >= 0)
@@ -194,7 +197,9 @@ def _pair_problem(ctx, takes: str, combines: str, supported: str):
 
 
 def _subtract_problem(layer, ctx):
-    return _pair_problem(ctx, "a difference takes two", "subtracts", "same-shaped tensors")
+    if len(ctx.input_shapes) == 2 and len(ctx.input_shapes[0]) == len(ctx.input_shapes[1]):
+        return None  # same rank: broadcasting along axes of size 1 is a difference of the copies
+    return _pair_problem(ctx, "a difference takes two", "subtracts", "tensors of the same rank")
 
 
 def _fixed_linear(fn):
