@@ -57,13 +57,11 @@ def build_plan(model, rule, input_nonneg=False, canonizers=None, compute_dtype=N
 
     Raises
     ------
-    UnsupportedModelError
-        For subclassed models, several outputs without ``output``, an unknown output, Keras 3 on
-        another backend, quantized layers.
-    UnsupportedLayerError
-        Listing every layer without a handler or with an unsupported configuration.
+    UnsupportedModelError, UnsupportedLayerError
+        As :func:`lrp_grad.core.survey.survey`; also for a layer whose configuration its rule
+        cannot take (a LayerNormalization under alpha-beta).
     InvalidRuleError
-        When the composite leaves a layer without a rule.
+        When the composite leaves a layer without a rule or gives one of the wrong kind.
     """
     # 1.-3. Walk, canonize, find the handlers, refuse what cannot be explained (core.survey).
     composite = as_composite(rule)
