@@ -17,7 +17,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from .propagate import stabilize
+from .propagate import no_variable_gradients, stabilize
 from .rules import CPLRP, Epsilon, Rule, Z
 
 __all__ = ["product", "softmax", "normalization"]
@@ -46,11 +46,7 @@ def product(fn: Callable, a, b, rule: Rule, constant: int | None = None):
     def lrp_product(a, b):
         z = fn(a, b)
 
-        def grad(r, variables=None):  # variables a bound operand reads get no gradient
-            rab = _product_relevance(r)
-            return (rab, [None] * len(variables)) if variables else rab
-
-        def _product_relevance(r):
+        def grad(r):
             s = _share(r, z, rule)
             with tf.GradientTape() as tape:  # only its gradients are used: the forward is pruned
                 tape.watch([a, b])
@@ -63,7 +59,7 @@ def product(fn: Callable, a, b, rule: Rule, constant: int | None = None):
             half = tf.constant(0.5, z.dtype)
             return half * (a * ga), half * (b * gb)
 
-        return z, grad
+        return z, no_variable_gradients(grad)
 
     return lrp_product(a, b)
 
@@ -77,11 +73,10 @@ def softmax(fn: Callable, x, axis):
     def lrp_softmax(x):
         s = fn(x)
 
-        def grad(r, variables=None):
-            rx = x * (r - s * tf.reduce_sum(r, axis=axis, keepdims=True))
-            return (rx, [None] * len(variables)) if variables else rx
+        def grad(r):
+            return x * (r - s * tf.reduce_sum(r, axis=axis, keepdims=True))
 
-        return s, grad
+        return s, no_variable_gradients(grad)
 
     return lrp_softmax(x)
 
@@ -115,12 +110,11 @@ def normalization(forward: Callable, x, factor: Callable, center: Callable | Non
     def lrp_normalization(x):
         y = forward(x)
 
-        def grad(r, variables=None):
+        def grad(r):
             z = y if (isinstance(rule, Z) or rule.bias or offset is None) else y - offset
             v = _share(r, z, rule) * factor(x)
-            rx = x * (v if center is None else center(v))
-            return (rx, [None] * len(variables)) if variables else rx
+            return x * (v if center is None else center(v))
 
-        return y, grad
+        return y, no_variable_gradients(grad)
 
     return lrp_normalization(x)

@@ -141,12 +141,19 @@ def _batch_norm_problem(layer, ctx):
     return None
 
 
+def _broadcast_all(tensors) -> list:
+    """The tensors of a broadcasting sum or difference broadcast to one shape (unchanged when they
+    share it): ``broadcast_to``'s gradient sums the copies' relevance back to the original."""
+    if len({tuple(t.shape) for t in tensors}) == 1:
+        return list(tensors)
+    shape = tf.shape(tensors[0])
+    for t in tensors[1:]:
+        shape = tf.broadcast_dynamic_shape(shape, tf.shape(t))
+    return [tf.broadcast_to(t, shape) for t in tensors]
+
+
 def _add(layer, inputs, ctx):
-    if len({tuple(t.shape) for t in inputs}) > 1:  # a broadcasting sum (x + position bias): broadcast first;
-        shape = tf.shape(inputs[0])               # broadcast_to's gradient sums the copies' relevance back
-        for t in inputs[1:]:
-            shape = tf.broadcast_dynamic_shape(shape, tf.shape(t))
-        inputs = [tf.broadcast_to(t, shape) for t in inputs]
+    inputs = _broadcast_all(inputs)  # a broadcasting sum (x + position bias)
     out = propagate.add(inputs, ctx.rule, ctx.nonneg, relu=ctx.fuse_relu)
     if out is not None:
         return out
@@ -160,9 +167,7 @@ def _scaled_sum(layer, x, r, factor: float, ctx):
     share passes on to ``r``; for the rules that read the weights themselves (w^2, z^B, gamma) a
     linear layer with weights ``(1, factor)``."""
     scale = tf.constant(factor, x.dtype)
-    if x.shape != r.shape:  # a broadcasting difference (x - mean over positions): the copies first
-        shape = tf.broadcast_dynamic_shape(tf.shape(x), tf.shape(r))
-        x, r = tf.broadcast_to(x, shape), tf.broadcast_to(r, shape)
+    x, r = _broadcast_all([x, r])  # a broadcasting difference (x - mean over positions): the copies first
     if isinstance(ctx.rule, (Z, Epsilon, AlphaBeta, Flat)):  # their shares only see the contributions x, s r
         branch = propagate.passthrough(lambda t: t * scale, r)
         nonneg = (ctx.nonneg[0], ctx.nonneg[1] and factor >= 0)

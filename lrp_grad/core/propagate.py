@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from .rules import STABILIZER, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox
 
-__all__ = ["LinearOp", "linear", "add", "fuses_relu", "passthrough", "stabilize"]
+__all__ = ["LinearOp", "linear", "add", "fuses_relu", "passthrough", "stabilize", "no_variable_gradients"]
 
 
 @dataclass(frozen=True)
@@ -348,9 +348,10 @@ def _backward(rule: Rule, op: LinearOp, x, w, b, z_nobias, z, x_nonneg: bool, re
     raise TypeError(f"no LRP backward pass for rule {rule!r} ({type(rule).__name__})")
 
 
-def _no_variable_gradients(backward):
-    """A backward pass that also answers for variables the forward read (a custom layer's kernel
-    bound inside a raw operation): they get no gradient."""
+def no_variable_gradients(backward):
+    """A backward pass ``backward(r)`` that also answers for variables the forward read (a layer's
+    own weights, a custom layer's kernel bound inside a raw operation): they get no gradient.
+    Every custom gradient here returns its backward through it."""
 
     def grad(r, variables=None):
         rx = backward(r)
@@ -408,7 +409,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
         def lrp_linear_relu(x):
             z = op.forward(x, w)
             y = tf.nn.relu(_with_bias(z, b))
-            return y, _no_variable_gradients(_backward(rule, op, x, w, b, None, None, x_nonneg, reduced, y=y))
+            return y, no_variable_gradients(_backward(rule, op, x, w, b, None, None, x_nonneg, reduced, y=y))
 
         return lrp_linear_relu(x)
 
@@ -416,7 +417,7 @@ def linear(x, op: LinearOp, w, b, rule: Rule, x_nonneg: bool = False, compute_dt
     def lrp_linear(x):
         z_nobias = op.forward(x, w)
         z = _with_bias(z_nobias, b)
-        return z, _no_variable_gradients(_backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced))
+        return z, no_variable_gradients(_backward(rule, op, x, w, b, z_nobias, z, x_nonneg, reduced))
 
     return lrp_linear(x)
 
@@ -469,11 +470,6 @@ def passthrough(fn: Callable, x):
 
     @tf.custom_gradient
     def lrp_passthrough(x):
-        def grad(r, variables=None):  # a layer's own variables (e.g. LayerNorm) get nothing
-            if variables:
-                return r, [None] * len(variables)
-            return r
-
-        return fn(x), grad
+        return fn(x), no_variable_gradients(lambda r: r)
 
     return lrp_passthrough(x)

@@ -21,6 +21,11 @@ from .linear_layers import _add, _fixed_linear, _linear, _subtract, _subtract_pr
 from .transformer_layers import attention_rule_problem, raw_product, raw_softmax
 
 
+def _replay(op, t):
+    """The operation itself on one tensor (its constant operands bound)."""
+    return op.fn(t)
+
+
 def _raw_route(op, inputs, ctx):
     return op.fn(*inputs)
 
@@ -84,11 +89,7 @@ def _raw_divide(op, inputs, ctx):
     def scaled(a, b):
         z = op.fn(a, b)
 
-        def grad(r, variables=None):
-            out = (r, tf.zeros_like(b))
-            return (out, [None] * len(variables)) if variables else out
-
-        return z, grad
+        return z, propagate.no_variable_gradients(lambda r: (r, tf.zeros_like(b)))
 
     return scaled(x, y)
 
@@ -142,10 +143,10 @@ _RAW = {
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
     "divide_tensors": Handler("gate", _raw_divide, _raw_divide_problem, fixed_gate=1, zero_in_zero_out=True),
     "subtract_tensors": Handler("linear", _subtract, _subtract_problem, family="merge", fuses_relu=True),
-    "resize": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), family="pool", fuses_relu=True),
+    "resize": Handler("linear", _fixed_linear(_replay), family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
-    "constant_product": Handler("linear", _fixed_linear(lambda op, t: op.fn(t)), _constant_linear_problem,
+    "constant_product": Handler("linear", _fixed_linear(_replay), _constant_linear_problem,
                                 family="pool", fuses_relu=True),
     "softmax": Handler("passthrough", raw_softmax, zero_in_zero_out=True),
     "cut": Handler("passthrough", _raw_pass, _cut_problem),  # refused (computed only on a branch feeding gates)
