@@ -344,21 +344,156 @@ def test_lambda_and_activation_of_a_python_function_are_traced(K):
                          repr(rule))
 
 
-def test_a_layer_that_cannot_be_looked_into_is_refused_with_the_reason():
-    """Keras 3 runs a layer's call with an unknown batch size: a call that needs the batch size as a
-    number is refused naming the layer and what failed."""
-    K = kit.package("keras")
+def _batch_reading_layers(K):
+    """Layers whose call reads the batch size, the way zoo layers do: a class token tiled per image
+    (the size taken from ``shape(x)[0]``), a window partition into ``2 * B`` windows and back with a
+    layer inside that reads the number of images from the windows (Swin's window attention), a
+    reshape to heads by ``(B, -1, 2, 2)``, and a layer whose output is computed from its weights
+    alone (a rotary table)."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+    def shape_of(t):
+        return K.ops.shape(t) if keras3 else tf.shape(t)
 
-    class BatchTiled(K.layers.Layer):
+    def tile(t, reps):
+        return K.ops.tile(t, reps) if keras3 else tf.tile(t, reps)
+
+    def concat(ts):
+        return K.ops.concatenate(ts, axis=1) if keras3 else tf.concat(ts, axis=1)
+
+    def reshape(t, s):
+        return K.ops.reshape(t, s) if keras3 else tf.reshape(t, s)
+
+    class TiledToken(L.Layer):
         def build(self, shape):
-            self.token = self.add_weight(shape=(1, shape[-1]), name="token")
+            self.token = self.add_weight(shape=(1, 1, shape[-1]), initializer="random_normal", name="token")
 
         def call(self, x):
-            return x + K.ops.broadcast_to(self.token, (K.ops.shape(x)[0], x.shape[-1]))
+            return concat([tile(self.token, (shape_of(x)[0], 1, 1)), x])
+
+    class SwapWindows(L.Layer):  # called on windows: reads the number of images as B * 2 // 2
+        def call(self, w):
+            images, n, dim = shape_of(w)[0] // 2, w.shape[1], w.shape[2]
+            v = reshape(w, (images, 2, n, dim))[:, ::-1]
+            return reshape(v, (images * 2, n, dim))
+
+    class Windows(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.inner = L.Dense(4, activation="relu")
+            self.swap = SwapWindows()
+
+        def call(self, x):
+            batch, length, dim = shape_of(x)[0], x.shape[1], x.shape[2]
+            w = reshape(x, (batch * 2, length // 2, dim))  # two windows per image
+            return reshape(self.swap(self.inner(w)), (batch, length, 4))
+
+    class Heads(L.Layer):  # Keras 3 records reshape(x, (None, -1, 2, 2)) on an unknown batch size
+        def call(self, x):
+            batch = shape_of(x)[0]
+            return reshape(reshape(x, (batch, -1, 2, 2))[:, :, ::-1], (batch, x.shape[1], x.shape[2]))
+
+    class Table(L.Layer):
+        def build(self, shape):
+            self.table = self.add_weight(shape=(1,) + tuple(shape[1:]), initializer="random_normal", name="table")
+
+        def call(self, x):
+            return self.table * 2.0  # does not read x
+
+    return TiledToken, Windows, Table, Heads
+
+
+def _batch_reading_model(K):
+    L = K.layers
+    TiledToken, Windows, Table, Heads = _batch_reading_layers(K)
+    inp = K.Input((7, 3))
+    h = L.Dense(4, activation="relu")(inp)
+    h = Heads(name="heads")(Windows(name="windows")(TiledToken(name="token")(h)))
+    h = L.Add()([h, Table(name="table")(h)])
+    return K.Model(inp, L.Dense(3)(L.Flatten()(L.ReLU()(h))), name="batch_reading")
+
+
+def test_a_layer_that_reads_the_batch_size_is_traced_at_two_sizes(K):
+    """A call that needs the batch size as a number (which symbolic tracing leaves unknown) is traced
+    at two batch sizes and replays with the run's: LRP-0 is gradient x input on this ReLU network,
+    at batch sizes other than the traced ones, image by image as in a batch, and the output that
+    does not depend on the input is a constant (relevance absorbed like a bias)."""
+    model = kit.randomize(_batch_reading_model(K), seed=21)
+    x = np.random.default_rng(22).normal(size=(7, 7, 3)).astype("float32")
+    for n in (1, 2, 7):
+        _lrp0_is_gradient_x_input(model, x[:n], tol=2e-5)
+    explainer = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon())
+    kit.assert_close(explainer(x[:1]), explainer(x)[:1], 1e-5, "one image vs in a batch")
+    labels = [s.node.label for s in explainer._passes.plan.steps] if hasattr(explainer, "_passes") else []
+    assert not labels or any(label.startswith("windows/") for label in labels), labels
+
+
+def test_a_block_returning_its_input_or_one_tensor_twice(K):
+    """A looked-into layer may return its input as it is (a DropPath at inference) or one tensor in
+    two places (an encoder's output and its list of hidden states): the same relevance as the
+    functional twin with the same weights."""
+    L = K.layers
+
+    class DropPath(L.Layer):
+        def call(self, x, training=None):
+            return x
+
+    class Encoder(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.dense = L.Dense(4, name="inner")
+
+        def call(self, x):
+            h = self.dense(x)
+            return h, [x, h]
+
+    inp = K.Input((5,), **F64)
+    h = L.Dense(4, activation="relu", name="first", **F64)(inp)
+    out, (a, b) = Encoder(name="encoder", **F64)(DropPath(name="drop", **F64)(h))
+    model = kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(L.Concatenate()([out, a, b]))), seed=23)
+    inp2 = K.Input((5,), **F64)
+    h2 = model.get_layer("first")(inp2)
+    inner = model.get_layer("encoder").dense(h2)
+    twin = K.Model(inp2, model.get_layer("head")(L.Concatenate()([inner, h2, inner])))
+    x = np.random.default_rng(24).normal(size=(3, 5))
+    kit.assert_close(twin(x).numpy(), model(x).numpy(), 1e-12, "forward")
+    for rule in (lrp_grad.Epsilon(), lrp_grad.AlphaBeta(2, 1)):
+        kit.assert_close(lrp_grad.Explainer(model, rule=rule)(x), lrp_grad.Explainer(twin, rule=rule)(x), 1e-10,
+                         repr(rule))
+
+
+def test_a_layer_using_the_batch_size_otherwise_is_refused_by_operation():
+    """A size that is not a whole multiple of the batch size (here ``B // 2`` rows) cannot be replayed at
+    another batch size: refused naming the operation, the layer around it and why."""
+    K = kit.package("keras")
+
+    class Halves(K.layers.Layer):
+        def call(self, x):
+            batch = K.ops.shape(x)[0]
+            return K.ops.reshape(K.ops.reshape(x, (batch // 2, -1)), (batch, x.shape[-1]))
 
     inp = K.Input((4,))
-    model = K.Model(inp, K.layers.Dense(2)(BatchTiled(name="tiled")(inp)))
-    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'tiled' \(BatchTiled\): no handler for this layer "
+    model = K.Model(inp, K.layers.Dense(2)(Halves(name="halves")(inp)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=r"\(operation keras.ops.reshape\) at 'halves/[a-z_0-9]+': its call uses the batch size in a "
+                             r"way lrp_grad cannot follow \(only sizes that are whole multiples of the batch size.*\): "
+                             r"output 0 of 'halves/[a-z_0-9]+' has shape \(1, 12\) at batch size 3 and \(2, 10\) at "
+                             r"batch size 5"):
+        lrp_grad.Explainer(model)
+
+
+def test_a_layer_whose_call_fails_is_refused_with_the_reason():
+    """A call that fails on symbolic tensors for another reason (a Keras 3 layer calling TensorFlow
+    directly) is refused naming the layer and the error it raised."""
+    K = kit.package("keras")
+
+    class NeedsNumbers(K.layers.Layer):
+        def call(self, x):
+            return x * tf.math.reduce_max(x)
+
+    inp = K.Input((4,))
+    model = K.Model(inp, K.layers.Dense(2)(NeedsNumbers(name="numbers")(inp)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"'numbers' \(NeedsNumbers\): no handler for this layer "
                                                              r"class; looking inside its call failed at \w+Error"):
         lrp_grad.Explainer(model)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from . import gating, handlers
 from ..errors import UnsupportedLayerError, UnsupportedModelError
-from ..frontends import TRAINING_NOTE, Graph, activation_name, class_name, is_layer, is_model, layer_label, walk
+from ..frontends import TRAINING_NOTE, Graph, RawOp, activation_name, class_name, is_layer, is_model, layer_label, walk
 from .canonizers import DEFAULT_CANONIZERS, canonize
 
 __all__ = ["Survey", "survey", "gate_only", "unsupported"]
@@ -46,9 +46,12 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     # 2. Find every layer's handler and every product's gate.
     producers = {t: node for node in graph.nodes for t in node.outputs}
     handler_of = lambda node: node.handler or handlers.handler_for(node.layer)  # noqa: E731
-    entries = []
+    entries, from_shapes = [], set()
     for node in graph.nodes:
         handler = handler_of(node)
+        if _from_shapes(node, from_shapes):  # computed from shapes alone (tf.shape(x)[0] // 2): no relevance
+            from_shapes.update(node.outputs)
+            handler = handlers.FORWARD_ONLY
         ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
                                input_shapes=node.input_shapes, compute_dtype=compute_dtype)
         if handler is not None and handler.fixed_gate is not None:
@@ -64,8 +67,8 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     problems, found = [], []
     only_gates = gate_only(graph, entries)
     for i, (node, handler, ctx) in enumerate(entries):
-        if node.note == TRAINING_NOTE:
-            problems.append((node, TRAINING_NOTE))
+        if node.note == TRAINING_NOTE or node.refusal:
+            problems.append((node, node.refusal or TRAINING_NOTE))
             found.append((node, handler, ctx))
             continue
         if i in only_gates and (handler is None or handler.check(node.layer, ctx)):
@@ -83,6 +86,15 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
     if problems:
         raise unsupported(graph, problems)
     return Survey(graph, tuple(found))
+
+
+def _from_shapes(node, from_shapes) -> bool:
+    """Whether a raw operation's result depends on tensor shapes only, not values: it reads only
+    shapes (``tf.shape``), or all its tensor operands are such results (``tf.shape(x)[0] // 2``)."""
+    op = node.layer
+    if not isinstance(op, RawOp):
+        return False
+    return op.kind == "shape" or (bool(node.inputs) and all(t in from_shapes for t in node.inputs))
 
 
 def _check_connected(graph):

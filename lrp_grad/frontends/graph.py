@@ -35,6 +35,7 @@ class Node:
     params: object = None
     arg_names: tuple = ()  # per input: the argument it was passed as ('0', '1', 'key', 'mask/0')
     note: str = ""  # why the front end could not look inside this layer's call (for the refusal)
+    refusal: str = ""  # why this call cannot be explained whatever its handler (the survey refuses it)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,13 @@ class RawOp:
         For ``kind='cut'``: why the operation has no gradient (see :func:`gradient_cut`).
     source : object
         The front end's own object (a ``TFOpLambda`` layer or a Keras 3 ``Operation``).
+    constants : object
+        The operation's settings and constant operands as one nested structure (its graph tensors
+        left in place), which :func:`lrp_grad.frontends.tracing` compares between two traces of a
+        layer at different batch sizes.
+    rebind : callable or None
+        ``rebind(transform) -> fn``: a replay function whose ``constants`` are first passed through
+        ``transform(constants, tensors)`` (which puts the run's batch size where the trace had its own).
     """
 
     name: str
@@ -172,6 +180,8 @@ class RawOp:
     out_shape: tuple | None = None
     source: object = None
     cut: str | None = None
+    constants: object = None
+    rebind: Callable | None = None
 
     def __repr__(self):
         return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"

@@ -7,6 +7,7 @@ as ``Operation`` objects in the functional graph; :func:`raw_op` turns each into
 """
 from __future__ import annotations
 
+import copy
 import os
 
 from ..errors import UnsupportedModelError
@@ -20,7 +21,7 @@ except Exception:  # pragma: no cover - a broken or missing Keras 3 install
     keras = None
     available = False
 
-__all__ = ["PACKAGE", "available", "keras", "owns", "check_model", "calls", "graph_model", "io", "functionalize",
+__all__ = ["PACKAGE", "available", "keras", "owns", "check_model", "calls", "graph_model", "io", "functionalize", "is_graph_tensor",
            "serialize_activation", "load"]
 
 PACKAGE = "keras"
@@ -174,9 +175,18 @@ def raw_op(op, node) -> RawOp:
     arguments = node.arguments
     tensors = list(arguments.keras_tensors)
 
-    def fn(*values):
-        args, kwargs = arguments.fill_in({id(t): v for t, v in zip(tensors, values)})
-        return op(*args, **kwargs)
+    settings = {k: v for k, v in vars(op).items() if not k.startswith("_") and k != "name"}
+
+    def rebind(transform=None):
+        def fn(*values):
+            args, kwargs = arguments.fill_in({id(t): v for t, v in zip(tensors, values)})
+            if transform is None:
+                return op(*args, **kwargs)
+            attrs, args, kwargs = transform((settings, args, kwargs), values)
+            bound = copy.copy(op)
+            bound.__dict__.update(attrs)  # the run's batch size in the settings (not through __setattr__)
+            return bound(*args, **kwargs)
+        return fn
 
     kind = _KINDS.get(cls, "activation" if cls in _ACTIVATIONS else "other")
     cut = gradient_cut(snake_case(cls), cls == "Cast", node.output_tensors[0].dtype, [t.dtype for t in tensors])
@@ -196,9 +206,10 @@ def raw_op(op, node) -> RawOp:
         rank = len(tensors[0].shape)
         axis = getattr(op, "axis", -1)
         axes = tuple(sorted(int(a) % rank for a in ([axis] if isinstance(axis, int) else axis)))
-    return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=fn, n_tensors=len(tensors),
+    return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=rebind(), n_tensors=len(tensors),
                  activation=_ACTIVATIONS.get(cls), axes=axes, keepdims=keepdims,
-                 out_shape=tuple(node.output_tensors[0].shape), source=op, cut=cut)
+                 out_shape=tuple(node.output_tensors[0].shape), source=op, cut=cut,
+                 constants=(settings, arguments.args, arguments.kwargs), rebind=rebind)
 
 
 def _arg_names(arguments) -> list:
@@ -211,7 +222,8 @@ def _arg_names(arguments) -> list:
 
 def calls(model):
     """The model's calls in execution order: ``(layer or RawOp, input tensors, output tensors,
-    argument names, keyword arguments)``."""
+    argument names, keyword arguments, rebuild)``; ``rebuild(values)`` is the call's ``(args, kwargs)``
+    with its tensors replaced by ``values``."""
     fn = _functional(model)
     out = []
     for depth in sorted(fn._nodes_by_depth, reverse=True):
@@ -223,19 +235,42 @@ def calls(model):
             ins = list(node.input_tensors)
             names = _arg_names(node.arguments)
             out.append((obj, ins, list(node.output_tensors), tuple(names) if len(names) == len(ins) else (),
-                        dict(node.arguments.kwargs)))
+                        dict(node.arguments.kwargs), _rebuilder(node.arguments)))
     return out
 
 
-def functionalize(layer, shapes, structure):
-    """A functional model of ``layer.call`` on symbolic inputs of these shapes: its sublayers and
-    ``keras.ops`` become the model's calls, its own weights constant operands. ``structure(inputs)``
-    gives the call's ``(args, kwargs)``. Raises whatever the call raises on symbolic tensors."""
-    dtype = getattr(layer, "compute_dtype", None) or "float32"
-    inputs = [keras.Input(batch_shape=tuple(s), dtype=dtype) for s in shapes]
-    args, kwargs = structure(inputs)
-    outputs = layer.call(*args, **kwargs)
-    return keras.Model(inputs, outputs, name=f"{layer.name}_call")
+def _rebuilder(arguments):
+    """``rebuild(values) -> (args, kwargs)``: the recorded call with its tensors replaced, in order."""
+    tensors = list(arguments.keras_tensors)
+
+    def rebuild(values):
+        return arguments.fill_in({id(t): v for t, v in zip(tensors, values)})
+    return rebuild
+
+
+def is_graph_tensor(value) -> bool:
+    """Whether ``value`` is a symbolic tensor of a traced graph."""
+    return isinstance(value, keras.KerasTensor)
+
+
+def functionalize(layer, shapes, rebuild, dtypes=None):
+    """``layer.call`` run on symbolic inputs of these shapes: ``(model, constants)``.
+
+    ``model`` is a functional model whose calls are the layer's sublayers and ``keras.ops`` (its own
+    weights constant operands), with the outputs that depend on the inputs; ``constants`` maps the
+    position of each other output (a value computed from weights or shapes alone) to that value
+    (``model`` is ``None`` when no output depends on the inputs). ``rebuild(inputs)`` gives the
+    call's ``(args, kwargs)``. Raises whatever the call raises on symbolic tensors.
+    """
+    default = getattr(layer, "compute_dtype", None) or "float32"
+    dtypes = dtypes or [default] * len(shapes)
+    inputs = [keras.Input(batch_shape=tuple(s), dtype=d) for s, d in zip(shapes, dtypes)]
+    args, kwargs = rebuild(inputs)
+    outputs = keras.tree.flatten(layer.call(*args, **kwargs))
+    symbolic = [t for t in outputs if isinstance(t, keras.KerasTensor)]
+    constants = {i: t for i, t in enumerate(outputs) if not isinstance(t, keras.KerasTensor)}
+    model = keras.Model(inputs, symbolic, name=f"{layer.name}_call") if symbolic else None
+    return model, constants
 
 
 def serialize_activation(fn):

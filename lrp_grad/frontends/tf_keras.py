@@ -13,8 +13,8 @@ import tf_keras as keras
 from ..errors import UnsupportedModelError
 from .graph import SHAPE_ONLY, RawOp, gradient_cut
 
-__all__ = ["PACKAGE", "keras", "owns", "check_model", "calls", "graph_model", "io", "functionalize", "serialize_activation",
-           "load"]
+__all__ = ["PACKAGE", "keras", "owns", "check_model", "calls", "graph_model", "io", "functionalize", "is_graph_tensor",
+           "serialize_activation", "load"]
 
 PACKAGE = "tf_keras"
 layers = keras.layers
@@ -137,12 +137,16 @@ def raw_op(layer, node) -> RawOp:
     structure = (node.call_args, node.call_kwargs)
     flat = tf.nest.flatten(structure)
     slots = [i for i, a in enumerate(flat) if _is_tensor(a)]
-    def fn(*tensors):
-        args = list(flat)
-        for i, t in zip(slots, tensors):
-            args[i] = t
-        a, kw = tf.nest.pack_sequence_as(structure, args)
-        return layer.call(*a, **kw)  # SlicingOpLambda turns its recorded slice dicts back into slices
+    def rebind(transform=None):
+        def fn(*tensors):
+            args = list(flat)
+            for i, t in zip(slots, tensors):
+                args[i] = t
+            a, kw = tf.nest.pack_sequence_as(structure, args)
+            if transform is not None:
+                a, kw = transform((a, kw), tensors)
+            return layer.call(*a, **kw)  # SlicingOpLambda turns its recorded slice dicts back into slices
+        return fn
 
     kind = _KINDS.get(symbol, "activation" if symbol in _ACTIVATIONS else "other")
     outputs = tf.nest.flatten(node.outputs)
@@ -163,9 +167,10 @@ def raw_op(layer, node) -> RawOp:
         kwargs = dict(node.call_kwargs or {})
         rest = list(node.call_args[1:])
         axes = _axes(kwargs.get("axis", rest[0] if rest else -1), node.keras_inputs[0].shape.rank)
-    return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=fn, n_tensors=len(slots),
+    return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=rebind(), n_tensors=len(slots),
                  activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
-                 out_shape=tuple(outputs[0].shape), source=layer, cut=cut)
+                 out_shape=tuple(outputs[0].shape), source=layer, cut=cut,
+                 constants=(node.call_args, node.call_kwargs), rebind=rebind)
 
 
 def _axes(axis, rank):
@@ -191,7 +196,8 @@ def _arg_names(node) -> list:
 
 def calls(model):
     """The model's layer calls in execution order: ``(layer or RawOp, input tensors, output tensors,
-    argument names, keyword arguments)``."""
+    argument names, keyword arguments, rebuild)``; ``rebuild(values)`` is the call's ``(args, kwargs)``
+    with its tensors replaced by ``values``."""
     out = []
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
@@ -202,19 +208,42 @@ def calls(model):
             ins = list(node.keras_inputs)
             names = _arg_names(node)
             out.append((obj, ins, tf.nest.flatten(node.outputs), tuple(names) if len(names) == len(ins) else (),
-                        dict(node.call_kwargs or {})))
+                        dict(node.call_kwargs or {}), _rebuilder(node)))
     return out
 
 
-def functionalize(layer, shapes, structure):
-    """A functional model of ``layer.call`` on symbolic inputs of these shapes: its sublayers become
-    the model's calls and the TensorFlow operations on them ``TFOpLambda`` layers; its own weights
-    are constant operands. ``structure(inputs)`` gives the call's ``(args, kwargs)``."""
-    dtype = getattr(layer, "compute_dtype", None) or "float32"
-    inputs = [keras.Input(batch_shape=tuple(s), dtype=dtype) for s in shapes]
-    args, kwargs = structure(inputs)
-    outputs = layer.call(*args, **kwargs)
-    return keras.Model(inputs, outputs, name=f"{layer.name}_call")
+def _rebuilder(node):
+    """``rebuild(values) -> (args, kwargs)``: the recorded call with its tensors replaced, in order."""
+    structure = (tuple(node.call_args or ()), dict(node.call_kwargs or {}))
+    flat = tf.nest.flatten(structure)
+    slots = [i for i, a in enumerate(flat) if _is_tensor(a)]
+
+    def rebuild(values):
+        args = list(flat)
+        for i, v in zip(slots, values):
+            args[i] = v
+        return tf.nest.pack_sequence_as(structure, args)
+    return rebuild
+
+
+def is_graph_tensor(value) -> bool:
+    """Whether ``value`` is a symbolic tensor of a traced graph."""
+    return _is_tensor(value)
+
+
+def functionalize(layer, shapes, rebuild, dtypes=None):
+    """``layer.call`` run on symbolic inputs of these shapes: ``(model, constants)``, as in
+    :func:`lrp_grad.frontends.keras3.functionalize`; its sublayers become the model's calls and the
+    TensorFlow operations on them ``TFOpLambda`` layers."""
+    default = getattr(layer, "compute_dtype", None) or "float32"
+    dtypes = dtypes or [default] * len(shapes)
+    inputs = [keras.Input(batch_shape=tuple(s), dtype=d) for s, d in zip(shapes, dtypes)]
+    args, kwargs = rebuild(inputs)
+    outputs = tf.nest.flatten(layer.call(*args, **kwargs))
+    symbolic = [t for t in outputs if _is_tensor(t)]
+    constants = {i: t for i, t in enumerate(outputs) if not _is_tensor(t)}
+    model = keras.Model(inputs, symbolic, name=f"{layer.name}_call") if symbolic else None
+    return model, constants
 
 
 def serialize_activation(fn):
