@@ -6,9 +6,10 @@ One module per package, each turning a model of its package into the neutral
 - :mod:`lrp_grad.frontends.keras3` for Keras 3 (``import keras``; ``tf.keras`` since TF 2.16),
 - :mod:`lrp_grad.frontends.tf_keras` for tf-keras (the Keras 2 API).
 
-This module picks the front end of a model, walks it (nested graph models inlined), answers the
-package-neutral class questions the core asks (:func:`is_layer`, :func:`layer_classes`) and loads
-model files with the package that wrote them (:func:`load_model`).
+This module picks the front end of a model, walks it (:func:`walk`; nested graph models and the
+layers looked into are inlined by :mod:`~lrp_grad.frontends.inline`) and loads model files with
+the package that wrote them (:func:`load_model`). The package-neutral class questions the core
+asks (:func:`is_layer`, :func:`layer_classes`) are answered by :mod:`~lrp_grad.frontends.classes`.
 """
 from __future__ import annotations
 
@@ -17,27 +18,18 @@ import os
 import pathlib
 import weakref
 import zipfile
-from dataclasses import dataclass
 
 from ..errors import ModelFileError, UnsupportedModelError
-from . import blocks, keras3, tf_keras, tracing
+from . import keras3, tf_keras
+from .classes import (FRONTENDS, activation_name, is_instance, is_layer, is_layer_class, is_model, layer_classes,
+                      package_of)
 from .graph import RAW_KINDS, AttentionCore, Graph, Node, RawOp, class_name, layer_label
+from .inline import TRAINING_NOTE, inline, shape_of
 
 __all__ = ["FRONTENDS", "Graph", "Node", "RawOp", "AttentionCore", "RAW_KINDS", "TRAINING_NOTE", "frontend_for",
            "check_model", "walk",
            "activation_name", "class_name", "is_instance", "is_layer", "layer_classes", "is_model", "is_layer_class", "layer_label",
            "load_model", "output_names", "package_of", "source_path"]
-
-#: The available front ends, Keras 3 first.
-FRONTENDS = tuple(f for f in (keras3, tf_keras) if getattr(f, "available", True))
-
-
-def package_of(obj) -> str | None:
-    """``'keras'`` (Keras 3), ``'tf_keras'`` or ``None`` for a model, layer or class."""
-    for frontend in FRONTENDS:
-        if frontend.owns(obj):
-            return frontend.PACKAGE
-    return None
 
 
 def frontend_for(model):
@@ -59,233 +51,6 @@ def check_model(model):
     frontend = frontend_for(model)
     frontend.check_model(model)
     return frontend
-
-
-def _shape(t):
-    import tensorflow as tf
-
-    return tf.TensorShape(t.shape)
-
-
-#: The note of a layer called with ``training=True`` in the model's graph (it computes its training
-#: behaviour, e.g. a Dropout that drops, at every call): refused by the survey.
-TRAINING_NOTE = ("called with training=True in the model (passed, or recorded from the layer's own default), so it "
-                 "computes its training behaviour (random dropping or augmentation, batch statistics) at every "
-                 "call; lrp_grad explains inference. Rebuild the model calling this layer with training=False "
-                 "(or without it, for layers that default to inference)")
-
-#: Layer classes whose training behaviour differs from inference (``Random*`` augmentation layers too).
-_TRAINING_DEPENDENT = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
-                       "GaussianNoise", "AlphaDropout", "BatchNormalization")
-
-
-def _trains_differently(layer) -> bool:
-    """Whether ``training=True`` changes what ``layer`` computes (deterministic layers such as
-    Keras 3's ``Resizing`` record ``training=True`` as their default and are not refused)."""
-    return (any(isinstance(layer, cls) for cls in layer_classes(*_TRAINING_DEPENDENT))
-            or type(layer).__name__.startswith("Random"))
-
-
-#: The refusal of a call inside a layer traced at two batch sizes whose settings change with the
-#: batch size in a way :mod:`~lrp_grad.frontends.tracing` cannot follow (``B + 1``, ``B // 2``).
-BATCH_NOTE = ("its call uses the batch size in a way lrp_grad cannot follow (only sizes that are whole multiples "
-              "of the batch size, such as a class token tiled per image or windows per image, are supported)")
-
-#: How deep layers are looked into (a layer whose call is made of layers whose calls are ...).
-_MAX_DEPTH = 12
-
-
-def _why(e) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-
-
-@dataclass(frozen=True)
-class _Inside:
-    """What looking inside a layer's call found: ``model`` (the calls on the outputs that depend on
-    the inputs, or ``None``), ``constants`` (output position -> a value computed without the
-    inputs) and, for a layer traced at two batch sizes, ``twin`` (the second trace's model)."""
-
-    model: object
-    constants: dict
-    twin: object = None
-
-
-def _look_inside(frontend, layer, in_shapes, rebuild, dtypes, traced_shapes=None):
-    """``(_Inside, None)`` of the layer's ``call`` run on symbolic inputs (its sublayers and
-    operations become the graph's calls; its own weights are constants there), or ``(None, why)``.
-
-    A call that fails on an unknown batch size (it reads the size: a class token tiled per image, a
-    window partition) is traced at two batch sizes instead (:mod:`lrp_grad.frontends.tracing`); a
-    layer called inside such a trace is traced at the shapes it had there (``traced_shapes``, per
-    trace: windows per image times the traced batch size).
-    """
-    try:
-        inside = _Inside(*frontend.functionalize(layer, in_shapes, rebuild, dtypes))
-        unknown = _unknown_size(frontend, inside.model)
-        if not unknown:
-            return inside, None
-        first = f"{unknown} has a size recorded as unknown (None)"
-    except Exception as e:  # noqa: BLE001 - any failure of the user's call is reported, not raised
-        first = _why(e)
-    if traced_shapes is None and not any(s.rank and s[0] is None for s in in_shapes):
-        return None, first
-    sizes = traced_shapes or [tracing.batch_sizes(in_shapes, n) for n in tracing.SIZES]
-    try:
-        traces = [frontend.functionalize(layer, shapes, rebuild, dtypes) for shapes in sizes]
-    except Exception:  # noqa: BLE001 - the batch size was not what it stumbled on
-        return None, first
-    (model, constants), (twin, constants2) = traces
-    if set(constants) != set(constants2) or (model is None) != (twin is None):
-        return None, f"{first} (and its outputs differ between batch sizes)"
-    return _Inside(model, constants, twin), None
-
-
-def _unknown_size(frontend, model) -> str:
-    """The first operation of ``model`` whose settings hold an unknown size, or ``""``."""
-    if model is None:
-        return ""
-    for obj, *_ in frontend.calls(model):
-        if isinstance(obj, RawOp) and tracing.unknown_size(obj.constants, frontend.is_graph_tensor):
-            return f"operation {obj.symbol}"
-    return ""
-
-
-def _twin_calls(frontend, inside):
-    """The second trace's calls, one per call of the first, checked to be the same calls."""
-    calls, twins = frontend.calls(inside.model), frontend.calls(inside.twin)
-    if len(calls) != len(twins):
-        raise tracing.BatchLinkError(f"its call makes {len(calls)} calls at batch size {tracing.SIZES[0]} and "
-                                     f"{len(twins)} at batch size {tracing.SIZES[1]}")
-    for a, b in zip(calls, twins):
-        if class_name(a[0]) != class_name(b[0]) or len(a[1]) != len(b[1]) or len(a[2]) != len(b[2]):
-            raise tracing.BatchLinkError(f"it calls {class_name(a[0])} at batch size {tracing.SIZES[0]} where it "
-                                         f"calls {class_name(b[0])} at batch size {tracing.SIZES[1]}")
-    return twins
-
-
-def _constant_op(layer, value, index):
-    """A node's operation that yields one output of ``layer`` computed without its inputs."""
-    import tensorflow as tf
-
-    const = tf.convert_to_tensor(value)
-    return RawOp(name=f"{layer.name}/output_{index}", symbol=f"{type(layer).__name__} (an output computed from "
-                 "its weights or shapes alone)", kind="shape", fn=lambda *_: const, n_tensors=0,
-                 out_shape=tuple(const.shape))
-
-
-def _inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, calls, look_inside=None, depth=0,
-            twin_calls=None):
-    """Append ``model``'s calls to ``nodes``, nested graph models inlined recursively.
-
-    Tensor ids get the call path as prefix so that a model used twice stays distinct; the inner
-    model's inputs and outputs are renamed to the outer tensors they stand for. A layer for which
-    ``look_inside(layer)`` is true (no handler: a subclassed block, a ``Lambda``) is run on symbolic
-    inputs and inlined the same way, its calls labelled ``'layer/...'``. ``twin_calls``: the calls
-    of the same model traced at another batch size (see :func:`_look_inside`): shapes that scale
-    with the batch become unknown again, and operations replay with the run's batch size.
-    """
-    inputs, outputs = frontend.io(model)
-    rename = {str(id(t)): outer for t, outer in zip(inputs, input_ids)}
-    passed = []  # (tensor id, outer id, tensor): an output that is an input, or an output given twice
-    for t, outer in zip(outputs, output_ids):
-        if str(id(t)) not in rename:
-            rename[str(id(t))] = outer
-        elif rename[str(id(t))] != outer:
-            passed.append((rename[str(id(t))], outer, t))
-
-    def tensor(t):
-        t_id = str(id(t))
-        return rename.get(t_id, prefix + t_id)
-
-    for i, (obj, ins, outs, arg_names, kwargs, rebuild) in enumerate(frontend.calls(model)):
-        key = label_prefix + obj.name
-        calls[key] = calls.get(key, 0) + 1
-        label = key if calls[key] == 1 else f"{key}#{calls[key]}"
-        in_ids = tuple(tensor(t) for t in ins)
-        out_ids = tuple(tensor(t) for t in outs)
-        in_shapes = tuple(_shape(t) for t in ins)
-        out_shapes = tuple(_shape(t) for t in outs)
-        note, traced_shapes = "", None
-        if twin_calls is not None:
-            traced_shapes = (in_shapes, tuple(_shape(t) for t in twin_calls[i][1]))
-            obj, in_shapes, out_shapes, note = _untwin(frontend, obj, ins, outs, kwargs, twin_calls[i], label)
-        inner = None if isinstance(obj, RawOp) else frontend.graph_model(obj)
-        if inner is not None and not note:
-            _inline(frontend, inner, in_ids, out_ids, f"{prefix}{label}/", f"{label}/", nodes, calls, look_inside,
-                    depth)
-            continue
-        if is_layer(obj, "MultiHeadAttention") and not note:  # its projections and attention core, each with its rule
-            nodes.extend(blocks.split_attention(obj, in_ids, out_ids, arg_names, kwargs, label, in_shapes))
-            continue
-        if not isinstance(obj, RawOp) and (kwargs or {}).get("training") is True and _trains_differently(obj):
-            nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, out_shapes, arg_names=arg_names,
-                              note=TRAINING_NOTE))
-            continue
-        if (not note and look_inside is not None and not isinstance(obj, RawOp) and depth < _MAX_DEPTH
-                and look_inside(obj)):
-            inside, note = _look_inside(frontend, obj, in_shapes, rebuild, [t.dtype for t in ins], traced_shapes)
-            if inside is not None:
-                note = _inline_inside(frontend, obj, inside, in_ids, out_ids, out_shapes, prefix, label, nodes, calls,
-                                      look_inside, depth)
-                if not note:
-                    continue
-            note = f"looking inside its call failed at {note}"
-        nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, out_shapes, arg_names=arg_names,
-                          note="" if note.startswith(BATCH_NOTE) else note,
-                          refusal=note if note.startswith(BATCH_NOTE) else ""))
-    for k, (inner_id, outer_id, t) in enumerate(passed):  # (an input returned as it is: a DropPath at inference)
-        import tensorflow as tf
-
-        op = RawOp(name=f"{label_prefix}identity_{k}", symbol="identity (a tensor returned as it is)", kind="route",
-                   fn=tf.identity, n_tensors=1, out_shape=tuple(_shape(t).as_list() if _shape(t).rank else ()))
-        nodes.append(Node(op, (inner_id,), (outer_id,), f"{label_prefix}identity_{k}", (_shape(t),), (_shape(t),)))
-
-
-def _untwin(frontend, obj, ins, outs, kwargs, twin, label):
-    """``(obj, in_shapes, out_shapes, note)`` of a call of a layer's first trace, given the same call
-    in its second trace: shapes that scale with the batch unknown, an operation's batch-size
-    settings replaced by the run's (``note`` says why not, when they cannot be)."""
-    obj2, ins2, outs2, _, kwargs2, _ = twin
-    try:
-        in_shapes = tuple(tracing.unlink_shape(_shape(a), _shape(b), f"input {k} of {label!r}")
-                          for k, (a, b) in enumerate(zip(ins, ins2)))
-        out_shapes = tuple(tracing.unlink_shape(_shape(a), _shape(b), f"output {k} of {label!r}")
-                           for k, (a, b) in enumerate(zip(outs, outs2)))
-        if isinstance(obj, RawOp):
-            obj = tracing.linked_op(obj, obj2, [_shape(t) for t in ins], [_shape(t) for t in ins2],
-                                    frontend.is_graph_tensor)
-        else:
-            tracing.compare_kwargs(kwargs, kwargs2, frontend.is_graph_tensor, f"layer {layer_label(obj)}")
-    except tracing.BatchLinkError as e:
-        shapes = tuple(_shape(t) for t in ins), tuple(_shape(t) for t in outs)
-        return obj, shapes[0], shapes[1], f"{BATCH_NOTE}: {e}"
-    return obj, in_shapes, out_shapes, ""
-
-
-def _inline_inside(frontend, layer, inside, in_ids, out_ids, out_shapes, prefix, label, nodes, calls, look_inside,
-                   depth) -> str:
-    """Inline what :func:`_look_inside` found for ``layer``; returns why not ("" when done)."""
-    n_out = len(out_ids)
-    n_model = len(frontend.io(inside.model)[1]) if inside.model is not None else 0
-    if n_model + len(inside.constants) != n_out or any(not 0 <= k < n_out for k in inside.constants):
-        return f"its call returns {n_model + len(inside.constants)} values where the model records {n_out} outputs"
-    added = []
-    twin_calls = None
-    if inside.twin is not None:
-        try:
-            twin_calls = _twin_calls(frontend, inside)
-        except tracing.BatchLinkError as e:
-            return f"{BATCH_NOTE}: {e}"
-    if inside.model is not None:
-        symbolic_ids = tuple(out_ids[k] for k in range(n_out) if k not in inside.constants)
-        _inline(frontend, inside.model, in_ids, symbolic_ids, f"{prefix}{label}/", f"{label}/", added, calls,
-                look_inside, depth + 1, twin_calls)
-    for k, value in sorted(inside.constants.items()):
-        op = _constant_op(layer, value, k)
-        added.append(Node(op, (), (out_ids[k],), f"{label}/output_{k}", (), (out_shapes[k],)))
-    nodes.extend(added)
-    return ""
 
 
 def output_names(model) -> list:
@@ -317,7 +82,7 @@ def _select_output(model, output, outputs, names, nodes, aliases=(), input_names
             raise UnsupportedModelError(
                 f"model {model.name!r} has {len(outputs)} outputs ({shown}); say which one to explain: "
                 f"Explainer(model, output={names[0]!r}) or output=0 (an index).")
-        return str(id(outputs[0])), names[0], _shape(outputs[0])
+        return str(id(outputs[0])), names[0], shape_of(outputs[0])
     if isinstance(output, bool) or not isinstance(output, (int, str)):
         raise UnsupportedModelError(
             f"output={output!r} must be an output name ({shown}), an output index (0..{len(outputs) - 1}) or the "
@@ -326,11 +91,11 @@ def _select_output(model, output, outputs, names, nodes, aliases=(), input_names
         if not -len(outputs) <= output < len(outputs):
             raise UnsupportedModelError(
                 f"output={output} is out of range: model {model.name!r} has {len(outputs)} output(s) ({shown}).")
-        return str(id(outputs[output])), names[output], _shape(outputs[output])
+        return str(id(outputs[output])), names[output], shape_of(outputs[output])
     for known in (names, aliases):
         if output in known:
             i = list(known).index(output)
-            return str(id(outputs[i])), names[i], _shape(outputs[i])
+            return str(id(outputs[i])), names[i], shape_of(outputs[i])
     if output in input_names:
         raise UnsupportedModelError(
             f"output={output!r} is an input of model {model.name!r}; there is nothing to explain. Name an output "
@@ -382,7 +147,7 @@ def walk(model, output=None, look_inside=None) -> Graph:
     inputs, outputs = frontend.io(model)
     input_ids = [str(id(t)) for t in inputs]
     nodes = []
-    _inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {}, look_inside)
+    inline(frontend, model, input_ids, [str(id(t)) for t in outputs], "", "", nodes, {}, look_inside)
     names, aliases = _output_names(frontend, model, outputs)
     keys = frontend.input_keys(model)  # a model called on a dict of inputs is fed by its keys
     input_names = (tuple(str(k) for k in keys) if keys is not None and len(keys) == len(inputs) else
@@ -396,7 +161,7 @@ def walk(model, output=None, look_inside=None) -> Graph:
         nodes=_prune(nodes, output_id),
         input_ids=tuple(input_ids),
         output_id=output_id,
-        input_shapes=tuple(tuple(_shape(t)[1:]) for t in inputs),
+        input_shapes=tuple(tuple(shape_of(t)[1:]) for t in inputs),
         dtypes=tuple(_dtype_name(t) for t in inputs),
         n_outputs=int(last) if last is not None and out_shape.rank >= 2 else None,
         output_shape=tuple(out_shape[1:]),
@@ -412,89 +177,6 @@ def _tensor_name(t, default) -> str:
     history = getattr(t, "_keras_history", None)
     layer = getattr(history, "layer", None) or getattr(history, "operation", None)
     return getattr(layer, "name", None) or getattr(t, "name", None) or default
-
-
-#: Where the activation functions lrp_grad knows by name are defined: a function from anywhere
-#: else is the user's own, even if it is called ``relu``.
-_LIBRARY_MODULES = ("keras", "tf_keras", "tensorflow")
-
-
-def _from_library(module: str) -> bool:
-    """Whether a module belongs to Keras or TensorFlow (not, e.g., ``keras_cv_attention_models``)."""
-    return any(module == m or module.startswith(m + ".") for m in _LIBRARY_MODULES)
-
-
-def activation_name(fn) -> str:
-    """Canonical name of a Keras activation function (``'relu'``, ``'linear'``, ...), either package.
-
-    Functions are told apart by where they are defined, not by their name: a user's own
-    ``def relu(t)`` is ``"function 'relu' (from module '__main__')"``, which no handler knows."""
-    if fn is None:
-        return "linear"
-    if isinstance(fn, str):
-        return fn
-    module = getattr(fn, "__module__", "") or ""
-    if callable(fn) and not _from_library(module) and not isinstance(fn, type):
-        return f"function {getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))!r} (from module {module!r})"
-    order = sorted(FRONTENDS, key=lambda f: not module.startswith(f.PACKAGE + "."))
-    name = None
-    for frontend in order:
-        try:
-            name = frontend.serialize_activation(fn)
-        except (ValueError, TypeError, AttributeError):
-            continue
-        if isinstance(name, str):
-            break
-    if name is None:
-        name = getattr(fn, "__name__", repr(fn))
-    if isinstance(name, dict):  # serialised objects (e.g. a layer used as activation)
-        name = name.get("class_name", repr(fn))
-    return str(name)
-
-
-def layer_classes(*names: str) -> tuple:
-    """Every available package's layer classes of these class names (``'Dense'`` -> both Denses),
-    from ``layers`` and the few layer classes ``applications`` defines (``LayerScale``)."""
-    out = []
-    for frontend in FRONTENDS:
-        for name in names:
-            cls = getattr(frontend.layers, name, None) or frontend.APPLICATION_LAYERS.get(name)
-            if isinstance(cls, type):
-                out.append(cls)
-    return tuple(out)
-
-
-def is_layer(obj, *names: str) -> bool:
-    """Whether ``obj``'s exact class is one of these Keras layer classes, in either package."""
-    return type(obj) in layer_classes(*names)
-
-
-def _builtin_name(cls) -> str | None:
-    """The class name of a built-in Keras layer class (either package), else None."""
-    module = getattr(cls, "__module__", "") or ""
-    if module.startswith(("keras.src.layers", "keras.layers", "tf_keras.src.layers", "tf_keras.layers")):
-        return cls.__name__
-    return None
-
-
-def is_instance(obj, classes) -> bool:
-    """``isinstance`` that treats a built-in layer class of one Keras package as its namesake in
-    the other: a composite written with ``keras.layers.Conv2D`` also matches a tf-keras Conv2D."""
-    classes = classes if isinstance(classes, tuple) else (classes,)
-    if isinstance(obj, classes):
-        return True
-    names = {n for n in (_builtin_name(c) for c in classes) if n}
-    return bool(names) and any(_builtin_name(c) in names for c in type(obj).__mro__)
-
-
-def is_model(obj) -> bool:
-    """Whether ``obj`` is a Keras model (of either package)."""
-    return any(isinstance(obj, f.Model) for f in FRONTENDS)
-
-
-def is_layer_class(cls) -> bool:
-    """Whether ``cls`` is a Layer subclass of either Keras package."""
-    return isinstance(cls, type) and any(issubclass(cls, f.Layer) for f in FRONTENDS)
 
 
 # ---------------------------------------------------------------------------------------------
