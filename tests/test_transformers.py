@@ -155,6 +155,47 @@ def test_hand_written_attention_of_raw_operations(K, rule):
         kit.assert_close(R[n], R_q + R_kv, 1e-8, f"{rule} hand-written attention, sample {n}")
 
 
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_fused_dot_product_attention_is_an_attention_core(rule):
+    """``keras.ops.dot_product_attention(q, k, v)`` (one fused operation on (batch, tokens, heads,
+    dim), as keras-hub's DINOv3 calls it) takes the attention family's rule: the same relevance as
+    the equations of one head, and as the same attention written with matmul and softmax."""
+    K = kit.package("keras")
+    L, ops = K.layers, K.ops
+    inp = K.Input((T, D), **F64)
+    q, k, v = (L.Dense(KEY, name=n, **F64)(inp) for n in ("q", "k", "v"))
+    a = ops.dot_product_attention(*(ops.expand_dims(t, 2) for t in (q, k, v)))
+    out = L.Dense(D, name="o", **F64)(ops.squeeze(a, 2))
+    model = kit.randomize(K.Model(inp, out), seed=10)
+    twin = _hand_written_attention(K)
+    for name in ("q", "k", "v", "o"):
+        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    x = np.random.default_rng(11).normal(size=(2, T, D))
+    R0 = np.random.default_rng(12).normal(size=(2, T, D))
+    np.testing.assert_allclose(model(x).numpy(), twin(x).numpy(), rtol=1e-6, atol=1e-6)  # Keras' fused op: float32
+    explainer = lrp_grad.Explainer(model, rule=RULES[rule])
+    assert any("keras.ops.dot_product_attention" in line and "attention" in line.split(")", 1)[1]
+               for line in str(explainer.rules).splitlines()), explainer.rules
+    R = explainer(x, initial=R0)
+    kit.assert_close(R, lrp_grad.Explainer(twin, rule=RULES[rule])(x, initial=R0), 1e-9, "fused vs written out")
+    get = lambda n: model.get_layer(n).get_weights()  # noqa: E731
+    w = {"Wq": get("q")[0][:, None], "bq": get("q")[1][None], "Wk": get("k")[0][:, None], "bk": get("k")[1][None],
+         "Wv": get("v")[0][:, None], "bv": get("v")[1][None], "Wo": get("o")[0][None], "bo": get("o")[1]}
+    out, R_q, R_kv = nra.attention(x[0], x[0], w, R0[0], rule)
+    kit.assert_close(R[0], R_q + R_kv, 1e-8, f"{rule} fused attention vs the equations")
+
+
+def test_fused_attention_with_a_mask_is_refused_by_name():
+    K = kit.package("keras")
+    inp = K.Input((T, D))
+    mask = K.ops.ones((1, 1, T, T), dtype="bool")
+    q = K.ops.expand_dims(K.layers.Dense(KEY)(inp), 2)
+    out = K.layers.Dense(2)(K.layers.Flatten()(K.ops.dot_product_attention(q, q, q, mask=mask)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"\(operation keras.ops.dot_product_attention\): "
+                                                             r"operation keras.ops.dot_product_attention has no LRP"):
+        lrp_grad.Explainer(K.Model(inp, out))
+
+
 def test_bilinear_product_is_half_gradient_x_input(K):
     """One product of two signals (``q k^T``, degree 2): AttnLRP with LRP-0 elsewhere is exactly
     half of gradient x input (Euler: x . grad f = 2 f)."""

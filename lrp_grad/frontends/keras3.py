@@ -11,7 +11,7 @@ import copy
 import os
 
 from ..errors import UnsupportedModelError
-from .graph import SHAPE_ONLY, RawOp, gradient_cut, snake_case
+from .graph import SHAPE_ONLY, AttentionCore, RawOp, gradient_cut, snake_case
 
 try:  # Keras 3 ships with TensorFlow >= 2.16; with another backend it still imports
     import keras
@@ -234,9 +234,37 @@ def calls(model):
             obj = op if isinstance(op, keras.layers.Layer) else raw_op(op, node)
             ins = list(node.input_tensors)
             names = _arg_names(node.arguments)
+            if type(op).__name__ == "DotProductAttention":
+                obj, ins, names = _attention_core(op, node, obj, ins, names)
             out.append((obj, ins, list(node.output_tensors), tuple(names) if len(names) == len(ins) else (),
                         dict(node.arguments.kwargs), _rebuilder(node.arguments)))
     return out
+
+
+#: The tensor arguments of ``keras.ops.dot_product_attention``, by position and name.
+_QKV = {"0": "query", "1": "key", "2": "value", "query": "query", "key": "key", "value": "value"}
+
+
+def _attention_core(op, node, raw, ins, names):
+    """``keras.ops.dot_product_attention(q, k, v[, scale=])`` as an attention core (the
+    ``'attention'`` family's rule): ``softmax(q k^T * scale) v`` over (batch, tokens, heads, dim)
+    tensors. With a bias, a mask, a causal mask or a logit cap it stays the raw operation, which is
+    refused by name."""
+    roles = {_QKV.get(n): t for n, t in zip(names, ins)}
+    kwargs = dict(node.arguments.kwargs)
+    scale = kwargs.get("scale", node.arguments.args[5] if len(node.arguments.args) > 5 else None)
+    rank = len(ins[0].shape) if ins else 0
+    if (set(roles) != {"query", "key", "value"} or len(ins) != 3 or op.is_causal or op.attn_logits_soft_cap
+            or rank != 4 or not (scale is None or isinstance(scale, (int, float)))
+            or any(kwargs.get(k) is not None for k in ("bias", "mask"))):
+        return raw, ins, names
+    dim = roles["query"].shape[-1]
+    scale = float(scale) if scale is not None else 1.0 / float(dim) ** 0.5
+    core = AttentionCore(
+        name=op.name, symbol="keras.ops.dot_product_attention", dot_equation="BSNH,BTNH->BNTS",
+        combine_equation="BNTS,BSNH->BTNH", scale=scale, softmax=lambda s: keras.ops.softmax(s, axis=-1),
+        softmax_axes=(3,), source=op)
+    return core, [roles["query"], roles["key"], roles["value"]], ("query", "key", "value")
 
 
 def _rebuilder(arguments):
