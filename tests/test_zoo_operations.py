@@ -462,6 +462,44 @@ def test_a_block_returning_its_input_or_one_tensor_twice(K):
                          repr(rule))
 
 
+def test_a_sublayer_returning_none_among_its_outputs(K):
+    """keras-hub's encoder blocks return ``(x, None)`` when no attention scores are asked for, and
+    the encoder an empty constant for its hidden states: looked into, the ``None`` is no output and
+    the constant is a constant; the same relevance as the functional twin."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+
+    class ScoredBlock(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.dense = L.Dense(4, activation="relu", name=f"{self.name}_inner")
+
+        def call(self, x, return_scores=False):
+            return self.dense(x), None
+
+    class Encoder(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.blocks = [ScoredBlock(name=f"b{i}") for i in range(2)]
+
+        def call(self, x):
+            for block in self.blocks:
+                x, _ = block(x)
+            empty = K.ops.zeros((0, 4)) if keras3 else tf.zeros((0, 4))
+            return x, empty
+
+    inp = K.Input((4,), **F64)
+    out, _ = Encoder(name="encoder", **F64)(inp)
+    model = kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(out)), seed=25)
+    inp2 = K.Input((4,), **F64)
+    h = inp2
+    for block in model.get_layer("encoder").blocks:
+        h = block.dense(h)
+    twin = K.Model(inp2, model.get_layer("head")(h))
+    x = np.random.default_rng(26).normal(size=(3, 4))
+    kit.assert_close(lrp_grad.Explainer(model)(x), lrp_grad.Explainer(twin)(x), 1e-10, "None among outputs")
+
+
 def test_a_layer_using_the_batch_size_otherwise_is_refused_by_operation():
     """A size that is not a whole multiple of the batch size (here ``B // 2`` rows) cannot be replayed at
     another batch size: refused naming the operation, the layer around it and why."""

@@ -7,6 +7,7 @@ as ``Operation`` objects in the functional graph; :func:`raw_op` turns each into
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -294,11 +295,34 @@ def functionalize(layer, shapes, rebuild, dtypes=None):
     dtypes = dtypes or [default] * len(shapes)
     inputs = [keras.Input(batch_shape=tuple(s), dtype=d) for s, d in zip(shapes, dtypes)]
     args, kwargs = rebuild(inputs)
-    outputs = keras.tree.flatten(layer.call(*args, **kwargs))
+    with _none_outputs_dropped():
+        outputs = [t for t in keras.tree.flatten(layer.call(*args, **kwargs)) if t is not None]
     symbolic = [t for t in outputs if isinstance(t, keras.KerasTensor)]
     constants = {i: t for i, t in enumerate(outputs) if not isinstance(t, keras.KerasTensor)}
     model = keras.Model(inputs, symbolic, name=f"{layer.name}_call") if symbolic else None
     return model, constants
+
+
+@contextlib.contextmanager
+def _none_outputs_dropped():
+    """While a layer's call is traced: a sublayer returning ``None`` in its outputs (keras-hub's
+    ``(x, None)`` when no attention scores are asked for) is recorded with its other outputs; Keras
+    refuses such a call on symbolic tensors, although its own forward accepts it."""
+    from keras.src.layers import layer as layer_module
+
+    base = layer_module.Node
+
+    class Node(base):
+        def __init__(self, operation, call_args=None, call_kwargs=None, outputs=None):
+            if outputs is not None:
+                outputs = [t for t in keras.tree.flatten(outputs) if t is not None]
+            super().__init__(operation, call_args=call_args, call_kwargs=call_kwargs, outputs=outputs)
+
+    layer_module.Node = Node
+    try:
+        yield
+    finally:
+        layer_module.Node = base
 
 
 def serialize_activation(fn):

@@ -207,9 +207,15 @@ def calls(model):
             obj = raw_op(layer, node) if hasattr(layer, "symbol") and hasattr(layer, "function") else layer
             ins = list(node.keras_inputs)
             names = _arg_names(node)
-            out.append((obj, ins, tf.nest.flatten(node.outputs), tuple(names) if len(names) == len(ins) else (),
+            outs = [t for t in tf.nest.flatten(node.outputs) if not _is_none(t)]  # a None among a layer's outputs
+            out.append((obj, ins, outs, tuple(names) if len(names) == len(ins) else (),
                         dict(node.call_kwargs or {}), _rebuilder(node)))
     return out
+
+
+def _is_none(t) -> bool:
+    """Whether a symbolic output stands for a ``None`` a layer returned (tf-keras records it)."""
+    return type(getattr(t, "type_spec", None)).__name__ == "NoneTensorSpec"
 
 
 def _rebuilder(node):
@@ -239,7 +245,7 @@ def functionalize(layer, shapes, rebuild, dtypes=None):
     dtypes = dtypes or [default] * len(shapes)
     inputs = [keras.Input(batch_shape=tuple(s), dtype=d) for s, d in zip(shapes, dtypes)]
     args, kwargs = rebuild(inputs)
-    outputs = tf.nest.flatten(layer.call(*args, **kwargs))
+    outputs = [t for t in tf.nest.flatten(layer.call(*args, **kwargs)) if t is not None and not _is_none(t)]
     symbolic = [t for t in outputs if _is_tensor(t)]
     constants = {i: t for i, t in enumerate(outputs) if not _is_tensor(t)}
     model = keras.Model(inputs, symbolic, name=f"{layer.name}_call") if symbolic else None
