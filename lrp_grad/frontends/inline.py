@@ -122,10 +122,11 @@ def _twin_calls(frontend, inside):
 
 
 def _constant_op(layer, value, index):
-    """A node's operation that yields one output of ``layer`` computed without its inputs."""
-    const = tf.convert_to_tensor(value)
+    """A node's operation that yields one output of ``layer`` computed without its inputs (a weight
+    returned as it is is read when the pass runs, so it follows the layer's current weights)."""
+    const = value if isinstance(value, tf.Variable) or hasattr(value, "assign") else tf.convert_to_tensor(value)
     return RawOp(name=f"{layer.name}/output_{index}", symbol=f"{type(layer).__name__} (an output computed from "
-                 "its weights or shapes alone)", kind="shape", fn=lambda *_: const, n_tensors=0,
+                 "its weights or shapes alone)", kind="shape", fn=lambda *_: tf.convert_to_tensor(const), n_tensors=0,
                  out_shape=tuple(const.shape))
 
 
