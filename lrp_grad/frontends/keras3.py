@@ -73,6 +73,9 @@ _ACTIVATIONS = {
     # elementwise maths inside hand-written normalisations and activations: relevance passes through
     "Square": "square", "Sqrt": "sqrt", "Rsqrt": "rsqrt", "Power": "pow", "Abs": "abs", "Absolute": "abs",
     "Reciprocal": "reciprocal", "Erf": "erf", "Log": "log", "Clip": "clip",
+    # elementwise functions of one signal (a phase: WaveMLP's x * cos(theta)): relevance passes through
+    "Sin": "sin", "Cos": "cos", "Tan": "tan", "Sinh": "sinh", "Cosh": "cosh", "Arctan": "arctan", "Expm1": "expm1",
+    "Log1p": "log1p",
     # a normalisation by the tensor's own norm: the scale is held constant, relevance passes
     "Normalize": "l2_normalize",
 }

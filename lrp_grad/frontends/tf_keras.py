@@ -71,6 +71,9 @@ _ACTIVATIONS = {
     "math.square": "square", "square": "square", "math.sqrt": "sqrt", "sqrt": "sqrt", "math.rsqrt": "rsqrt",
     "math.pow": "pow", "pow": "pow", "math.abs": "abs", "abs": "abs", "math.reciprocal": "reciprocal",
     "math.erf": "erf", "math.log": "log", "clip_by_value": "clip",
+    # elementwise functions of one signal (a phase: WaveMLP's x * cos(theta)): relevance passes through
+    "math.sin": "sin", "math.cos": "cos", "math.tan": "tan", "math.sinh": "sinh", "math.cosh": "cosh",
+    "math.atan": "arctan", "math.expm1": "expm1", "math.log1p": "log1p",
     # a normalisation by the tensor's own norm: the scale is held constant, relevance passes
     "math.l2_normalize": "l2_normalize", "nn.l2_normalize": "l2_normalize", "linalg.l2_normalize": "l2_normalize",
 }
