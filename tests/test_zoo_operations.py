@@ -451,3 +451,86 @@ def test_a_broadcasting_difference_is_a_signed_sum_of_the_copies(K):
     model = _bias_free(kit.randomize(K.Model(inp, L.Dense(2, **F64)(L.Flatten(**F64)(ops.subtract(h, m)))), seed=24))
     x = np.random.default_rng(25).uniform(0, 1, (2, 4, 4, 3))
     _lrp0_is_gradient_x_input(model, x)
+
+
+def _difference_spellings(K):
+    """Every way a model writes a sum or difference of two tensors, by name."""
+    L = K.layers
+    spells = {"a - b": lambda a, b: a - b, "a + b": lambda a, b: a + b,
+              "Subtract": lambda a, b: L.Subtract(**F64)([a, b]), "Add": lambda a, b: L.Add(**F64)([a, b])}
+    if K.__name__ == "keras":
+        spells.update({"keras.ops.subtract": K.ops.subtract, "keras.ops.add": K.ops.add})
+    else:
+        spells.update({"tf.math.subtract": tf.math.subtract, "tf.subtract": tf.subtract,
+                       "tf.math.add": tf.math.add, "tf.add": tf.add})
+    return spells
+
+
+def test_every_spelling_of_a_broadcasting_sum_or_difference_is_a_signed_sum(K):
+    """``x - m`` and ``x + m`` with ``m`` broadcast over positions (MogaNet's ``tf.math.subtract`` of
+    (None, 16, 16, 32) and (None, 1, 1, 32)), in every spelling, either operand first: the signed
+    sum of the copies, so LRP-0 = gradient x input on the bias-free ReLU network, and the same
+    relevance as the twin that broadcasts ``m`` explicitly first under alpha-beta."""
+    L = K.layers
+    x = np.random.default_rng(26).uniform(0, 1, (2, 4, 4, 3))
+    for name, f in _difference_spellings(K).items():
+        for small_first in (False, True):
+            def build(twin):
+                inp = K.Input((4, 4, 3), **F64)
+                h = L.Conv2D(4, 3, padding="same", activation="relu", name="c", **F64)(inp)
+                m = L.GlobalAveragePooling2D(keepdims=True, **F64)(h)
+                if twin:  # the copies made explicit: a same-shape sum or difference
+                    m = L.UpSampling2D(4, **F64)(m)
+                d = f(m, h) if small_first else f(h, m)
+                return K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(d)))
+
+            model, twin = _bias_free(kit.randomize(build(False), seed=27)), build(True)
+            twin.set_weights(model.get_weights())
+            what = f"{name} ({'small' if small_first else 'large'} operand first)"
+            _lrp0_is_gradient_x_input(model, x)
+            rule = lrp_grad.Composite([("linear", lrp_grad.AlphaBeta(2, 1))])
+            kit.assert_close(lrp_grad.Explainer(model, rule=rule)(x, target=1),
+                             lrp_grad.Explainer(twin, rule=rule)(x, target=1), 1e-10, what)
+
+
+def test_a_difference_of_tensors_of_different_ranks_is_refused_by_name():
+    K = kit.package("tf_keras")
+    inp = K.Input((4, 3))
+    h = K.layers.Dense(3, name="h")(inp)
+    v = K.layers.Dense(3, name="v")(K.layers.Flatten()(inp))
+    model = K.Model(inp, K.layers.Dense(2)(K.layers.Flatten()(tf.math.subtract(h, v))))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=r"\(operation tf.math.subtract\): subtracts tensors of different shapes "
+                             r"\[\(None, 4, 3\), \(None, 3\)\] \(broadcasting\); only tensors of the same rank"):
+        lrp_grad.Explainer(model)
+
+
+def test_elementwise_functions_of_a_phase_pass_relevance(K):
+    """WaveMLP's phase-aware token mixing ``h * cos(theta)``, ``h * sin(theta)`` (theta a function of
+    the signal): sin and cos are elementwise functions of one signal (relevance passes through, as
+    for the other elementwise maths), and each product of two independent signals takes the uniform
+    rule (half to each factor); against the float64 equations under the epsilon rule."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+    cos = K.ops.cos if keras3 else tf.math.cos
+    sin = K.ops.sin if keras3 else tf.math.sin
+    inp = K.Input((5,), **F64)
+    h = L.Dense(4, name="h", **F64)(inp)
+    theta = L.Dense(4, activation="relu", name="theta", **F64)(inp)
+    mixed = L.Concatenate(**F64)([L.Multiply(**F64)([h, cos(theta)]), L.Multiply(**F64)([h, sin(theta)])])
+    model = kit.randomize(K.Model(inp, L.Dense(3, name="head", **F64)(mixed)), seed=28)
+    x = np.random.default_rng(29).normal(size=(3, 5))
+    R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(nra.EPS))(x, target=1)
+    w = {n: model.get_layer(n).get_weights() for n in ("h", "theta", "head")}
+    for n in range(len(x)):
+        zh, zt = x[n] @ w["h"][0] + w["h"][1], x[n] @ w["theta"][0] + w["theta"][1]
+        t = np.maximum(zt, 0)
+        m = np.concatenate([zh * np.cos(t), zh * np.sin(t)])
+        R_out = np.zeros(3)
+        R_out[1] = (m @ w["head"][0] + w["head"][1])[1]
+        _, R_m = nra.linear(m, *w["head"], R_out)
+        R_h = 0.5 * (R_m[:4] + R_m[4:])  # half of each product to h ...
+        R_t = 0.5 * (R_m[:4] + R_m[4:])  # ... half through cos / sin (and the ReLU) to theta
+        _, R_xh = nra.linear(x[n], *w["h"], R_h)
+        _, R_xt = nra.linear(x[n], *w["theta"], R_t)
+        kit.assert_close(R[n], R_xh + R_xt, 1e-9, f"sample {n}")
