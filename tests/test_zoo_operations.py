@@ -534,3 +534,64 @@ def test_elementwise_functions_of_a_phase_pass_relevance(K):
         _, R_xh = nra.linear(x[n], *w["h"], R_h)
         _, R_xt = nra.linear(x[n], *w["theta"], R_t)
         kit.assert_close(R[n], R_xh + R_xt, 1e-9, f"sample {n}")
+
+
+def _resize_spellings(K):
+    """Resizes ``(t, size)`` to a size read from another tensor's shape (GhostNetV2's
+    ``tf.image.resize(g, tf.shape(x)[1:-1])``: in tf-keras the size is a tensor of the graph)."""
+    if K.__name__ == "keras":
+        return {m: (lambda t, size, m=m: K.ops.image.resize(t, size, interpolation=m))
+                for m in ("bilinear", "nearest", "bicubic")}
+    spells = {m: (lambda t, size, m=m: tf.image.resize(t, size, method=m, antialias=False))
+              for m in ("bilinear", "nearest", "bicubic")}
+    spells["compat.v1.resize_bilinear"] = tf.compat.v1.image.resize_bilinear
+    spells["compat.v1.resize_nearest_neighbor"] = tf.compat.v1.image.resize_nearest_neighbor
+    spells["resize_with_pad"] = lambda t, size: tf.image.resize_with_pad(t, 6, 8)
+    return spells
+
+
+def test_a_resize_to_a_size_read_from_a_shape_is_a_fixed_linear_map(K):
+    """An image resize whose size is computed from another tensor's shape is linear in the image
+    (the size carries no relevance): LRP-0 = gradient x input on the bias-free ReLU network, and
+    epsilon conserves; the same relevance as the twin resizing to the constant size."""
+    L = K.layers
+    x = np.random.default_rng(30).uniform(0, 1, (2, 6, 6, 2))
+    for name, resize in _resize_spellings(K).items():
+        def build(constant):
+            inp = K.Input((6, 6, 2), **F64)
+            h = L.Conv2D(3, 3, padding="same", activation="relu", name="c", **F64)(inp)
+            g = L.AveragePooling2D(2, **F64)(h)
+            shape = K.ops.shape if K.__name__ == "keras" else tf.shape
+            up = resize(g, (6, 6) if constant else shape(h)[1:3])
+            return K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(up)), name=name)
+
+        model = _bias_free(kit.randomize(build(False), seed=31))
+        np.testing.assert_allclose(lrp_grad.Explainer(model).forward(x), model(x).numpy(), rtol=1e-9, atol=1e-12)
+        _lrp0_is_gradient_x_input(model, x)
+        R, report = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-12))(x, target=0, return_layers=True)
+        np.testing.assert_allclose(R.reshape(2, -1).sum(1), report.output, rtol=1e-6, err_msg=name)
+        if K.__name__ != "keras":  # the twin with a constant size (Keras 3's size is static already)
+            twin = build(True)
+            twin.set_weights(model.get_weights())
+            kit.assert_close(lrp_grad.Explainer(model)(x), lrp_grad.Explainer(twin)(x), 1e-10, name)
+
+
+def test_a_resize_without_a_gradient_is_refused_by_name(K):
+    """Area interpolation has no gradient in TensorFlow: refused naming the operation and the fix,
+    not a raw LookupError from the backward pass."""
+    L = K.layers
+    inp = K.Input((4, 4, 2))
+    h = L.Conv2D(2, 3, padding="same")(inp)
+    if K.__name__ == "keras":
+        up, symbol = K.ops.image.resize(h, (6, 6), interpolation="area"), "keras.ops.resize"
+    else:
+        up, symbol = tf.image.resize(h, tf.shape(h)[1:3] + 2, method="area"), "tf.image.resize"
+    model = K.Model(inp, L.Dense(2)(L.Flatten()(up)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=rf"\(operation {symbol}\): {symbol} with area interpolation has no gradient in "
+                             r"TensorFlow, so relevance cannot flow back through it; resize with 'bilinear'"):
+        lrp_grad.Explainer(model)
+    if K.__name__ != "keras":
+        v1 = K.Model(inp, L.Dense(2)(L.Flatten()(tf.compat.v1.image.resize_area(h, (6, 6)))))
+        with pytest.raises(lrp_grad.UnsupportedLayerError, match="resize_area with area interpolation"):
+            lrp_grad.Explainer(v1)

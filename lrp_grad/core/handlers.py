@@ -70,8 +70,8 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["add_tensors" if several else "shift"]
     if kind == "subtract":
         return _RAW["subtract_tensors" if several else "shift"]
-    if kind == "resize":
-        return _RAW["resize" if not several else "unknown"]
+    if kind == "resize":  # several tensors: the image and its size computed from shapes
+        return _RAW["resize"]
     if kind == "multiply":
         return _BY_NAME["Multiply"] if several else _RAW["scale"]
     if kind == "divide":

@@ -26,6 +26,21 @@ def _replay(op, t):
     return op.fn(t)
 
 
+def _raw_resize(op, inputs, ctx):
+    """An image resize (any method: a fixed linear map of the image, ``pool`` family). Its other
+    tensor operands are the size, computed from shapes (``tf.shape(x)[1:3]``, GhostNetV2): integers,
+    held constant, carrying no relevance."""
+    x, size = inputs[0], [tf.stop_gradient(t) for t in inputs[1:]]
+    return _fixed_linear(lambda layer, t: layer.fn(t, *size))(op, [x], ctx)
+
+
+def _resize_problem(op, ctx):
+    if op.interpolation == "area":
+        return (f"{op.symbol} with area interpolation has no gradient in TensorFlow, so relevance cannot flow back "
+                "through it; resize with 'bilinear' (or use AveragePooling2D for an integer factor)")
+    return None
+
+
 def _raw_route(op, inputs, ctx):
     return op.fn(*inputs)
 
@@ -143,7 +158,7 @@ _RAW = {
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
     "divide_tensors": Handler("gate", _raw_divide, _raw_divide_problem, fixed_gate=1, zero_in_zero_out=True),
     "subtract_tensors": Handler("linear", _subtract, _subtract_problem, family="merge", fuses_relu=True),
-    "resize": Handler("linear", _fixed_linear(_replay), family="pool", fuses_relu=True),
+    "resize": Handler("linear", _raw_resize, _resize_problem, family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
     "constant_product": Handler("linear", _fixed_linear(_replay), _constant_linear_problem,

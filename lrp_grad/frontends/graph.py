@@ -157,6 +157,8 @@ class RawOp:
         The static output shape (batch axis included).
     cut : str or None
         For ``kind='cut'``: why the operation has no gradient (see :func:`gradient_cut`).
+    interpolation : str or None
+        For ``kind='resize'``: the method, lower case (``'bilinear'``, ``'nearest'``, ``'area'``).
     source : object
         The front end's own object (a ``TFOpLambda`` layer or a Keras 3 ``Operation``).
     """
@@ -172,6 +174,7 @@ class RawOp:
     out_shape: tuple | None = None
     source: object = None
     cut: str | None = None
+    interpolation: str | None = None
 
     def __repr__(self):
         return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"

@@ -201,7 +201,8 @@ def raw_op(op, node) -> RawOp:
         axes = tuple(sorted(int(a) % rank for a in ([axis] if isinstance(axis, int) else axis)))
     return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=fn, n_tensors=len(tensors),
                  activation=_ACTIVATIONS.get(cls), axes=axes, keepdims=keepdims,
-                 out_shape=tuple(node.output_tensors[0].shape), source=op, cut=cut)
+                 out_shape=tuple(node.output_tensors[0].shape), source=op, cut=cut,
+                 interpolation=str(getattr(op, "interpolation", "bilinear")).lower() if kind == "resize" else None)
 
 
 def _arg_names(arguments) -> list:

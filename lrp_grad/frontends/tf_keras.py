@@ -49,7 +49,10 @@ _KINDS = {
                      "image.resize_with_crop_or_pad", "pad", "compat.v1.pad", "split", "unstack", "repeat",
                      "compat.v1.gather", "gather_nd", "reverse", "roll", "experimental.numpy.repeat",
                      "image.extract_patches"], "route"),
-    **dict.fromkeys(["image.resize", "compat.v1.image.resize"], "resize"),
+    **dict.fromkeys(["image.resize", "compat.v1.image.resize", "compat.v1.image.resize_images",
+                     "compat.v1.image.resize_bilinear", "compat.v1.image.resize_nearest_neighbor",
+                     "compat.v1.image.resize_bicubic", "compat.v1.image.resize_area", "image.resize_with_pad",
+                     "compat.v1.image.resize_image_with_pad"], "resize"),
     **dict.fromkeys(["math.reduce_mean", "reduce_mean"], "mean"),
     **dict.fromkeys(["math.reduce_sum", "reduce_sum"], "sum"),
     **dict.fromkeys(["linalg.matmul", "matmul", "compat.v1.matmul", "__operators__.matmul", "einsum",
@@ -168,7 +171,25 @@ def raw_op(layer, node) -> RawOp:
         axes = _axes(kwargs.get("axis", rest[0] if rest else -1), node.keras_inputs[0].shape.rank)
     return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=fn, n_tensors=len(slots),
                  activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
-                 out_shape=tuple(outputs[0].shape), source=layer, cut=cut)
+                 out_shape=tuple(outputs[0].shape), source=layer, cut=cut,
+                 interpolation=_resize_method(symbol, node) if kind == "resize" else None)
+
+
+#: ``tf.compat.v1.image.ResizeMethod``'s integer values.
+_V1_METHODS = {0: "bilinear", 1: "nearest", 2: "bicubic", 3: "area"}
+
+
+def _resize_method(symbol, node) -> str:
+    """The interpolation of an image resize, by its function name or ``method`` argument."""
+    for suffix, method in (("_bilinear", "bilinear"), ("_nearest_neighbor", "nearest"), ("_bicubic", "bicubic"),
+                           ("_area", "area")):
+        if symbol.endswith(suffix):
+            return method
+    kwargs, args = dict(node.call_kwargs or {}), list(node.call_args)
+    method = kwargs.get("method", args[2] if len(args) > 2 and "with_pad" not in symbol else "bilinear")
+    method = _V1_METHODS.get(method, method) if isinstance(method, int) else getattr(method, "value", method)
+    method = str(method).lower()
+    return "nearest" if method == "nearest_neighbor" else method
 
 
 def _axes(axis, rank):
