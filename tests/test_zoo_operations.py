@@ -595,3 +595,59 @@ def test_a_resize_without_a_gradient_is_refused_by_name(K):
         v1 = K.Model(inp, L.Dense(2)(L.Flatten()(tf.compat.v1.image.resize_area(h, (6, 6)))))
         with pytest.raises(lrp_grad.UnsupportedLayerError, match="resize_area with area interpolation"):
             lrp_grad.Explainer(v1)
+
+
+def _stacked_reductions(K):
+    """Reductions over a list of tensors or their stack along axis 0 (ResNeSt's split attention:
+    ``tf.reduce_sum(tf.split(x, 2, -1), axis=0)``): axis 0 is the list, the batch is axis 1."""
+    if K.__name__ == "keras":
+        stack, total, mean = K.ops.stack, K.ops.sum, K.ops.mean
+        return {"sum(stack, 0)": lambda p: total(stack(p), axis=0),
+                "mean(stack, 0)": lambda p: mean(stack(p, axis=0), axis=0),
+                "sum(stack, (0, 2))": lambda p: total(stack(p), axis=(0, 2))}
+    return {"reduce_sum(list, 0)": lambda p: tf.reduce_sum(p, axis=0),
+            "reduce_mean(list, 0)": lambda p: tf.math.reduce_mean(p, axis=0),
+            "reduce_sum(list, (0, 2))": lambda p: tf.reduce_sum(p, axis=[0, 2]),
+            "reduce_sum(stack, 0)": lambda p: tf.reduce_sum(tf.stack(p), axis=0),
+            "reduce_mean(stack, -5)": lambda p: tf.reduce_mean(tf.stack(p, axis=0), axis=-5)}
+
+
+def test_a_reduction_over_a_list_of_tensors_is_a_sum_of_tensors(K):
+    """The reduced axis 0 of a list (or stack) of batch tensors is not the batch axis: a sum over it
+    is a sum of the tensors (an Add: the same relevance as the twin written with Add, under
+    alpha-beta), and any such reduction is a fixed linear map: LRP-0 = gradient x input."""
+    L = K.layers
+    x = np.random.default_rng(32).uniform(0, 1, (2, 4, 4, 3))
+    split = (lambda t: K.ops.split(t, 2, axis=-1)) if K.__name__ == "keras" else (lambda t: tf.split(t, 2, axis=-1))
+    for name, reduce in _stacked_reductions(K).items():
+        def build(twin):
+            inp = K.Input((4, 4, 3), **F64)
+            h = L.Conv2D(4, 3, padding="same", activation="relu", name="c", **F64)(inp)
+            parts = split(h)
+            r = L.Add(**F64)(parts) if twin else reduce(parts)
+            return K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(r)), name="m")
+
+        model = _bias_free(kit.randomize(build(False), seed=33))
+        np.testing.assert_allclose(lrp_grad.Explainer(model).forward(x), model(x).numpy(), rtol=1e-9, atol=1e-12)
+        _lrp0_is_gradient_x_input(model, x)
+        if name.startswith(("sum(", "reduce_sum")) and name.endswith(", 0)"):
+            twin = build(True)
+            twin.set_weights(model.get_weights())
+            rule = lrp_grad.Composite([("linear", lrp_grad.AlphaBeta(2, 1))])
+            kit.assert_close(lrp_grad.Explainer(model, rule=rule)(x, target=1),
+                             lrp_grad.Explainer(twin, rule=rule)(x, target=1), 1e-10, name)
+
+
+def test_a_reduction_over_the_batch_of_stacked_tensors_is_refused(K):
+    L = K.layers
+    inp = K.Input((4, 3))
+    h = L.Dense(3)(inp)
+    if K.__name__ == "keras":
+        r, symbol = K.ops.sum(K.ops.stack([h, h * 2.0]), axis=1), "keras.ops.sum"
+    else:
+        r, symbol = tf.reduce_sum(tf.stack([h, h * 2.0]), axis=1), "tf.math.reduce_sum"
+    model = K.Model(inp, L.Dense(2)(L.Flatten()(r)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=rf"\(operation {symbol}\): {symbol} over axis=\(1,\) reduces the batch axis \(axis 1 "
+                             r"of the stacked tensors\); only reductions over the non-batch axes"):
+        lrp_grad.Explainer(model)

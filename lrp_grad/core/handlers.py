@@ -88,6 +88,8 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["softmax"]
     if kind in ("route", "activation", "cut"):
         return _RAW[kind]
+    if kind == "sum" and several and op.axes == (0,) and not op.keepdims:  # a sum over a list: add_n
+        return _RAW["add_tensors"]
     if kind in ("mean", "sum"):
         return _RAW["reduce"]
     return _RAW["unknown"]

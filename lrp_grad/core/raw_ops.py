@@ -59,9 +59,14 @@ def _raw_activation(op, inputs, ctx):
 
 
 def _raw_reduce(op, inputs, ctx):
-    """``mean``/``sum`` over non-batch axes: a weight-free linear map under the layer's rule."""
-    (x,) = inputs
-    linear_op = ops.fixed_op(lambda t: op.fn(t))
+    """``mean``/``sum`` over non-batch axes: a weight-free linear map under the layer's rule. A list
+    of tensors reduced as one (``tf.reduce_mean([a, b], axis=0)``) is that map of their stack."""
+    if len(inputs) == 1:
+        (x,) = inputs
+        linear_op = ops.fixed_op(lambda t: op.fn(t))
+    else:
+        x = tf.stack(inputs, axis=0)
+        linear_op = ops.fixed_op(lambda t: op.fn(*tf.unstack(t, axis=0)))
     return _linear(x, linear_op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
 
 
@@ -89,9 +94,10 @@ def _two_tensor_problem(op, ctx):
 
 
 def _raw_reduce_problem(op, ctx):
-    if op.axes is None or 0 in op.axes:
+    if op.axes is None or op.batch_axis in op.axes:
+        where = "" if op.batch_axis == 0 else f" (axis {op.batch_axis} of the stacked tensors)"
         return (f"{op.symbol} over axis={op.axes if op.axes is not None else 'None (all)'} reduces the batch "
-                "axis; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
+                f"axis{where}; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
     return None
 
 

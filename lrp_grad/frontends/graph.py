@@ -153,6 +153,10 @@ class RawOp:
         softmax: the normalised axes.
     keepdims : bool
         For ``'mean'``/``'sum'``.
+    batch_axis : int
+        For ``'mean'``/``'sum'``: the axis of the reduced tensor that holds the batch; 1 for a list of
+        tensors reduced as one (``tf.reduce_sum([a, b], axis=0)``, an ``add_n``) or a tensor stacked
+        from them along axis 0, else 0.
     out_shape : tuple or None
         The static output shape (batch axis included).
     cut : str or None
@@ -175,6 +179,7 @@ class RawOp:
     source: object = None
     cut: str | None = None
     interpolation: str | None = None
+    batch_axis: int = 0
 
     def __repr__(self):
         return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"

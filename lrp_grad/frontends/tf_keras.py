@@ -158,13 +158,15 @@ def raw_op(layer, node) -> RawOp:
         kind = "cut"
     elif symbol.rsplit(".", 1)[-1] in SHAPE_ONLY:
         kind = "shape"
-    axes, keepdims = None, False
+    axes, keepdims, batch_axis = None, False, 0
     if kind in ("mean", "sum"):
         kwargs = dict(node.call_kwargs or {})
         rest = list(node.call_args[1:])
         axis = kwargs.get("axis", rest[0] if rest else None)
         keepdims = bool(kwargs.get("keepdims", rest[1] if len(rest) > 1 else False))
-        axes = _axes(axis, node.keras_inputs[0].shape.rank)
+        operand = kwargs.get("input_tensor", node.call_args[0] if node.call_args else None)
+        batch_axis = _stacked_batch_axis(operand)
+        axes = _axes(axis, node.keras_inputs[0].shape.rank + (isinstance(operand, (list, tuple))))
     if _ACTIVATIONS.get(symbol) == "softmax":
         kwargs = dict(node.call_kwargs or {})
         rest = list(node.call_args[1:])
@@ -172,7 +174,26 @@ def raw_op(layer, node) -> RawOp:
     return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=fn, n_tensors=len(slots),
                  activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
                  out_shape=tuple(outputs[0].shape), source=layer, cut=cut,
-                 interpolation=_resize_method(symbol, node) if kind == "resize" else None)
+                 interpolation=_resize_method(symbol, node) if kind == "resize" else None, batch_axis=batch_axis)
+
+
+def _stacked_batch_axis(operand) -> int:
+    """Where the batch is in the tensor a reduction reads: axis 1 when it is a list of batch tensors
+    (``tf.reduce_sum([a, b], axis=0)`` stacks them along a new axis 0) or ``tf.stack`` of them along
+    axis 0, else axis 0."""
+    if isinstance(operand, (list, tuple)):
+        parts = list(operand)
+    else:
+        producer = getattr(getattr(operand, "_keras_history", None), "layer", None)
+        if getattr(producer, "symbol", None) not in ("stack",) or not getattr(producer, "inbound_nodes", None):
+            return 0
+        node = producer.inbound_nodes[operand._keras_history.node_index]
+        kwargs, args = dict(node.call_kwargs or {}), list(node.call_args)
+        if int(kwargs.get("axis", args[1] if len(args) > 1 else 0)) != 0:
+            return 0
+        parts = list(kwargs.get("values", args[0] if args else ()))
+    batch_first = parts and all(_is_tensor(t) and t.shape.rank and t.shape[0] is None for t in parts)
+    return 1 if batch_first else 0
 
 
 #: ``tf.compat.v1.image.ResizeMethod``'s integer values.
