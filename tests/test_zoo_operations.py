@@ -651,3 +651,34 @@ def test_a_reduction_over_the_batch_of_stacked_tensors_is_refused(K):
                        match=rf"\(operation {symbol}\): {symbol} over axis=\(1,\) reduces the batch axis \(axis 1 "
                              r"of the stacked tensors\); only reductions over the non-batch axes"):
         lrp_grad.Explainer(model)
+
+
+def test_a_softmax_of_rank_six_is_explained(K):
+    """HaloNet's and VOLO's attention scores are rank 6 (batch, blocks, blocks, heads, queries, keys);
+    TensorFlow's CPU softmax kernel refuses ranks above 5 in float32 (a raw AbortedError from the
+    model's own call on this machine). The softmax rule's forward runs on a rank-2 view: explained,
+    against the float64 equations (softmax rule of Achtibat et al. 2024, epsilon elsewhere), for a
+    Softmax layer over one or two axes and the softmax operation."""
+    L = K.layers
+    softmax_op = K.ops.softmax if K.__name__ == "keras" else tf.nn.softmax
+    x = np.random.default_rng(34).normal(size=(2, 2, 2, 3)).astype("float32")
+    for name, axes, act in (("layer", (-1,), lambda t: L.Softmax(name="sm")(t)),
+                            ("layer over two axes", (-2, -1), lambda t: L.Softmax(axis=(-2, -1), name="sm")(t)),
+                            ("operation", (-1,), lambda t: softmax_op(t, axis=-1))):
+        inp = K.Input((2, 2, 3))
+        a = L.Reshape((2, 2, 3, 2, 2))(L.Dense(12, name="d1")(inp))
+        model = kit.randomize(K.Model(inp, L.Dense(2, name="head")(L.Flatten()(act(a)))), seed=35)
+        R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(nra.EPS))(x, target=1)
+        (W1, b1), (W2, b2) = model.get_layer("d1").get_weights(), model.get_layer("head").get_weights()
+        x64 = x.astype(np.float64)
+        z = (x64 @ W1 + b1).reshape(2, 2, 2, 3, 2, 2)
+        e = np.exp(z - z.max(axis=axes, keepdims=True))
+        s = e / e.sum(axis=axes, keepdims=True)
+        R_out = np.zeros((2, 2))
+        logits = s.reshape(2, -1) @ W2 + b2
+        R_out[:, 1] = logits[:, 1]
+        _, R_s = nra.linear(s.reshape(2, -1), W2, b2, R_out)
+        R_s = R_s.reshape(s.shape)
+        R_z = z * (R_s - s * R_s.sum(axis=axes, keepdims=True))
+        _, R_x = nra.linear(x64, W1, b1, R_z.reshape(2, 2, 2, 12))
+        kit.assert_close(R, R_x, 1e-4, name)
