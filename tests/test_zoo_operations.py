@@ -682,3 +682,86 @@ def test_a_softmax_of_rank_six_is_explained(K):
         R_z = z * (R_s - s * R_s.sum(axis=axes, keepdims=True))
         _, R_x = nra.linear(x64, W1, b1, R_z.reshape(2, 2, 2, 12))
         kit.assert_close(R, R_x, 1e-4, name)
+
+
+def _standardized_conv_class(K):
+    """NFNet's ``ScaledStandardizedConv2D`` pattern: a Conv2D subclass whose ``build`` adds a gain and
+    wraps the convolution so that it convolves with ``(W - mean) * gain / sqrt(N var)`` (tf-keras:
+    an instance attribute set in ``build``, as kecam does; Keras 3: the documented override of
+    ``convolution_op``)."""
+    base = K.layers.Conv2D
+
+    def standardized(layer, kernel):
+        mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
+        fan_in = float(np.prod(kernel.shape[:-1]))
+        return (kernel - mean) * tf.math.rsqrt(tf.maximum(var * fan_in, 1e-5)) * (layer.gain * 1.7)
+
+    if K.__name__ == "keras":
+        class ScaledStandardizedConv2D(base):
+            def build(self, input_shape):
+                super().build(input_shape)
+                self.gain = self.add_weight(name="gain", shape=(self.filters,), initializer="random_uniform")
+
+            def convolution_op(self, inputs, kernel):
+                return super().convolution_op(inputs, standardized(self, kernel))
+    else:
+        class ScaledStandardizedConv2D(base):
+            def build(self, input_shape):
+                super().build(input_shape)
+                default_op = self.convolution_op
+                self.gain = self.add_weight(name="gain", shape=(self.filters,), initializer="random_uniform")
+                self.convolution_op = lambda inputs, kernel: default_op(inputs, standardized(self, kernel))
+                self.built = True
+    return ScaledStandardizedConv2D, standardized
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_convolution_that_computes_its_kernel_is_that_convolution(K, groups):
+    """A Conv2D subclass that overrides ``build`` (or ``convolution_op``) to convolve with a kernel
+    computed from its own weights (NFNet's weight standardisation) is explained as a Conv2D holding
+    that kernel, under the conv family's rule and with its bias as a Conv2D's: the same relevance,
+    under every rule and the default composite, as the twin Conv2D given the computed kernel."""
+    L = K.layers
+    Standardized, standardized = _standardized_conv_class(K)
+
+    def build(conv):
+        inp = K.Input((6, 6, 4))
+        h = L.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
+        h = conv(4, 3, padding="same", groups=groups, activation="relu", name="ws")(h)
+        return K.Model(inp, L.Dense(3, name="head")(L.Flatten()(h)))
+
+    model, twin = kit.randomize(build(Standardized), seed=36), build(L.Conv2D)
+    ws = model.get_layer("ws")
+    twin.get_layer("ws").set_weights([standardized(ws, ws.kernel).numpy(), ws.bias.numpy()])
+    for name in ("stem", "head"):
+        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    x = np.random.default_rng(37).uniform(0, 1, (2, 6, 6, 4)).astype("float32")
+    np.testing.assert_allclose(model(x).numpy(), twin(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1)).rules["ws"] == lrp_grad.AlphaBeta(2, 1)
+    for rule in (None, lrp_grad.Epsilon(), lrp_grad.AlphaBeta(2, 1), lrp_grad.Gamma(0.25), lrp_grad.ZPlus(),
+                 lrp_grad.AttnLRP()):
+        kw = {} if rule is None else {"rule": rule}
+        kit.assert_close(lrp_grad.Explainer(model, **kw)(x), lrp_grad.Explainer(twin, **kw)(x), 1e-5, repr(rule))
+    # the kernel is read from the live weights: retrained, the explanation follows
+    ws.gain.assign(ws.gain * 2.0)
+    twin.get_layer("ws").set_weights([standardized(ws, ws.kernel).numpy(), ws.bias.numpy()])
+    kit.assert_close(lrp_grad.explain(model, x), lrp_grad.explain(twin, x), 1e-5, "after the gain changed")
+
+
+def test_a_convolution_subclass_that_is_not_a_convolution_is_looked_into(K):
+    """A Conv2D subclass whose convolution is not linear in its input (here it squares the input
+    first) does not pass as a convolution with a computed kernel: it is looked into instead, and
+    refused naming the operation lrp_grad has no rule for when there is one."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+    cumprod = (lambda t: K.ops.cumprod(t, axis=-1)) if keras3 else (lambda t: tf.math.cumprod(t, axis=-1))
+
+    class Odd(L.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return super().convolution_op(cumprod(inputs), kernel)
+
+    inp = K.Input((5, 5, 2))
+    model = K.Model(inp, L.Dense(2)(L.Flatten()(Odd(3, 3, name="odd")(inp))))
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"at 'odd/[^']*cumprod[^']*'|'odd' \(Odd\): a subclass "
+                                                             r"of Conv2D that overrides convolution_op"):
+        lrp_grad.Explainer(model)

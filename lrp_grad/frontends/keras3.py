@@ -70,6 +70,9 @@ _ACTIVATIONS = {
     "Squareplus": "squareplus", "SoftShrink": "soft_shrink", "HardShrink": "hard_shrink",
     "TanhShrink": "tanh_shrink", "Softmax": "softmax", "Exp": "exponential", "Threshold": "threshold",
     "SparseSigmoid": "sparse_sigmoid",
+    # keras.activations.relu (a layer's activation='relu' called inside a looked-into call), with its options
+    # (max_value, negative_slope, threshold): relevance passes, but it is not taken for a plain ReLU
+    "ReLU": "keras_relu",
     # elementwise maths inside hand-written normalisations and activations: relevance passes through
     "Square": "square", "Sqrt": "sqrt", "Rsqrt": "rsqrt", "Power": "pow", "Abs": "abs", "Absolute": "abs",
     "Reciprocal": "reciprocal", "Erf": "erf", "Log": "log", "Clip": "clip",
