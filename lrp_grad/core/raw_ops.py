@@ -31,7 +31,25 @@ def _raw_resize(op, inputs, ctx):
     tensor operands are the size, computed from shapes (``tf.shape(x)[1:3]``, GhostNetV2): integers,
     held constant, carrying no relevance."""
     x, size = inputs[0], [tf.stop_gradient(t) for t in inputs[1:]]
+    if op.interpolation == "nearest" and x.shape.rank == 4 and getattr(op.source, "data_format", None) in (
+            None, "channels_last"):
+        return _fixed_linear(lambda layer, t: _nearest_by_gather(layer, t, size))(op, [x], ctx)
     return _fixed_linear(lambda layer, t: layer.fn(t, *size))(op, [x], ctx)
+
+
+def _nearest_by_gather(op, t, size):
+    """A nearest-neighbour resize as the gather of the pixels it copies: the same values, and a
+    gradient XLA compiles (it has no kernel for ``ResizeNearestNeighborGrad``). Which pixel each
+    output copies is read by resizing the image of pixel numbers (1-based: 0 is padding)."""
+    shape = tf.shape(t)
+    h, w = shape[1], shape[2]
+    ids = tf.reshape(tf.range(1, h * w + 1, dtype=tf.float32), tf.stack([1, h, w, 1]))
+    src = tf.cast(tf.round(tf.cast(op.fn(ids, *size), tf.float32)), tf.int32) - 1  # (1, oh, ow, 1)
+    out_shape = tf.shape(src)
+    src = tf.reshape(src, [-1])
+    flat = tf.reshape(t, tf.stack([shape[0], h * w, shape[3]]))
+    picked = tf.gather(flat, tf.maximum(src, 0), axis=1) * tf.cast(src >= 0, t.dtype)[None, :, None]
+    return tf.reshape(picked, tf.stack([shape[0], out_shape[1], out_shape[2], shape[3]]))
 
 
 def _resize_problem(op, ctx):
