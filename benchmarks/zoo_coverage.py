@@ -322,7 +322,12 @@ def _explain(lrp_grad, model, x, rule_name):
     try:
         rule = lrp_grad.AttnLRP() if rule_name == "AttnLRP" else None
         ex = lrp_grad.Explainer(model, rule=rule) if rule is not None else lrp_grad.Explainer(model)
-        out = model(x, training=False)
+        stage = "model(x)"
+        try:
+            out = model(x, training=False)
+        except Exception as e:  # noqa: BLE001 - the model's own forward fails on this machine (not lrp_grad's)
+            res["model_forward_error"] = f"{type(e).__name__}: {_first_line(str(e))[:200]}"
+            out = ex.forward(x)  # lrp_grad's forward of the same model
         if isinstance(out, (list, tuple)):
             out = out[0]
         if isinstance(out, dict):

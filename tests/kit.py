@@ -86,6 +86,9 @@ class _TFOps:
     def sin(self, x):
         return self.tf.math.sin(x)
 
+    def cumprod(self, x, axis=-1):
+        return self.tf.math.cumprod(x, axis=axis)
+
     def subtract(self, a, b):
         return self.tf.math.subtract(a, b)
 

@@ -55,7 +55,8 @@ def test_unsupported_layers_are_all_listed_with_the_fix(K):
     L = K.layers
     inp = K.Input((8, 8, 3))
     h = L.Conv2D(4, 3, name="conv")(inp)
-    h = L.Lambda((lambda t: K.ops.sin(t)) if K.__name__ == "keras" else (lambda t: tf.math.sin(t)), name="trig")(h)
+    h = L.Lambda((lambda t: K.ops.cumprod(t, axis=-1)) if K.__name__ == "keras" else (lambda t: tf.math.cumprod(t, axis=-1)),
+                 name="trig")(h)
     h = L.Lambda(lambda t: t * 2.0, name="lam")(h)
     h = L.RandomFlip(name="flip")(h)
     h = L.Flatten()(h)
@@ -67,7 +68,7 @@ def test_unsupported_layers_are_all_listed_with_the_fix(K):
     msg = str(info.value)
     # every problem at once: layers without a handler are looked into, and what they call that has
     # no rule is named with its path; what cannot be looked into says why
-    assert "cannot be explained" in msg and "at 'trig/" in msg and "sin" in msg, msg
+    assert "cannot be explained" in msg and "at 'trig/" in msg and "cumprod" in msg, msg
     assert ("'flip' (RandomFlip): no handler for this layer class; looking inside its call failed" in msg
             or "at 'flip/" in msg or "'flip' (RandomFlip): called with training=True" in msg), msg
     assert "'lam'" not in msg  # Lambda(t * 2) is explained through its operations
@@ -90,25 +91,25 @@ def test_unknown_activation_and_channels_first(K):
 
 
 def test_unsupported_raw_operation_is_named_by_its_operation(K):
-    """``keras.ops.sin`` (Keras 3) / ``tf.math.sin`` (tf-keras) between layers has no LRP rule: the
+    """``keras.ops.cumprod`` (Keras 3) / ``tf.math.cumprod`` (tf-keras) between layers has no LRP rule: the
     error names the operation as Keras recorded it and the function the user called."""
     L, ops = K.layers, kit.ops_of(K)
     inp = K.Input((4,))
     h = L.Dense(3, name="d1")(inp)
-    model = K.Model(inp, L.Dense(2, name="d2")(ops.sin(h)))
+    model = K.Model(inp, L.Dense(2, name="d2")(ops.cumprod(h, axis=-1)))
     (name,) = raw_op_names(K, model)
-    sin = sym(K, "sin", "math.sin")
+    op = sym(K, "cumprod", "math.cumprod")
     with pytest.raises(UnsupportedLayerError) as info:
         lrp_grad.Explainer(model)
     msg = str(info.value)
     assert f"1 layer(s) of model {model.name!r} cannot be explained" in msg, msg
-    assert f"  - '{name}' (operation {sin}): operation {sin} has no LRP handler; " in msg, msg
+    assert f"  - '{name}' (operation {op}): operation {op} has no LRP handler; " in msg, msg
     assert "Wrap it in a layer and register a handler (lrp_grad.register_handler)" in msg, msg
     ((got_name, got_class, why),) = info.value.layers
-    assert (got_name, got_class) == (name, sin)
-    assert why.startswith(f"operation {sin} has no LRP handler; supported operations: ")
+    assert (got_name, got_class) == (name, op)
+    assert why.startswith(f"operation {op} has no LRP handler; supported operations: ")
     # The named fix works: the same function in a registered layer.
-    Sin = type("Sin", (L.Layer,), {"call": lambda self, t: ops.sin(t)})
+    Sin = type("Sin", (L.Layer,), {"call": lambda self, t: ops.cumprod(t, axis=-1)})
     wrapped = K.Model(inp, model.get_layer("d2")(Sin(name="sin_layer")(h)))
     lrp_grad.register_handler(Sin, "passthrough")
     try:
@@ -138,13 +139,13 @@ def test_subtracting_two_tensors_is_a_signed_sum(K):
 
 
 def _doubler_class(K):
-    # 2 x written with an operation lrp_grad has no rule for (0 sin x): looking inside the layer's
+    # 2 x written with an operation lrp_grad has no rule for (0 cumprod x): looking inside the layer's
     # call finds it and refuses it; a registered handler explains the layer as a whole.
-    sin = (lambda x: K.ops.sin(x)) if K.__name__ == "keras" else (lambda x: tf.math.sin(x))
+    cumprod = (lambda x: K.ops.cumprod(x, axis=-1)) if K.__name__ == "keras" else (lambda x: tf.math.cumprod(x, axis=-1))
 
     class Doubler(K.layers.Layer):
         def call(self, x):
-            return 2.0 * x + 0.0 * sin(x)
+            return 2.0 * x + 0.0 * cumprod(x)
 
     return Doubler
 
@@ -164,7 +165,7 @@ def test_register_handler_before_and_after(K):
     other = next(p for p in kit.PACKAGES if p != K.__name__)
     other_model = _doubler_model(kit.package(other))
     x = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
-    with pytest.raises(UnsupportedLayerError, match=r"at 'doubler/[^']*sin[^']*': operation \S*sin\S* has no LRP handler"):
+    with pytest.raises(UnsupportedLayerError, match=r"at 'doubler/[^']*cumprod[^']*': operation \S*cumprod\S* has no LRP handler"):
         lrp_grad.explain(model, x)
     lrp_grad.register_handler(Doubler, "passthrough")
     try:

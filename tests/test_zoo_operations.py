@@ -624,3 +624,321 @@ def test_a_broadcasting_difference_is_a_signed_sum_of_the_copies(K):
     model = _bias_free(kit.randomize(K.Model(inp, L.Dense(2, **F64)(L.Flatten(**F64)(ops.subtract(h, m)))), seed=24))
     x = np.random.default_rng(25).uniform(0, 1, (2, 4, 4, 3))
     _lrp0_is_gradient_x_input(model, x)
+
+
+def _difference_spellings(K):
+    """Every way a model writes a sum or difference of two tensors, by name."""
+    L = K.layers
+    spells = {"a - b": lambda a, b: a - b, "a + b": lambda a, b: a + b,
+              "Subtract": lambda a, b: L.Subtract(**F64)([a, b]), "Add": lambda a, b: L.Add(**F64)([a, b])}
+    if K.__name__ == "keras":
+        spells.update({"keras.ops.subtract": K.ops.subtract, "keras.ops.add": K.ops.add})
+    else:
+        spells.update({"tf.math.subtract": tf.math.subtract, "tf.subtract": tf.subtract,
+                       "tf.math.add": tf.math.add, "tf.add": tf.add})
+    return spells
+
+
+def test_every_spelling_of_a_broadcasting_sum_or_difference_is_a_signed_sum(K):
+    """``x - m`` and ``x + m`` with ``m`` broadcast over positions (MogaNet's ``tf.math.subtract`` of
+    (None, 16, 16, 32) and (None, 1, 1, 32)), in every spelling, either operand first: the signed
+    sum of the copies, so LRP-0 = gradient x input on the bias-free ReLU network, and the same
+    relevance as the twin that broadcasts ``m`` explicitly first under alpha-beta."""
+    L = K.layers
+    x = np.random.default_rng(26).uniform(0, 1, (2, 4, 4, 3))
+    for name, f in _difference_spellings(K).items():
+        for small_first in (False, True):
+            def build(twin):
+                inp = K.Input((4, 4, 3), **F64)
+                h = L.Conv2D(4, 3, padding="same", activation="relu", name="c", **F64)(inp)
+                m = L.GlobalAveragePooling2D(keepdims=True, **F64)(h)
+                if twin:  # the copies made explicit: a same-shape sum or difference
+                    m = L.UpSampling2D(4, **F64)(m)
+                d = f(m, h) if small_first else f(h, m)
+                return K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(d)))
+
+            model, twin = _bias_free(kit.randomize(build(False), seed=27)), build(True)
+            twin.set_weights(model.get_weights())
+            what = f"{name} ({'small' if small_first else 'large'} operand first)"
+            _lrp0_is_gradient_x_input(model, x)
+            rule = lrp_grad.Composite([("linear", lrp_grad.AlphaBeta(2, 1))])
+            kit.assert_close(lrp_grad.Explainer(model, rule=rule)(x, target=1),
+                             lrp_grad.Explainer(twin, rule=rule)(x, target=1), 1e-10, what)
+
+
+def test_a_difference_of_tensors_of_different_ranks_is_refused_by_name():
+    K = kit.package("tf_keras")
+    inp = K.Input((4, 3))
+    h = K.layers.Dense(3, name="h")(inp)
+    v = K.layers.Dense(3, name="v")(K.layers.Flatten()(inp))
+    model = K.Model(inp, K.layers.Dense(2)(K.layers.Flatten()(tf.math.subtract(h, v))))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=r"\(operation tf.math.subtract\): subtracts tensors of different shapes "
+                             r"\[\(None, 4, 3\), \(None, 3\)\] \(broadcasting\); only tensors of the same rank"):
+        lrp_grad.Explainer(model)
+
+
+def test_elementwise_functions_of_a_phase_pass_relevance(K):
+    """WaveMLP's phase-aware token mixing ``h * cos(theta)``, ``h * sin(theta)`` (theta a function of
+    the signal): sin and cos are elementwise functions of one signal (relevance passes through, as
+    for the other elementwise maths), and each product of two independent signals takes the uniform
+    rule (half to each factor); against the float64 equations under the epsilon rule."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+    cos = K.ops.cos if keras3 else tf.math.cos
+    sin = K.ops.sin if keras3 else tf.math.sin
+    inp = K.Input((5,), **F64)
+    h = L.Dense(4, name="h", **F64)(inp)
+    theta = L.Dense(4, activation="relu", name="theta", **F64)(inp)
+    mixed = L.Concatenate(**F64)([L.Multiply(**F64)([h, cos(theta)]), L.Multiply(**F64)([h, sin(theta)])])
+    model = kit.randomize(K.Model(inp, L.Dense(3, name="head", **F64)(mixed)), seed=28)
+    x = np.random.default_rng(29).normal(size=(3, 5))
+    R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(nra.EPS))(x, target=1)
+    w = {n: model.get_layer(n).get_weights() for n in ("h", "theta", "head")}
+    for n in range(len(x)):
+        zh, zt = x[n] @ w["h"][0] + w["h"][1], x[n] @ w["theta"][0] + w["theta"][1]
+        t = np.maximum(zt, 0)
+        m = np.concatenate([zh * np.cos(t), zh * np.sin(t)])
+        R_out = np.zeros(3)
+        R_out[1] = (m @ w["head"][0] + w["head"][1])[1]
+        _, R_m = nra.linear(m, *w["head"], R_out)
+        R_h = 0.5 * (R_m[:4] + R_m[4:])  # half of each product to h ...
+        R_t = 0.5 * (R_m[:4] + R_m[4:])  # ... half through cos / sin (and the ReLU) to theta
+        _, R_xh = nra.linear(x[n], *w["h"], R_h)
+        _, R_xt = nra.linear(x[n], *w["theta"], R_t)
+        kit.assert_close(R[n], R_xh + R_xt, 1e-9, f"sample {n}")
+
+
+def _resize_spellings(K):
+    """Resizes ``(t, size)`` to a size read from another tensor's shape (GhostNetV2's
+    ``tf.image.resize(g, tf.shape(x)[1:-1])``: in tf-keras the size is a tensor of the graph)."""
+    if K.__name__ == "keras":
+        return {m: (lambda t, size, m=m: K.ops.image.resize(t, size, interpolation=m))
+                for m in ("bilinear", "nearest", "bicubic")}
+    spells = {m: (lambda t, size, m=m: tf.image.resize(t, size, method=m, antialias=False))
+              for m in ("bilinear", "nearest", "bicubic")}
+    spells["compat.v1.resize_bilinear"] = tf.compat.v1.image.resize_bilinear
+    spells["compat.v1.resize_nearest_neighbor"] = tf.compat.v1.image.resize_nearest_neighbor
+    spells["resize_with_pad"] = lambda t, size: tf.image.resize_with_pad(t, 6, 8)
+    spells["resize_with_pad nearest"] = lambda t, size: tf.image.resize_with_pad(t, 6, 8, method="nearest")
+    return spells
+
+
+def test_a_resize_to_a_size_read_from_a_shape_is_a_fixed_linear_map(K):
+    """An image resize whose size is computed from another tensor's shape is linear in the image
+    (the size carries no relevance): LRP-0 = gradient x input on the bias-free ReLU network, and
+    epsilon conserves; the same relevance as the twin resizing to the constant size."""
+    L = K.layers
+    x = np.random.default_rng(30).uniform(0, 1, (2, 6, 6, 2))
+    for name, resize in _resize_spellings(K).items():
+        def build(constant):
+            inp = K.Input((6, 6, 2), **F64)
+            h = L.Conv2D(3, 3, padding="same", activation="relu", name="c", **F64)(inp)
+            g = L.AveragePooling2D(2, **F64)(h)
+            shape = K.ops.shape if K.__name__ == "keras" else tf.shape
+            up = resize(g, (6, 6) if constant else shape(h)[1:3])
+            return K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(up)), name=name)
+
+        model = _bias_free(kit.randomize(build(False), seed=31))
+        np.testing.assert_allclose(lrp_grad.Explainer(model).forward(x), model(x).numpy(), rtol=1e-9, atol=1e-12)
+        _lrp0_is_gradient_x_input(model, x)
+        R, report = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-12))(x, target=0, return_layers=True)
+        np.testing.assert_allclose(R.reshape(2, -1).sum(1), report.output, rtol=1e-6, err_msg=name)
+        if "nearest" in name:  # copies by a gather: XLA has no ResizeNearestNeighborGrad
+            kit.assert_close(lrp_grad.Explainer(model, jit_compile=True)(x), lrp_grad.Explainer(model)(x), 1e-9,
+                             f"{name}: XLA = eager")
+        if K.__name__ != "keras":  # the twin with a constant size (Keras 3's size is static already)
+            twin = build(True)
+            twin.set_weights(model.get_weights())
+            kit.assert_close(lrp_grad.Explainer(model)(x), lrp_grad.Explainer(twin)(x), 1e-10, name)
+
+
+def test_a_resize_without_a_gradient_is_refused_by_name(K):
+    """Area interpolation has no gradient in TensorFlow: refused naming the operation and the fix,
+    not a raw LookupError from the backward pass."""
+    L = K.layers
+    inp = K.Input((4, 4, 2))
+    h = L.Conv2D(2, 3, padding="same")(inp)
+    if K.__name__ == "keras":
+        up, symbol = K.ops.image.resize(h, (6, 6), interpolation="area"), "keras.ops.resize"
+    else:
+        up, symbol = tf.image.resize(h, tf.shape(h)[1:3] + 2, method="area"), "tf.image.resize"
+    model = K.Model(inp, L.Dense(2)(L.Flatten()(up)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=rf"\(operation {symbol}\): {symbol} with area interpolation has no gradient in "
+                             r"TensorFlow, so relevance cannot flow back through it; resize with 'bilinear'"):
+        lrp_grad.Explainer(model)
+    if K.__name__ != "keras":
+        v1 = K.Model(inp, L.Dense(2)(L.Flatten()(tf.compat.v1.image.resize_area(h, (6, 6)))))
+        with pytest.raises(lrp_grad.UnsupportedLayerError, match="resize_area with area interpolation"):
+            lrp_grad.Explainer(v1)
+
+
+def _stacked_reductions(K):
+    """Reductions over a list of tensors or their stack along axis 0 (ResNeSt's split attention:
+    ``tf.reduce_sum(tf.split(x, 2, -1), axis=0)``): axis 0 is the list, the batch is axis 1."""
+    if K.__name__ == "keras":
+        stack, total, mean = K.ops.stack, K.ops.sum, K.ops.mean
+        return {"sum(stack, 0)": lambda p: total(stack(p), axis=0),
+                "mean(stack, 0)": lambda p: mean(stack(p, axis=0), axis=0),
+                "sum(stack, (0, 2))": lambda p: total(stack(p), axis=(0, 2))}
+    return {"reduce_sum(list, 0)": lambda p: tf.reduce_sum(p, axis=0),
+            "reduce_mean(list, 0)": lambda p: tf.math.reduce_mean(p, axis=0),
+            "reduce_sum(list, (0, 2))": lambda p: tf.reduce_sum(p, axis=[0, 2]),
+            "reduce_sum(stack, 0)": lambda p: tf.reduce_sum(tf.stack(p), axis=0),
+            "reduce_mean(stack, -5)": lambda p: tf.reduce_mean(tf.stack(p, axis=0), axis=-5)}
+
+
+def test_a_reduction_over_a_list_of_tensors_is_a_sum_of_tensors(K):
+    """The reduced axis 0 of a list (or stack) of batch tensors is not the batch axis: a sum over it
+    is a sum of the tensors (an Add: the same relevance as the twin written with Add, under
+    alpha-beta), and any such reduction is a fixed linear map: LRP-0 = gradient x input."""
+    L = K.layers
+    x = np.random.default_rng(32).uniform(0, 1, (2, 4, 4, 3))
+    split = (lambda t: K.ops.split(t, 2, axis=-1)) if K.__name__ == "keras" else (lambda t: tf.split(t, 2, axis=-1))
+    for name, reduce in _stacked_reductions(K).items():
+        def build(twin):
+            inp = K.Input((4, 4, 3), **F64)
+            h = L.Conv2D(4, 3, padding="same", activation="relu", name="c", **F64)(inp)
+            parts = split(h)
+            r = L.Add(**F64)(parts) if twin else reduce(parts)
+            return K.Model(inp, L.Dense(2, name="head", **F64)(L.Flatten(**F64)(r)), name="m")
+
+        model = _bias_free(kit.randomize(build(False), seed=33))
+        np.testing.assert_allclose(lrp_grad.Explainer(model).forward(x), model(x).numpy(), rtol=1e-9, atol=1e-12)
+        _lrp0_is_gradient_x_input(model, x)
+        if name.startswith(("sum(", "reduce_sum")) and name.endswith(", 0)"):
+            twin = build(True)
+            twin.set_weights(model.get_weights())
+            rule = lrp_grad.Composite([("linear", lrp_grad.AlphaBeta(2, 1))])
+            kit.assert_close(lrp_grad.Explainer(model, rule=rule)(x, target=1),
+                             lrp_grad.Explainer(twin, rule=rule)(x, target=1), 1e-10, name)
+
+
+def test_a_reduction_over_the_batch_of_stacked_tensors_is_refused(K):
+    L = K.layers
+    inp = K.Input((4, 3))
+    h = L.Dense(3)(inp)
+    if K.__name__ == "keras":
+        r, symbol = K.ops.sum(K.ops.stack([h, h * 2.0]), axis=1), "keras.ops.sum"
+    else:
+        r, symbol = tf.reduce_sum(tf.stack([h, h * 2.0]), axis=1), "tf.math.reduce_sum"
+    model = K.Model(inp, L.Dense(2)(L.Flatten()(r)))
+    with pytest.raises(lrp_grad.UnsupportedLayerError,
+                       match=rf"\(operation {symbol}\): {symbol} over axis=\(1,\) reduces the batch axis \(axis 1 "
+                             r"of the stacked tensors\); only reductions over the non-batch axes"):
+        lrp_grad.Explainer(model)
+
+
+def test_a_softmax_of_rank_six_is_explained(K):
+    """HaloNet's and VOLO's attention scores are rank 6 (batch, blocks, blocks, heads, queries, keys);
+    TensorFlow's CPU softmax kernel refuses ranks above 5 in float32 (a raw AbortedError from the
+    model's own call on this machine). The softmax rule's forward runs on a rank-2 view: explained,
+    against the float64 equations (softmax rule of Achtibat et al. 2024, epsilon elsewhere), for a
+    Softmax layer over one or two axes and the softmax operation."""
+    L = K.layers
+    softmax_op = K.ops.softmax if K.__name__ == "keras" else tf.nn.softmax
+    x = np.random.default_rng(34).normal(size=(2, 2, 2, 3)).astype("float32")
+    for name, axes, act in (("layer", (-1,), lambda t: L.Softmax(name="sm")(t)),
+                            ("layer over two axes", (-2, -1), lambda t: L.Softmax(axis=(-2, -1), name="sm")(t)),
+                            ("operation", (-1,), lambda t: softmax_op(t, axis=-1))):
+        inp = K.Input((2, 2, 3))
+        a = L.Reshape((2, 2, 3, 2, 2))(L.Dense(12, name="d1")(inp))
+        model = kit.randomize(K.Model(inp, L.Dense(2, name="head")(L.Flatten()(act(a)))), seed=35)
+        R = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(nra.EPS))(x, target=1)
+        (W1, b1), (W2, b2) = model.get_layer("d1").get_weights(), model.get_layer("head").get_weights()
+        x64 = x.astype(np.float64)
+        z = (x64 @ W1 + b1).reshape(2, 2, 2, 3, 2, 2)
+        e = np.exp(z - z.max(axis=axes, keepdims=True))
+        s = e / e.sum(axis=axes, keepdims=True)
+        R_out = np.zeros((2, 2))
+        logits = s.reshape(2, -1) @ W2 + b2
+        R_out[:, 1] = logits[:, 1]
+        _, R_s = nra.linear(s.reshape(2, -1), W2, b2, R_out)
+        R_s = R_s.reshape(s.shape)
+        R_z = z * (R_s - s * R_s.sum(axis=axes, keepdims=True))
+        _, R_x = nra.linear(x64, W1, b1, R_z.reshape(2, 2, 2, 12))
+        kit.assert_close(R, R_x, 1e-4, name)
+
+
+def _standardized_conv_class(K):
+    """NFNet's ``ScaledStandardizedConv2D`` pattern: a Conv2D subclass whose ``build`` adds a gain and
+    wraps the convolution so that it convolves with ``(W - mean) * gain / sqrt(N var)`` (tf-keras:
+    an instance attribute set in ``build``, as kecam does; Keras 3: the documented override of
+    ``convolution_op``)."""
+    base = K.layers.Conv2D
+
+    def standardized(layer, kernel):
+        mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
+        fan_in = float(np.prod(kernel.shape[:-1]))
+        return (kernel - mean) * tf.math.rsqrt(tf.maximum(var * fan_in, 1e-5)) * (layer.gain * 1.7)
+
+    if K.__name__ == "keras":
+        class ScaledStandardizedConv2D(base):
+            def build(self, input_shape):
+                super().build(input_shape)
+                self.gain = self.add_weight(name="gain", shape=(self.filters,), initializer="random_uniform")
+
+            def convolution_op(self, inputs, kernel):
+                return super().convolution_op(inputs, standardized(self, kernel))
+    else:
+        class ScaledStandardizedConv2D(base):
+            def build(self, input_shape):
+                super().build(input_shape)
+                default_op = self.convolution_op
+                self.gain = self.add_weight(name="gain", shape=(self.filters,), initializer="random_uniform")
+                self.convolution_op = lambda inputs, kernel: default_op(inputs, standardized(self, kernel))
+                self.built = True
+    return ScaledStandardizedConv2D, standardized
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_convolution_that_computes_its_kernel_is_that_convolution(K, groups):
+    """A Conv2D subclass that overrides ``build`` (or ``convolution_op``) to convolve with a kernel
+    computed from its own weights (NFNet's weight standardisation) is explained as a Conv2D holding
+    that kernel, under the conv family's rule and with its bias as a Conv2D's: the same relevance,
+    under every rule and the default composite, as the twin Conv2D given the computed kernel."""
+    L = K.layers
+    Standardized, standardized = _standardized_conv_class(K)
+
+    def build(conv):
+        inp = K.Input((6, 6, 4))
+        h = L.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
+        h = conv(4, 3, padding="same", groups=groups, activation="relu", name="ws")(h)
+        return K.Model(inp, L.Dense(3, name="head")(L.Flatten()(h)))
+
+    model, twin = kit.randomize(build(Standardized), seed=36), build(L.Conv2D)
+    ws = model.get_layer("ws")
+    twin.get_layer("ws").set_weights([standardized(ws, ws.kernel).numpy(), ws.bias.numpy()])
+    for name in ("stem", "head"):
+        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    x = np.random.default_rng(37).uniform(0, 1, (2, 6, 6, 4)).astype("float32")
+    np.testing.assert_allclose(model(x).numpy(), twin(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert lrp_grad.Explainer(model, rule=lrp_grad.AlphaBeta(2, 1)).rules["ws"] == lrp_grad.AlphaBeta(2, 1)
+    for rule in (None, lrp_grad.Epsilon(), lrp_grad.AlphaBeta(2, 1), lrp_grad.Gamma(0.25), lrp_grad.ZPlus(),
+                 lrp_grad.AttnLRP()):
+        kw = {} if rule is None else {"rule": rule}
+        kit.assert_close(lrp_grad.Explainer(model, **kw)(x), lrp_grad.Explainer(twin, **kw)(x), 1e-5, repr(rule))
+    # the kernel is read from the live weights: retrained, the explanation follows
+    ws.gain.assign(ws.gain * 2.0)
+    twin.get_layer("ws").set_weights([standardized(ws, ws.kernel).numpy(), ws.bias.numpy()])
+    kit.assert_close(lrp_grad.explain(model, x), lrp_grad.explain(twin, x), 1e-5, "after the gain changed")
+
+
+def test_a_convolution_subclass_that_is_not_a_convolution_is_looked_into(K):
+    """A Conv2D subclass whose convolution is not linear in its input (here it squares the input
+    first) does not pass as a convolution with a computed kernel: it is looked into instead, and
+    refused naming the operation lrp_grad has no rule for when there is one."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+    cumprod = (lambda t: K.ops.cumprod(t, axis=-1)) if keras3 else (lambda t: tf.math.cumprod(t, axis=-1))
+
+    class Odd(L.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return super().convolution_op(cumprod(inputs), kernel)
+
+    inp = K.Input((5, 5, 2))
+    model = K.Model(inp, L.Dense(2)(L.Flatten()(Odd(3, 3, name="odd")(inp))))
+    with pytest.raises(lrp_grad.UnsupportedLayerError, match=r"at 'odd/[^']*cumprod[^']*'|'odd' \(Odd\): a subclass "
+                                                             r"of Conv2D that overrides convolution_op"):
+        lrp_grad.Explainer(model)

@@ -64,14 +64,33 @@ def product(fn: Callable, a, b, rule: Rule, constant: int | None = None):
     return lrp_product(a, b)
 
 
+#: The highest rank TensorFlow's CPU (oneDNN) softmax kernel takes; higher ones are computed on a
+#: rank-2 view (HaloNet's and VOLO's rank-6 attention scores).
+_SOFTMAX_MAX_RANK = 5
+
+
+def softmax_any_rank(x, axis):
+    """A softmax of ``x`` over ``axis`` (an int or a tuple) computed on the rank-2 view
+    ``(rows, normalised entries)``: the normalised axes moved last and flattened, then put back."""
+    rank = x.shape.rank
+    axes = sorted({int(a) % rank for a in ((axis,) if isinstance(axis, int) else axis)})
+    rest = [a for a in range(rank) if a not in axes]
+    moved = tf.transpose(x, rest + axes) if rest + axes != list(range(rank)) else x
+    shape = tf.shape(moved)
+    flat = tf.reshape(moved, tf.stack([-1, tf.reduce_prod(shape[len(rest):])]))
+    s = tf.reshape(tf.nn.softmax(flat, axis=-1), shape)
+    return tf.transpose(s, [(rest + axes).index(a) for a in range(rank)]) if rest + axes != list(range(rank)) else s
+
+
 def softmax(fn: Callable, x, axis):
     """``s = fn(x)``, a softmax over ``axis`` (an int or a tuple), with the AttnLRP softmax rule
     ``R_x = x * (R - s * sum_axis R)`` (Achtibat et al. 2024, Prop. 3.1: the first-order Taylor
-    term at ``x``; the rest, a bias, is absorbed)."""
+    term at ``x``; the rest, a bias, is absorbed). Above rank 5 the forward is
+    :func:`softmax_any_rank` (TensorFlow's CPU kernel refuses those ranks)."""
 
     @tf.custom_gradient
     def lrp_softmax(x):
-        s = fn(x)
+        s = fn(x) if x.shape.rank <= _SOFTMAX_MAX_RANK else softmax_any_rank(x, axis)
 
         def grad(r):
             return x * (r - s * tf.reduce_sum(r, axis=axis, keepdims=True))

@@ -48,8 +48,9 @@ from __future__ import annotations
 from ..frontends import AttentionCore, RawOp, is_layer_class
 from .activations import ELEMENTWISE, HEADS, NONNEG, ZERO_AT_ZERO
 from .handler_types import FAMILIES, KINDS, Context, Handler
-from .layers import _BUILTIN, _BY_NAME, _SHORTCUTS, FORWARD_ONLY, FUSED_RELU, IDENTITY, is_plain_relu
-from .linear_layers import batch_norm_affine
+from .layers import (_BUILTIN, _BY_NAME, _SHORTCUTS, EFFECTIVE_BASES, EFFECTIVE_CONV, FORWARD_ONLY, FUSED_RELU,
+                     IDENTITY, is_plain_relu)
+from .linear_layers import batch_norm_affine, effective_kernel
 from .raw_ops import _RAW
 from .transformer_layers import attention_core, attention_rule_problem
 
@@ -70,8 +71,8 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["add_tensors" if several else "shift"]
     if kind == "subtract":
         return _RAW["subtract_tensors" if several else "shift"]
-    if kind == "resize":
-        return _RAW["resize" if not several else "unknown"]
+    if kind == "resize":  # several tensors: the image and its size computed from shapes
+        return _RAW["resize"]
     if kind == "multiply":
         return _BY_NAME["Multiply"] if several else _RAW["scale"]
     if kind == "divide":
@@ -88,6 +89,8 @@ def _raw_handler(op: RawOp) -> Handler:
         return _RAW["softmax"]
     if kind in ("route", "activation", "cut"):
         return _RAW[kind]
+    if kind == "sum" and several and op.axes == (0,) and not op.keepdims:  # a sum over a list: add_n
+        return _RAW["add_tensors"]
     if kind in ("mean", "sum"):
         return _RAW["reduce"]
     return _RAW["unknown"]
@@ -203,8 +206,20 @@ def handler_for(layer) -> Handler | None:
     for base in cls.__mro__[1:]:
         inherited = _USER.get(base) or _BUILTIN.get(base)
         if inherited is not None:
-            return None if _overrides(cls, base) else _resolved(inherited, layer)
+            overrides = _overrides(cls, base)
+            if not overrides:
+                return _resolved(inherited, layer)
+            if _computes_its_kernel(layer, base, overrides):
+                return EFFECTIVE_CONV
+            return None
     return None
+
+
+def _computes_its_kernel(layer, base, overrides) -> bool:
+    """Whether a subclass of a built-in convolution keeps its ``call`` and convolves with a kernel
+    computed from its own weights (checked on its output: :func:`effective_kernel`)."""
+    return (base in _BUILTIN and base.__name__ in EFFECTIVE_BASES and "call" not in overrides
+            and effective_kernel(layer) is not None)
 
 
 #: Layer classes the front ends split into supported parts (lrp_grad.frontends.blocks).

@@ -23,6 +23,7 @@ from .linear_layers import (
     _add, _avg_pool_2d, _batch_norm, _batch_norm_problem, _conv_problem, _conv_transpose_problem, _custom_scale,
     _custom_scale_nonneg, _custom_scale_problem, _dense_problem, _fold_conv_transpose, _fold_depthwise,
     _fold_last, _global_avg_pool, _reader, _separable, _weighted, _fixed_linear, _subtract, _subtract_problem,
+    effective_reader,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +254,13 @@ _BY_NAME = {
     "LayerNormalization": Handler("linear", layer_norm, layer_norm_problem, family="norm"),
     "GroupNormalization": Handler("linear", group_norm, group_norm_problem, family="norm"),
 }
+
+#: A Conv1D/Conv2D subclass that convolves with a kernel computed from its weights (weight
+#: standardisation): that convolution, its kernel computed at every read (:func:`effective_reader`).
+EFFECTIVE_CONV = Handler("linear", _weighted(ops.conv_op, read=effective_reader), fold=_fold_last,
+                         **{**_CONV, "weights": effective_reader})
+#: The base classes whose subclasses may get EFFECTIVE_CONV.
+EFFECTIVE_BASES = ("Conv1D", "Conv2D")
 
 #: The same handlers by layer class (both packages' classes of each name).
 _BUILTIN = {cls: handler for name, handler in _BY_NAME.items() for cls in layer_classes(name)}

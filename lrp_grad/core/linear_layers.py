@@ -7,8 +7,10 @@ reuse the linear call and the sum (:mod:`lrp_grad.core.raw_ops`).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
+import numpy as np
 import tensorflow as tf
 
 from . import ops, propagate
@@ -44,9 +46,9 @@ def _reader(kernel_attr="kernel"):
     return weights
 
 
-def _weighted(op_for, kernel_attr="kernel"):
+def _weighted(op_for, kernel_attr="kernel", read=None):
     """``apply`` of a layer with a kernel, an optional bias and a fused activation."""
-    read = _reader(kernel_attr)
+    read = read or _reader(kernel_attr)
 
     def apply(layer, inputs, ctx):
         (x,) = inputs
@@ -227,3 +229,101 @@ def _custom_scale_problem(layer, ctx):
 
 def _custom_scale_nonneg(layer, flags):
     return all(flags) and float(layer.scale) >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A convolution whose kernel is computed from its weights (weight standardisation)
+
+#: The TensorFlow operations a convolution's ``convolution_op`` ends in (Keras 3 runs a grouped
+#: convolution as an XLA function call).
+_CONV_OPS = ("Conv2D", "Conv3D", "Conv", "DepthwiseConv2dNative", "PartitionedCall", "StatefulPartitionedCall")
+_EFFECTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _ref(v):
+    """A hashable reference to a TensorFlow variable (Keras 3 wraps it: ``v.value``)."""
+    return (v if hasattr(v, "ref") else v.value).ref()
+
+
+def _trace_kernel(layer):
+    """``kernel()``: the kernel ``layer.convolution_op(x, layer.kernel)`` convolves ``x`` with, read
+    from its traced graph as the one tensor of the convolution that does not depend on ``x`` (it may
+    read only the layer's own weights); ``None`` when there is no such single tensor."""
+    kernel = layer.kernel
+    rank = len(kernel.shape) - 2
+    channels = int(kernel.shape[-2]) * int(getattr(layer, "groups", 1) or 1)
+    dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or kernel.dtype)
+    spec = tf.TensorSpec((None,) * (rank + 1) + (channels,), dtype)
+    wrapped = tf.compat.v1.wrap_function(lambda x: layer.convolution_op(x, layer.kernel), [spec])
+    own = {_ref(v) for v in layer.weights}
+    if any(_ref(v) not in own for v in wrapped.variables):
+        return None  # reads weights of other layers
+    graph = wrapped.graph
+    (x,) = [t for t in wrapped.inputs if t.dtype == dtype][:1] or [None]
+    depends, convs = {x.ref()} if x is not None else set(), []
+    for op in graph.get_operations():
+        if any(t.ref() in depends for t in op.inputs):
+            depends.update(t.ref() for t in op.outputs)
+            if op.type in _CONV_OPS:
+                convs.append(op)
+    if len(convs) != 1:
+        return None
+    fixed = [t for t in convs[0].inputs if t.ref() not in depends and t.dtype.is_floating]
+    if len(fixed) != 1:
+        return None
+    fetch = wrapped.prune(feeds=[], fetches=fixed[0])
+    shape = tuple(kernel.shape)
+
+    def read():
+        return tf.reshape(tf.cast(fetch(), kernel.dtype), shape)  # Conv1D runs on an expanded 2-D kernel
+
+    return read
+
+
+def _matches(layer, read) -> bool:
+    """Whether ``layer(x)`` is the layer's base convolution with the kernel ``read()`` on a random input."""
+    kernel = layer.kernel
+    rank = len(kernel.shape) - 2
+    groups = int(getattr(layer, "groups", 1) or 1)
+    size = [max(8, (k - 1) * d + 1 + 2 * s) for k, d, s in zip(kernel.shape[:rank], layer.dilation_rate, layer.strides)]
+    dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or kernel.dtype)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, *size, int(kernel.shape[-2]) * groups)), dtype)
+    own = tf.convert_to_tensor(layer.call(x))
+    z = ops.conv_op(layer).forward(x, tf.cast(read(), dtype))
+    if layer.use_bias:
+        z = z + tf.cast(layer.bias, dtype)
+    ours = layer.activation(z)
+    scale = float(tf.reduce_max(tf.abs(own))) or 1.0
+    return own.shape == ours.shape and float(tf.reduce_max(tf.abs(own - ours))) <= 1e-4 * scale
+
+
+def effective_kernel(layer):
+    """For a convolution subclass that computes its kernel from its weights (weight standardisation:
+    NFNet's ``ScaledStandardizedConv2D``, the Keras example's ``StandardizedConv2D`` overriding
+    ``convolution_op``): ``read() -> kernel``, the kernel it convolves with, computed from the live
+    weights at every call, when its output is checked to be exactly the base convolution's with
+    that kernel (then it is explained as that convolution, under the conv family's rule); else
+    ``None``."""
+    try:
+        return _EFFECTIVE[layer]
+    except (KeyError, TypeError):
+        pass
+    read = None
+    if getattr(layer, "padding", None) in ("valid", "same") and getattr(layer, "data_format", "channels_last") in (
+            "channels_last", None) and getattr(layer, "built", False):
+        try:
+            read = _trace_kernel(layer)
+            read = read if read is not None and _matches(layer, read) else None
+        except Exception:  # noqa: BLE001 - a call that cannot be traced is looked into instead
+            read = None
+    try:
+        _EFFECTIVE[layer] = read
+    except TypeError:
+        pass
+    return read
+
+
+def effective_reader(layer):
+    """``(kernel, bias)`` of a convolution with a computed kernel (see :func:`effective_kernel`)."""
+    b = tf.convert_to_tensor(layer.bias) if layer.use_bias else None
+    return effective_kernel(layer)(), b

@@ -26,6 +26,39 @@ def _replay(op, t):
     return op.fn(t)
 
 
+def _raw_resize(op, inputs, ctx):
+    """An image resize (any method: a fixed linear map of the image, ``pool`` family). Its other
+    tensor operands are the size, computed from shapes (``tf.shape(x)[1:3]``, GhostNetV2): integers,
+    held constant, carrying no relevance."""
+    x, size = inputs[0], [tf.stop_gradient(t) for t in inputs[1:]]
+    if op.interpolation == "nearest" and x.shape.rank == 4 and getattr(op.source, "data_format", None) in (
+            None, "channels_last"):
+        return _fixed_linear(lambda layer, t: _nearest_by_gather(layer, t, size))(op, [x], ctx)
+    return _fixed_linear(lambda layer, t: layer.fn(t, *size))(op, [x], ctx)
+
+
+def _nearest_by_gather(op, t, size):
+    """A nearest-neighbour resize as the gather of the pixels it copies: the same values, and a
+    gradient XLA compiles (it has no kernel for ``ResizeNearestNeighborGrad``). Which pixel each
+    output copies is read by resizing the image of pixel numbers (1-based: 0 is padding)."""
+    shape = tf.shape(t)
+    h, w = shape[1], shape[2]
+    ids = tf.reshape(tf.range(1, h * w + 1, dtype=tf.float32), tf.stack([1, h, w, 1]))
+    src = tf.cast(tf.round(tf.cast(op.fn(ids, *size), tf.float32)), tf.int32) - 1  # (1, oh, ow, 1)
+    out_shape = tf.shape(src)
+    src = tf.reshape(src, [-1])
+    flat = tf.reshape(t, tf.stack([shape[0], h * w, shape[3]]))
+    picked = tf.gather(flat, tf.maximum(src, 0), axis=1) * tf.cast(src >= 0, t.dtype)[None, :, None]
+    return tf.reshape(picked, tf.stack([shape[0], out_shape[1], out_shape[2], shape[3]]))
+
+
+def _resize_problem(op, ctx):
+    if op.interpolation == "area":
+        return (f"{op.symbol} with area interpolation has no gradient in TensorFlow, so relevance cannot flow back "
+                "through it; resize with 'bilinear' (or use AveragePooling2D for an integer factor)")
+    return None
+
+
 def _raw_route(op, inputs, ctx):
     return op.fn(*inputs)
 
@@ -44,9 +77,14 @@ def _raw_activation(op, inputs, ctx):
 
 
 def _raw_reduce(op, inputs, ctx):
-    """``mean``/``sum`` over non-batch axes: a weight-free linear map under the layer's rule."""
-    (x,) = inputs
-    linear_op = ops.fixed_op(lambda t: op.fn(t))
+    """``mean``/``sum`` over non-batch axes: a weight-free linear map under the layer's rule. A list
+    of tensors reduced as one (``tf.reduce_mean([a, b], axis=0)``) is that map of their stack."""
+    if len(inputs) == 1:
+        (x,) = inputs
+        linear_op = ops.fixed_op(lambda t: op.fn(t))
+    else:
+        x = tf.stack(inputs, axis=0)
+        linear_op = ops.fixed_op(lambda t: op.fn(*tf.unstack(t, axis=0)))
     return _linear(x, linear_op, tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
 
 
@@ -74,9 +112,10 @@ def _two_tensor_problem(op, ctx):
 
 
 def _raw_reduce_problem(op, ctx):
-    if op.axes is None or 0 in op.axes:
+    if op.axes is None or op.batch_axis in op.axes:
+        where = "" if op.batch_axis == 0 else f" (axis {op.batch_axis} of the stacked tensors)"
         return (f"{op.symbol} over axis={op.axes if op.axes is not None else 'None (all)'} reduces the batch "
-                "axis; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
+                f"axis{where}; only reductions over the non-batch axes (e.g. axis=(1, 2)) are supported")
     return None
 
 
@@ -143,7 +182,7 @@ _RAW = {
     "unknown": Handler("passthrough", _raw_pass, _unknown_op_problem),
     "divide_tensors": Handler("gate", _raw_divide, _raw_divide_problem, fixed_gate=1, zero_in_zero_out=True),
     "subtract_tensors": Handler("linear", _subtract, _subtract_problem, family="merge", fuses_relu=True),
-    "resize": Handler("linear", _fixed_linear(_replay), family="pool", fuses_relu=True),
+    "resize": Handler("linear", _raw_resize, _resize_problem, family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
     "constant_product": Handler("linear", _fixed_linear(_replay), _constant_linear_problem,

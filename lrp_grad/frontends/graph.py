@@ -154,10 +154,16 @@ class RawOp:
         softmax: the normalised axes.
     keepdims : bool
         For ``'mean'``/``'sum'``.
+    batch_axis : int
+        For ``'mean'``/``'sum'``: the axis of the reduced tensor that holds the batch; 1 for a list of
+        tensors reduced as one (``tf.reduce_sum([a, b], axis=0)``, an ``add_n``) or a tensor stacked
+        from them along axis 0, else 0.
     out_shape : tuple or None
         The static output shape (batch axis included).
     cut : str or None
         For ``kind='cut'``: why the operation has no gradient (see :func:`gradient_cut`).
+    interpolation : str or None
+        For ``kind='resize'``: the method, lower case (``'bilinear'``, ``'nearest'``, ``'area'``).
     source : object
         The front end's own object (a ``TFOpLambda`` layer or a Keras 3 ``Operation``).
     constants : object
@@ -182,6 +188,8 @@ class RawOp:
     cut: str | None = None
     constants: object = None
     rebind: Callable | None = None
+    interpolation: str | None = None
+    batch_axis: int = 0
 
     def __repr__(self):
         return f"RawOp({self.symbol}, name={self.name!r}, kind={self.kind!r})"

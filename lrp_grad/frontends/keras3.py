@@ -72,9 +72,15 @@ _ACTIVATIONS = {
     "Squareplus": "squareplus", "SoftShrink": "soft_shrink", "HardShrink": "hard_shrink",
     "TanhShrink": "tanh_shrink", "Softmax": "softmax", "Exp": "exponential", "Threshold": "threshold",
     "SparseSigmoid": "sparse_sigmoid",
+    # keras.activations.relu (a layer's activation='relu' called inside a looked-into call), with its options
+    # (max_value, negative_slope, threshold): relevance passes, but it is not taken for a plain ReLU
+    "ReLU": "keras_relu",
     # elementwise maths inside hand-written normalisations and activations: relevance passes through
     "Square": "square", "Sqrt": "sqrt", "Rsqrt": "rsqrt", "Power": "pow", "Abs": "abs", "Absolute": "abs",
     "Reciprocal": "reciprocal", "Erf": "erf", "Log": "log", "Clip": "clip",
+    # elementwise functions of one signal (a phase: WaveMLP's x * cos(theta)): relevance passes through
+    "Sin": "sin", "Cos": "cos", "Tan": "tan", "Sinh": "sinh", "Cosh": "cosh", "Arctan": "arctan", "Expm1": "expm1",
+    "Log1p": "log1p",
     # a normalisation by the tensor's own norm: the scale is held constant, relevance passes
     "Normalize": "l2_normalize",
 }
@@ -195,7 +201,7 @@ def raw_op(op, node) -> RawOp:
         kind = "cut"
     elif snake_case(cls) in SHAPE_ONLY:
         kind = "shape"
-    axes, keepdims = None, False
+    axes, keepdims, batch_axis = None, False, 0
     if kind in ("mean", "sum"):
         rank = len(tensors[0].shape)
         axis = getattr(op, "axis", None)
@@ -203,6 +209,7 @@ def raw_op(op, node) -> RawOp:
             axis = [axis] if isinstance(axis, int) else list(axis)
             axes = tuple(sorted(int(a) % rank for a in axis))
         keepdims = bool(getattr(op, "keepdims", False))
+        batch_axis = _stacked_batch_axis(tensors[0])
     if cls == "Softmax":
         rank = len(tensors[0].shape)
         axis = getattr(op, "axis", -1)
@@ -210,7 +217,23 @@ def raw_op(op, node) -> RawOp:
     return RawOp(name=op.name, symbol=f"keras.ops.{snake_case(cls)}", kind=kind, fn=rebind(), n_tensors=len(tensors),
                  activation=_ACTIVATIONS.get(cls), axes=axes, keepdims=keepdims,
                  out_shape=tuple(node.output_tensors[0].shape), source=op, cut=cut,
-                 constants=(settings, arguments.args, arguments.kwargs), rebind=rebind)
+                 constants=(settings, arguments.args, arguments.kwargs), rebind=rebind,
+                 interpolation=str(getattr(op, "interpolation", "bilinear")).lower() if kind == "resize" else None,
+                 batch_axis=batch_axis)
+
+
+def _stacked_batch_axis(tensor) -> int:
+    """Where the batch is in the tensor a reduction reads: axis 1 for ``keras.ops.stack`` of batch
+    tensors along axis 0 (``keras.ops.sum(keras.ops.stack([a, b]), axis=0)``), else axis 0."""
+    history = getattr(tensor, "_keras_history", None)
+    producer = getattr(history, "operation", None)
+    if type(producer).__name__ != "Stack" or int(getattr(producer, "axis", 0)) != 0:
+        return 0
+    args = producer._inbound_nodes[history.node_index].arguments.args
+    parts = list(args[0]) if args and isinstance(args[0], (list, tuple)) else []
+    batch_first = parts and all(isinstance(t, keras.KerasTensor) and len(t.shape) and t.shape[0] is None
+                                for t in parts)
+    return 1 if batch_first else 0
 
 
 def _arg_names(arguments) -> list:

@@ -49,7 +49,10 @@ _KINDS = {
                      "image.resize_with_crop_or_pad", "pad", "compat.v1.pad", "split", "unstack", "repeat",
                      "compat.v1.gather", "gather_nd", "reverse", "roll", "experimental.numpy.repeat",
                      "image.extract_patches"], "route"),
-    **dict.fromkeys(["image.resize", "compat.v1.image.resize"], "resize"),
+    **dict.fromkeys(["image.resize", "compat.v1.image.resize", "compat.v1.image.resize_images",
+                     "compat.v1.image.resize_bilinear", "compat.v1.image.resize_nearest_neighbor",
+                     "compat.v1.image.resize_bicubic", "compat.v1.image.resize_area", "image.resize_with_pad",
+                     "compat.v1.image.resize_image_with_pad"], "resize"),
     **dict.fromkeys(["math.reduce_mean", "reduce_mean"], "mean"),
     **dict.fromkeys(["math.reduce_sum", "reduce_sum"], "sum"),
     **dict.fromkeys(["linalg.matmul", "matmul", "compat.v1.matmul", "__operators__.matmul", "einsum",
@@ -71,6 +74,9 @@ _ACTIVATIONS = {
     "math.square": "square", "square": "square", "math.sqrt": "sqrt", "sqrt": "sqrt", "math.rsqrt": "rsqrt",
     "math.pow": "pow", "pow": "pow", "math.abs": "abs", "abs": "abs", "math.reciprocal": "reciprocal",
     "math.erf": "erf", "math.log": "log", "clip_by_value": "clip",
+    # elementwise functions of one signal (a phase: WaveMLP's x * cos(theta)): relevance passes through
+    "math.sin": "sin", "math.cos": "cos", "math.tan": "tan", "math.sinh": "sinh", "math.cosh": "cosh",
+    "math.atan": "arctan", "math.expm1": "expm1", "math.log1p": "log1p",
     # a normalisation by the tensor's own norm: the scale is held constant, relevance passes
     "math.l2_normalize": "l2_normalize", "nn.l2_normalize": "l2_normalize", "linalg.l2_normalize": "l2_normalize",
 }
@@ -156,13 +162,15 @@ def raw_op(layer, node) -> RawOp:
         kind = "cut"
     elif symbol.rsplit(".", 1)[-1] in SHAPE_ONLY:
         kind = "shape"
-    axes, keepdims = None, False
+    axes, keepdims, batch_axis = None, False, 0
     if kind in ("mean", "sum"):
         kwargs = dict(node.call_kwargs or {})
         rest = list(node.call_args[1:])
         axis = kwargs.get("axis", rest[0] if rest else None)
         keepdims = bool(kwargs.get("keepdims", rest[1] if len(rest) > 1 else False))
-        axes = _axes(axis, node.keras_inputs[0].shape.rank)
+        operand = kwargs.get("input_tensor", node.call_args[0] if node.call_args else None)
+        batch_axis = _stacked_batch_axis(operand)
+        axes = _axes(axis, node.keras_inputs[0].shape.rank + (isinstance(operand, (list, tuple))))
     if _ACTIVATIONS.get(symbol) == "softmax":
         kwargs = dict(node.call_kwargs or {})
         rest = list(node.call_args[1:])
@@ -170,7 +178,44 @@ def raw_op(layer, node) -> RawOp:
     return RawOp(name=layer.name, symbol=f"tf.{symbol}", kind=kind, fn=rebind(), n_tensors=len(slots),
                  activation=_ACTIVATIONS.get(symbol), axes=axes, keepdims=keepdims,
                  out_shape=tuple(outputs[0].shape), source=layer, cut=cut,
-                 constants=(node.call_args, node.call_kwargs), rebind=rebind)
+                 constants=(node.call_args, node.call_kwargs), rebind=rebind,
+                 interpolation=_resize_method(symbol, node) if kind == "resize" else None, batch_axis=batch_axis)
+
+
+def _stacked_batch_axis(operand) -> int:
+    """Where the batch is in the tensor a reduction reads: axis 1 when it is a list of batch tensors
+    (``tf.reduce_sum([a, b], axis=0)`` stacks them along a new axis 0) or ``tf.stack`` of them along
+    axis 0, else axis 0."""
+    if isinstance(operand, (list, tuple)):
+        parts = list(operand)
+    else:
+        producer = getattr(getattr(operand, "_keras_history", None), "layer", None)
+        if getattr(producer, "symbol", None) not in ("stack",) or not getattr(producer, "inbound_nodes", None):
+            return 0
+        node = producer.inbound_nodes[operand._keras_history.node_index]
+        kwargs, args = dict(node.call_kwargs or {}), list(node.call_args)
+        if int(kwargs.get("axis", args[1] if len(args) > 1 else 0)) != 0:
+            return 0
+        parts = list(kwargs.get("values", args[0] if args else ()))
+    batch_first = parts and all(_is_tensor(t) and t.shape.rank and t.shape[0] is None for t in parts)
+    return 1 if batch_first else 0
+
+
+#: ``tf.compat.v1.image.ResizeMethod``'s integer values.
+_V1_METHODS = {0: "bilinear", 1: "nearest", 2: "bicubic", 3: "area"}
+
+
+def _resize_method(symbol, node) -> str:
+    """The interpolation of an image resize, by its function name or ``method`` argument."""
+    for suffix, method in (("_bilinear", "bilinear"), ("_nearest_neighbor", "nearest"), ("_bicubic", "bicubic"),
+                           ("_area", "area")):
+        if symbol.endswith(suffix):
+            return method
+    kwargs, args = dict(node.call_kwargs or {}), list(node.call_args)
+    method = kwargs.get("method", args[2] if len(args) > 2 and "with_pad" not in symbol else "bilinear")
+    method = _V1_METHODS.get(method, method) if isinstance(method, int) else getattr(method, "value", method)
+    method = str(method).lower()
+    return "nearest" if method == "nearest_neighbor" else method
 
 
 def _axes(axis, rank):
