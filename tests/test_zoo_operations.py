@@ -500,6 +500,44 @@ def test_a_sublayer_returning_none_among_its_outputs(K):
     kit.assert_close(lrp_grad.Explainer(model)(x), lrp_grad.Explainer(twin)(x), 1e-10, "None among outputs")
 
 
+def test_attention_pooling_from_a_learned_probe(K):
+    """SigLIP-style attention pooling: a learned probe, tiled per image, attends to the tokens. The
+    probe is a constant of the graph (its share of relevance absorbed like a bias's): the tokens get
+    the same relevance as in the twin that is given the tiled probe as a second input."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+
+    class Pooling(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.attention = L.MultiHeadAttention(2, 3, name="mha", **F64)
+
+        def build(self, shape):
+            self.probe = self.add_weight(shape=(1, 1, shape[-1]), initializer="random_normal", name="probe")
+            if keras3:
+                self.attention.build((None, 1, shape[-1]), tuple(shape))
+
+        def call(self, x):
+            batch = K.ops.shape(x)[0] if keras3 else tf.shape(x)[0]
+            probes = K.ops.repeat(self.probe, batch, axis=0) if keras3 else tf.repeat(self.probe, batch, axis=0)
+            return self.attention(probes, x, x)[:, 0]
+
+    inp = K.Input((5, 4), **F64)
+    tokens = L.Dense(4, name="tokens", **F64)(inp)
+    pooling = Pooling(name="pool", **F64)
+    model = kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(pooling(tokens))), seed=27)
+    inp2, probe = K.Input((5, 4), **F64), K.Input((1, 4), **F64)
+    t2 = model.get_layer("tokens")(inp2)
+    twin = K.Model([inp2, probe], model.get_layer("head")(L.Reshape((4,), **F64)(pooling.attention(probe, t2, t2))))
+    x = np.random.default_rng(28).normal(size=(3, 5, 4))
+    probes = np.repeat(pooling.probe.numpy()[None, 0], 3, axis=0)
+    kit.assert_close(model(x).numpy(), twin([x, probes]).numpy(), 1e-12, "forward")
+    for rule in (lrp_grad.AttnLRP(), lrp_grad.CPLRP()):
+        R = lrp_grad.Explainer(model, rule=rule)(x, target=1)
+        R_twin = lrp_grad.Explainer(twin, rule=rule)([x, probes], target=1)[0]
+        kit.assert_close(R, R_twin, 1e-9, repr(rule))
+
+
 def test_a_layer_using_the_batch_size_otherwise_is_refused_by_operation():
     """A size that is not a whole multiple of the batch size (here ``B // 2`` rows) cannot be replayed at
     another batch size: refused naming the operation, the layer around it and why."""

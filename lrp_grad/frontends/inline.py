@@ -172,6 +172,12 @@ def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, 
                     depth)
             continue
         if is_layer(obj, "MultiHeadAttention") and not note:  # its projections and attention core, each with its rule
+            probe = _constant_query(frontend, ins, in_ids, arg_names, in_shapes, rebuild, twin_calls and twin_calls[i],
+                                    label)
+            if probe is not None:  # a learned query (attention pooling): a constant of the graph
+                nodes.append(probe)
+                in_ids, arg_names, in_shapes = (in_ids + probe.outputs, arg_names + ("query",),
+                                                in_shapes + probe.output_shapes)
             nodes.extend(blocks.split_attention(obj, in_ids, out_ids, arg_names, kwargs, label, in_shapes))
             continue
         if not isinstance(obj, RawOp) and (kwargs or {}).get("training") is True and _trains_differently(obj):
@@ -194,6 +200,32 @@ def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, 
         op = RawOp(name=f"{label_prefix}identity_{k}", symbol="identity (a tensor returned as it is)", kind="route",
                    fn=tf.identity, n_tensors=1, out_shape=tuple(shape_of(t).as_list() if shape_of(t).rank else ()))
         nodes.append(Node(op, (inner_id,), (outer_id,), f"{label_prefix}identity_{k}", (shape_of(t),), (shape_of(t),)))
+
+
+def _constant_query(frontend, ins, in_ids, arg_names, in_shapes, rebuild, twin, label):
+    """The node of a ``MultiHeadAttention``'s query when it is a constant, not a tensor of the graph
+    (SigLIP's attention pooling attends from a learned probe tiled per image), else ``None``."""
+    if not arg_names or {"0", "query"} & set(arg_names) or not ({"1", "value"} & set(arg_names)):
+        return None
+    args, kwargs = rebuild([None] * len(ins))
+    query = kwargs.get("query", args[0] if args else None)
+    if query is None or not hasattr(query, "shape"):
+        return None
+    ref = arg_names.index("1" if "1" in arg_names else "value")
+    query2, ref2 = None, in_shapes[ref]
+    if twin:
+        args2, kwargs2 = twin[5]([None] * len(twin[1]))
+        query2, ref2 = kwargs2.get("query", args2[0] if args2 else None), shape_of(twin[1][ref])
+    try:
+        make = tracing.linked_constant(query, query2, shape_of(ins[ref]), ref2, frontend.is_graph_tensor)
+        shape = tracing.unlink_shape(tf.TensorShape(query.shape), tf.TensorShape(query2.shape), "the query") \
+            if query2 is not None else tf.TensorShape(query.shape)
+    except tracing.BatchLinkError:
+        return None
+    op = RawOp(name=f"{label}/query", symbol="MultiHeadAttention query (a constant: a learned probe)", kind="shape",
+               fn=make, n_tensors=1, out_shape=tuple(shape.as_list()))
+    return Node(op, (in_ids[ref],), (f"{in_ids[ref]}:{label}/query",), f"{label}/query_constant", (in_shapes[ref],),
+                (shape,))
 
 
 def _untwin(frontend, obj, ins, outs, kwargs, twin, label):

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from .graph import RawOp
 
-__all__ = ["SIZES", "BatchLinkError", "batch_sizes", "unknown_size", "unlink_shape", "linked_op", "compare_kwargs"]
+__all__ = ["SIZES", "BatchLinkError", "batch_sizes", "unknown_size", "unlink_shape", "linked_op", "linked_constant",
+           "compare_kwargs"]
 
 #: The two batch sizes a batch-reading layer is traced at (small: constants such as a class token
 #: repeated per image are materialised at these sizes).
@@ -206,6 +207,28 @@ def linked_op(op1: RawOp, op2: RawOp, in1, in2, is_graph_tensor) -> RawOp:
         return constants
 
     return replace(op, fn=op1.rebind(transform))
+
+
+def linked_constant(c1, c2, ref1, ref2, is_graph_tensor):
+    """``make(ref) -> tensor``: a constant operand of a call from its two traces (``c2`` is ``None``
+    outside a two-size trace), repeated along the axis where it scales with the batch (a learned
+    query tiled per image) as often as the run's batch size; ``ref1``/``ref2`` are the two traces'
+    shapes of a tensor operand of the same call, whose dynamic shape gives that batch size."""
+    const = np.asarray(_array(c1) if _array(c1) is not None else c1)
+    subs = [] if c2 is None else _differences(c1, c2, is_graph_tensor)
+    if not subs:
+        return lambda ref: tf.constant(const)
+    (_, (_, axis, m, block)), = subs
+    source = _batch_axis(ref1, ref2)
+    if source is None:
+        raise BatchLinkError("a constant operand scales with the batch size but no tensor operand shows it")
+    ref_axis, per = source
+
+    def make(ref):
+        reps = [1] * block.ndim
+        reps[axis] = tf.shape(ref)[ref_axis] // per
+        return tf.tile(tf.constant(block), reps)
+    return make
 
 
 def compare_kwargs(kw1, kw2, is_graph_tensor, what):
