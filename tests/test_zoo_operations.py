@@ -203,19 +203,28 @@ def test_subclass_that_keeps_its_base_computation_is_explained(K):
 
 
 def test_user_function_named_like_a_builtin_is_not_the_builtin(K):
-    """``def relu(t): return leaky_relu(t)`` as an activation is the user's function, refused by
-    its name and module, not treated as ReLU (its forward differs)."""
+    """``def relu(t): return leaky_relu(t)`` as an activation is the user's function: traced into its
+    operations (the explained forward is the model's, not ReLU's), and refused by its name and
+    module when it cannot be traced (TensorFlow called on a Keras 3 symbolic tensor)."""
     L = K.layers
+    keras3 = K.__name__ == "keras"
 
     def relu(t):
-        return tf.nn.leaky_relu(t, 0.3)
+        return K.ops.leaky_relu(t, 0.3) if keras3 else tf.nn.leaky_relu(t, 0.3)
 
     inp = K.Input((6,))
-    model = K.Model(inp, L.Dense(2)(L.Dense(4, activation=relu, name="mine")(inp)))
-    with pytest.raises(lrp_grad.UnsupportedLayerError,
-                       match=r"'mine' \(Dense\): activation \"function '.*relu' \(from module "
-                             r"'test_zoo_operations'\)\" is not a known elementwise activation"):
-        lrp_grad.Explainer(model)
+    model = kit.randomize(K.Model(inp, L.Dense(2)(L.Dense(4, activation=relu, name="mine")(inp))), seed=5)
+    x = np.random.default_rng(6).normal(size=(8, 6)).astype("float32")
+    np.testing.assert_allclose(lrp_grad.Explainer(model).forward(x), model(x).numpy(), rtol=1e-6, atol=1e-6)
+    if keras3:
+        def tf_relu(t):
+            return tf.nn.leaky_relu(t, 0.3)
+
+        refused = K.Model(inp, L.Dense(2)(L.Dense(4, activation=tf_relu, name="mine2")(inp)))
+        with pytest.raises(lrp_grad.UnsupportedLayerError,
+                           match=r"'mine2' \(Dense\): activation \"function '.*tf_relu' \(from module "
+                                 r"'test_zoo_operations'\)\" is not a known elementwise activation"):
+            lrp_grad.Explainer(refused)
     ok = K.Model(inp, L.Dense(2)(L.Dense(4, activation=tf.nn.relu)(inp)))  # TensorFlow's own: the built-in
     lrp_grad.Explainer(ok)
 
@@ -536,6 +545,63 @@ def test_attention_pooling_from_a_learned_probe(K):
         R = lrp_grad.Explainer(model, rule=rule)(x, target=1)
         R_twin = lrp_grad.Explainer(twin, rule=rule)([x, probes], target=1)[0]
         kit.assert_close(R, R_twin, 1e-9, repr(rule))
+
+
+def test_a_layer_whose_activation_is_a_python_function(K):
+    """``Dense(activation=my_gelu)`` (keras-hub's ``gelu_approximate``): the layer's linear part takes
+    its rule and the function is traced into its operations after it, exactly as ``Dense`` followed
+    by a ``Lambda`` of the same function."""
+    L = K.layers
+    keras3 = K.__name__ == "keras"
+
+    def my_swish(t):
+        return t * (K.ops.sigmoid(t) if keras3 else tf.math.sigmoid(t))
+
+    inp = K.Input((6,), **F64)
+    h = L.Dense(5, activation=my_swish, name="d1", **F64)(inp)
+    model = kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(h)), seed=29)
+    inp2 = K.Input((6,), **F64)
+    d1 = L.Dense(5, name="d1", **F64)
+    h2 = L.Lambda(my_swish, name="act", **F64)(d1(inp2))
+    twin = K.Model(inp2, L.Dense(2, name="head", **F64)(h2))
+    for name in ("d1", "head"):
+        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    x = np.random.default_rng(30).normal(size=(3, 6))
+    kit.assert_close(model(x).numpy(), twin(x).numpy(), 1e-12, "forward")
+    for rule in (lrp_grad.Epsilon(), lrp_grad.AlphaBeta(2, 1), lrp_grad.AttnLRP()):
+        explainer = lrp_grad.Explainer(model, rule=rule)
+        kit.assert_close(explainer(x, target=1), lrp_grad.Explainer(twin, rule=rule)(x, target=1), 1e-10, repr(rule))
+    assert "d1" in explainer.rules, explainer.rules  # the linear part keeps its rule
+
+
+def test_a_sublayer_called_with_training_it_does_not_take(K):
+    """A block passing ``training=`` to a sublayer whose call does not take it (Keras drops it; so
+    does the look-inside): explained like the functional twin."""
+    L = K.layers
+
+    class MLP(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.fc = L.Dense(4, activation="relu", name="fc", **F64)
+
+        def call(self, x):
+            return self.fc(x)
+
+    class Block(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.mlp = MLP(name="mlp", **F64)
+
+        def call(self, x, training=None):
+            return x + self.mlp(x, training=training)
+
+    inp = K.Input((4,), **F64)
+    block = Block(name="block", **F64)
+    model = kit.randomize(K.Model(inp, L.Dense(2, name="head", **F64)(block(inp))), seed=31)
+    inp2 = K.Input((4,), **F64)
+    twin = K.Model(inp2, model.get_layer("head")(L.Add()([inp2, block.mlp.fc(inp2)])))
+    x = np.random.default_rng(32).normal(size=(3, 4))
+    kit.assert_close(lrp_grad.Explainer(model)(x), lrp_grad.Explainer(twin)(x), 1e-10, "training= dropped")
 
 
 def test_a_layer_using_the_batch_size_otherwise_is_refused_by_operation():

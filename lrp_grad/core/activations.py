@@ -40,7 +40,7 @@ def _activation_problem(fn, is_output):
 
 def _activate(fn, z, ctx):
     name = activation_name(fn)
-    if ctx.fuse_relu:
+    if ctx.fuse_relu or ctx.linear_only:
         return z  # the ReLU was applied inside the layer's LRP op
     if name == "linear" or (name in HEADS and ctx.is_output):
         return z  # a final softmax or sigmoid is skipped: the logits are explained

@@ -49,6 +49,9 @@ class Context:
         For handlers that read gates (``gate`` handlers, products of two tensors): which input is
         the gate, as the planner read it from the graph (:func:`lrp_grad.gating.gate_index`), or
         why none could be told.
+    linear_only : bool
+        The layer's own activation (a Python function, ``Dense(activation=my_gelu)``) is applied
+        by the calls after it, traced into its operations: the layer computes its linear part only.
     """
 
     rule: object = None
@@ -60,6 +63,7 @@ class Context:
     fuse_relu: bool = False
     gate: int | None = None
     gate_problem: str | None = None
+    linear_only: bool = False
 
 
 def _no_problem(layer, ctx):

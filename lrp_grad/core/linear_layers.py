@@ -90,7 +90,7 @@ def _conv_problem(layer, ctx):
     problem = _channels_last(layer)
     if problem:
         return problem
-    return _activation_problem(layer.activation, ctx.is_output)
+    return _activation_problem(None if ctx.linear_only else layer.activation, ctx.is_output)
 
 
 def _conv_transpose_problem(layer, ctx):
@@ -100,7 +100,7 @@ def _conv_transpose_problem(layer, ctx):
 
 
 def _dense_problem(layer, ctx):
-    return _activation_problem(layer.activation, ctx.is_output)
+    return _activation_problem(None if ctx.linear_only else layer.activation, ctx.is_output)
 
 
 def _avg_pool_2d(layer, inputs, ctx):

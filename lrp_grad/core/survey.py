@@ -52,7 +52,7 @@ def survey(model, canonizers=None, compute_dtype=None, output=None) -> Survey:
         if _from_shapes(node, from_shapes):  # computed from shapes alone (tf.shape(x)[0] // 2): no relevance
             from_shapes.update(node.outputs)
             handler = handlers.FORWARD_ONLY
-        ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params,
+        ctx = handlers.Context(is_output=graph.output_id in node.outputs, params=node.params, linear_only=node.linear_only,
                                input_shapes=node.input_shapes, compute_dtype=compute_dtype)
         if handler is not None and handler.fixed_gate is not None:
             ctx = replace(ctx, gate=handler.fixed_gate)
@@ -111,12 +111,17 @@ def _check_connected(graph):
         made.update(node.outputs)
 
 
-def _look_inside(layer) -> bool:
+def _look_inside(layer):
     """Whether the front end should run a layer's ``call`` and explain what it calls: a layer
-    without a handler (a subclassed block, a ``Lambda``), or an ``Activation`` of a user function."""
+    without a handler (a subclassed block, a ``Lambda``), or an ``Activation`` of a user function;
+    ``'activation'`` for a layer with a handler whose own activation is a user function (the layer
+    then computes its linear part and the function is traced after it)."""
     if handlers.handler_for(layer) is None:
         return not is_model(layer)
-    return is_layer(layer, "Activation") and activation_name(layer.activation).startswith("function ")
+    user_activation = activation_name(getattr(layer, "activation", None)).startswith("function ")
+    if is_layer(layer, "Activation"):
+        return user_activation
+    return "activation" if user_activation else False
 
 
 def gate_only(graph, entries) -> set:

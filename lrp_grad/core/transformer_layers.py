@@ -41,7 +41,7 @@ def einsum_dense(layer, inputs, ctx):
 def einsum_dense_problem(layer, ctx):
     if getattr(layer, "quantization_mode", None):
         return f"quantization_mode={layer.quantization_mode!r}; LRP needs the float kernel"
-    return _activation_problem(layer.activation, ctx.is_output)
+    return _activation_problem(None if ctx.linear_only else layer.activation, ctx.is_output)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Node:
     arg_names: tuple = ()  # per input: the argument it was passed as ('0', '1', 'key', 'mask/0')
     note: str = ""  # why the front end could not look inside this layer's call (for the refusal)
     refusal: str = ""  # why this call cannot be explained whatever its handler (the survey refuses it)
+    linear_only: bool = False  # its activation (a Python function) is traced into the calls after it
 
 
 @dataclass(frozen=True)

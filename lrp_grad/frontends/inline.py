@@ -8,6 +8,7 @@ function) is run on symbolic inputs and its calls are inlined in its place, recu
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -77,6 +78,7 @@ def _look_inside(frontend, layer, in_shapes, rebuild, dtypes, traced_shapes=None
     layer called inside such a trace is traced at the shapes it had there (``traced_shapes``, per
     trace: windows per image times the traced batch size).
     """
+    rebuild = _accepted(layer, rebuild)
     try:
         inside = _Inside(*frontend.functionalize(layer, in_shapes, rebuild, dtypes))
         unknown = _unknown_size(frontend, inside.model)
@@ -96,6 +98,23 @@ def _look_inside(frontend, layer, in_shapes, rebuild, dtypes, traced_shapes=None
     if set(constants) != set(constants2) or (model is None) != (twin is None):
         return None, f"{first} (and its outputs differ between batch sizes)"
     return _Inside(model, constants, twin), None
+
+
+def _accepted(layer, rebuild):
+    """``rebuild`` without the keyword arguments ``layer.call`` does not take: Keras passes
+    ``training`` and ``mask`` to a call only when its signature names them."""
+    try:
+        params = inspect.signature(layer.call).parameters.values()
+    except (TypeError, ValueError):
+        return rebuild
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return rebuild
+    names = {p.name for p in params}
+
+    def filtered(values):
+        args, kwargs = rebuild(values)
+        return args, {k: v for k, v in kwargs.items() if k in names}
+    return filtered
 
 
 def _unknown_size(frontend, model) -> str:
@@ -184,8 +203,14 @@ def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, 
             nodes.append(Node(obj, in_ids, out_ids, label, in_shapes, out_shapes, arg_names=arg_names,
                               note=TRAINING_NOTE))
             continue
-        if (not note and look_inside is not None and not isinstance(obj, RawOp) and depth < _MAX_DEPTH
-                and look_inside(obj)):
+        decision = (look_inside(obj) if not note and look_inside is not None and not isinstance(obj, RawOp)
+                    and depth < _MAX_DEPTH else False)
+        if decision == "activation" and len(outs) == 1:  # Dense(activation=my_gelu): the layer, then the function
+            if _split_activation(frontend, obj, ins, in_ids, outs, out_ids, in_shapes, out_shapes, arg_names, prefix,
+                                 label, nodes, calls, look_inside, depth):
+                continue
+            decision = False
+        if decision:
             inside, note = _look_inside(frontend, obj, in_shapes, rebuild, [t.dtype for t in ins], traced_shapes)
             if inside is not None:
                 note = _inline_inside(frontend, obj, inside, in_ids, out_ids, out_shapes, prefix, label, nodes, calls,
@@ -200,6 +225,38 @@ def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, 
         op = RawOp(name=f"{label_prefix}identity_{k}", symbol="identity (a tensor returned as it is)", kind="route",
                    fn=tf.identity, n_tensors=1, out_shape=tuple(shape_of(t).as_list() if shape_of(t).rank else ()))
         nodes.append(Node(op, (inner_id,), (outer_id,), f"{label_prefix}identity_{k}", (shape_of(t),), (shape_of(t),)))
+
+
+@dataclass(frozen=True)
+class _ActivationCall:
+    """A layer's own activation function, as something :func:`_look_inside` can trace."""
+
+    layer: object
+
+    @property
+    def name(self):
+        return f"{self.layer.name}_activation"
+
+    def call(self, x):
+        return self.layer.activation(x)
+
+
+def _split_activation(frontend, layer, ins, in_ids, outs, out_ids, in_shapes, out_shapes, arg_names, prefix, label,
+                      nodes, calls, look_inside, depth) -> bool:
+    """Append a layer whose activation is a user's function as its linear part followed by the
+    function's operations (traced like an ``Activation`` of it); ``False`` when the function cannot
+    be traced (the layer is then refused naming its activation)."""
+    act = _ActivationCall(layer)
+    inside, _ = _look_inside(frontend, act, out_shapes, lambda values: ([values[0]], {}), [outs[0].dtype])
+    if inside is None:
+        return False
+    linear_id = f"{out_ids[0]}:linear"
+    added = [Node(layer, in_ids, (linear_id,), label, in_shapes, out_shapes, arg_names=arg_names, linear_only=True)]
+    if _inline_inside(frontend, act, inside, (linear_id,), out_ids, out_shapes, prefix, f"{label}/activation", added,
+                      calls, look_inside, depth):
+        return False
+    nodes.extend(added)
+    return True
 
 
 def _constant_query(frontend, ins, in_ids, arg_names, in_shapes, rebuild, twin, label):
