@@ -41,7 +41,6 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
     n_in = ex.n_inputs
 
     def concept_pass(*args):
-        ex.passes.trace_count += 1  # runs only while tracing
         xs, second, masks = list(args[:n_in]), args[n_in], list(args[n_in + 1:])
         with tf.GradientTape(persistent=True) as tape:
             for x in xs:
@@ -54,6 +53,7 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
             sources = (xs if want_input else []) + sums_of
             grads = tape.gradient(logits, sources, output_gradients=r0, unconnected_gradients=zero)
             ins = grads[:n_in] if want_input else []
+            ex.passes.traced()  # runs only while tracing
             return tuple(ins), tuple(_spatial_sum(g) for g in grads[len(ins):]), logits
         top = layers[_plan_label(ex, cond_labels[0])]
         # The backward pass above the highest condition: once for all conditions.
@@ -75,6 +75,7 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
 
         out = pfor(one_condition, k)
         ins = out[:n_in] if want_input else []
+        ex.passes.traced()  # runs only while tracing
         return tuple(ins), tuple(out[len(ins):]), logits
 
     fn = tf.function(concept_pass, input_signature=specs, jit_compile=ex.jit_compile, autograph=False)
