@@ -13,7 +13,7 @@ from ..errors import InvalidTargetError, LRPMemoryError, StaleExplainerError
 from .report import RelevanceReport
 from .request import check_batch_size
 
-__all__ = ["Passes", "pad_to_bucket", "free_memory_bytes", "default_jit", "MULTI_TARGET_ROWS"]
+__all__ = ["Passes", "pad_to_bucket", "free_memory_bytes", "default_jit", "MULTI_TARGET_ROWS", "raise_if_stale"]
 
 #: Text of the in-graph check of a BatchNorm folded through a max pooling (canonizers).
 FOLD_MARK = "was folded through a max pooling"
@@ -32,6 +32,14 @@ def first_line(message: str, mark: str) -> str:
         if mark in line:
             return line.strip()
     return message.splitlines()[0]
+
+
+def raise_if_stale(error: Exception) -> None:
+    """Raise :class:`StaleExplainerError` when ``error`` (a ``tf.errors.InvalidArgumentError`` of a
+    compiled pass) is the in-graph check of a BatchNorm folded through a max pooling whose scales
+    changed sign since the plan was built; return otherwise (the caller re-raises ``error``)."""
+    if FOLD_MARK in str(error):
+        raise StaleExplainerError(first_line(str(error), FOLD_MARK)) from None
 
 
 def _custom_gradient_names(graph) -> set:
@@ -353,9 +361,8 @@ class Passes:
         try:
             R, logits, sums = self.run(fn, xs, second)
         except tf.errors.InvalidArgumentError as e:
-            if FOLD_MARK not in str(e):
-                raise
-            raise StaleExplainerError(first_line(str(e), FOLD_MARK)) from None
+            raise_if_stale(e)
+            raise
         except tf.errors.ResourceExhaustedError:
             raise LRPMemoryError(
                 f"out of memory explaining a batch of {rows} samples of shape {tuple(xs[0].shape[1:])} with model "
