@@ -74,17 +74,21 @@ def _output_folder(path, command, option):
     return out
 
 
+#: The preset names (``lrp_grad.core.presets.NAMES``, which imports the Keras front ends); kept
+#: here so that a bad ``--rule`` is refused before TensorFlow loads (a test keeps the two equal).
+PRESET_NAMES = ("epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box", "seed_ab")
+
+
 def parse_rule(text: str):
     """A rule or preset from the command line: a preset name (``epsilon_plus_flat``, ``seed_ab``,
     ...), ``z``, ``zplus``, ``flat``, ``wsquare``, ``epsilon[:EPS]``, ``alphabeta:A,B``,
-    ``gamma[:G]`` or ``zbox:LOW,HIGH``."""
-    _quiet_tensorflow()  # the presets import the Keras front ends
-    from ..core import presets, rules
+    ``gamma[:G]`` or ``zbox:LOW,HIGH``. Imports no TensorFlow (the rules are plain values)."""
+    from ..core import rules
 
     name, _, arg = text.partition(":")
-    values = [float(v) for v in arg.split(",")] if arg else []
     simple = {"z": rules.Z, "zplus": rules.ZPlus, "flat": rules.Flat, "wsquare": rules.WSquare}
     try:
+        values = [float(v) for v in arg.split(",")] if arg else []
         if name in simple and not values:
             return simple[name]()
         if name == "epsilon":
@@ -95,12 +99,12 @@ def parse_rule(text: str):
             return rules.Gamma(*values)
         if name == "zbox" and len(values) == 2:
             return rules.ZBox(*values)
-        if name in presets.NAMES and not values:
+        if name in PRESET_NAMES and not values:
             return name
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"--rule {text!r}: {e}") from None
     raise argparse.ArgumentTypeError(
-        f"--rule {text!r} is not known; use a preset ({', '.join(presets.NAMES)}) or z, zplus, flat, wsquare, "
+        f"--rule {text!r} is not known; use a preset ({', '.join(PRESET_NAMES)}) or z, zplus, flat, wsquare, "
         "epsilon[:EPS], alphabeta:A,B, gamma[:G], zbox:LOW,HIGH."
     )
 
@@ -439,20 +443,56 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="throughput benchmark (see lrp-grad bench --help)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Arguments are parsed and checked before TensorFlow loads (it takes 10-20 s): a usage error,
+    # a missing file and --help are immediate and exit 2 (0 for --help).
     if argv[:1] == ["bench"]:
+        from .bench_args import check
+
+        check(argv[1:])
         return _guarded("bench", lambda: _bench(None, argv[1:]))
     args = parser.parse_args(argv)
+    try:
+        _check_files(args)
+    except SystemExit as e:
+        return _usage_error(e)
     run = {"demo": _demo, "explain": _explain, "export": _export, "concepts": _concepts}[args.command]
     return _guarded(args.command, lambda: run(args))
 
 
+def _usage_error(e: SystemExit) -> int:
+    """A ``SystemExit`` raised with a message (the CLI's bad-input errors): printed, exit status 2."""
+    if not isinstance(e.code, str):
+        raise e
+    print(e.code, file=sys.stderr)
+    return 2
+
+
+def _check_files(args) -> None:
+    """The input files and output folders named on the command line, before TensorFlow loads."""
+    cmd = args.command
+    model = getattr(args, "model", None)
+    if model is not None and not os.path.exists(model):
+        raise SystemExit(f"lrp-grad {cmd}: cannot load model {model!r}: no such file or folder.")
+    for path in list(getattr(args, "images", None) or []) + ([args.image] if cmd == "concepts" else []):
+        if not os.path.isfile(path):
+            what = "is a folder, not an image file" if os.path.isdir(path) else "no such file"
+            raise SystemExit(f"lrp-grad {cmd}: cannot read image {path}: {what}.")
+    if getattr(args, "dataset", None) is not None and not os.path.isdir(args.dataset):
+        raise SystemExit(f"lrp-grad {cmd}: --dataset {args.dataset} is not a folder.")
+    if cmd in ("explain", "concepts"):
+        _output_folder(args.out, cmd, "--out")
+
+
 def _guarded(command, run) -> int:
-    """Run a command: lrp_grad's own errors and unexpected ones become one message and exit 2/1."""
+    """Run a command: a bad input (lrp_grad's own errors, the CLI's messages) exits 2, a failure
+    (unexpected error, out of memory, a file system error) exits 1; one message, no traceback."""
     from ..errors import LRPError
 
     try:
         _quiet_tensorflow()
         return run()
+    except SystemExit as e:
+        return _usage_error(e)
     except LRPError as e:
         print(f"lrp-grad {command}: {e}", file=sys.stderr)
         return 2
