@@ -339,3 +339,33 @@ def test_a_keras_archive_with_bad_metadata_is_refused_by_name(tmp_path, metadata
         z.writestr("metadata.json", metadata)
     with pytest.raises(lrp_grad.ModelFileError, match=r"cannot load model '.*bad\.keras': .*not a Keras \.keras archive"):
         lrp_grad.load_model(path)
+
+
+def test_a_channels_first_batch_gets_the_transpose_that_fixes_it(K):
+    """A (n, C, H, W) batch or one (C, H, W) sample for a channels-last model: the message gives
+    the np.transpose call that fixes it."""
+    model, x, _ = _small(K)
+    ex = lrp_grad.Explainer(model)
+    with pytest.raises(InvalidInputError, match=r"x has shape \(2, 1, 6, 6\) but model .* expects \(batch, 6, 6, 1\): "
+                                                r"axis 1 is 1, expected 6\. It looks channels-first .*: pass "
+                                                r"np\.transpose\(x, \(0, 2, 3, 1\)\)\.$"):
+        ex(np.transpose(x[:2], (0, 3, 1, 2)))
+    with pytest.raises(InvalidInputError, match=r"x has shape \(1, 6, 6\) \(rank 3\) .* one channels-first sample .*"
+                                                r"pass np\.transpose\(x, \(1, 2, 0\)\)\[None\]\.$"):
+        ex(np.transpose(x[0], (2, 0, 1)))
+    fixed = ex(np.transpose(np.transpose(x[:2], (0, 3, 1, 2)), (0, 2, 3, 1)))  # the fix works
+    np.testing.assert_allclose(fixed, ex(x[:2]), rtol=1e-6)
+
+
+def test_a_float64_value_beyond_float32_is_reported_as_an_overflow(K):
+    """1e39 in a float64 batch is finite; it becomes Inf only when cast to the model's float32."""
+    model, x, _ = _small(K)
+    big = x[:2].astype("float64")
+    big[1, 2, 3, 0] = 1e39
+    with pytest.raises(InvalidInputError, match=r"x has a value that overflows the model's float32 \(first at index "
+                                                r"\(1, 2, 3, 0\), value 1e\+39; the largest float32 is 3\.403e\+38\); "
+                                                r"rescale the data"):
+        lrp_grad.Explainer(model)(big)
+    big[1, 2, 3, 0] = np.inf  # a real Inf is still called one
+    with pytest.raises(InvalidInputError, match=r"x contains NaN or Inf \(first at index \(1, 2, 3, 0\), value inf\)"):
+        lrp_grad.Explainer(model)(big)
