@@ -174,7 +174,7 @@ def _explain_dataset(args, model, shape) -> int:
 
     def images():
         for f in files:  # read lazily: memory stays flat however large the folder
-            yield _load_images([str(f)], shape, args.resize)[0] * args.scale
+            yield _load_images([str(f)], shape, args.resize)[0] * (1 / 255 if args.scale is None else args.scale)
 
     ex = Explainer(model, rule=args.rule)
     target = "predicted" if args.target is None else args.target
@@ -310,6 +310,79 @@ def _image_names(paths, out):
     return keys, stems
 
 
+_ARRAY_SUFFIXES = {".npy", ".npz"}
+
+
+def _load_array_file(path, shape):
+    """The batches of a ``.npy``/``.npz`` file as ``[(name, (n, H, W, C) float32 array)]``: one
+    for a ``.npy``, one per array of a ``.npz`` (named by its key). ``(H, W, C)`` is one image."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"lrp-grad explain: cannot read array file {path}: {e}") from None
+    if isinstance(loaded, np.ndarray):
+        arrays = [("", loaded)]
+    else:
+        with loaded:
+            arrays = [(key, loaded[key]) for key in loaded.files]
+        if not arrays:
+            raise SystemExit(f"lrp-grad explain: {path} holds no arrays.")
+    out = []
+    for key, a in arrays:
+        where = f"{path}" + (f" (array {key!r})" if key else "")
+        if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise SystemExit(f"lrp-grad explain: {where} has dtype {a.dtype}; it must hold numbers (images).")
+        batch = a[None] if a.ndim == len(shape) else a
+        if batch.ndim != len(shape) + 1 or tuple(batch.shape[1:]) != tuple(shape):
+            from ..api.request import _channels_first_hint
+
+            hint = _channels_first_hint(batch.shape, shape, "x") if batch.ndim == len(shape) + 1 else ""
+            raise SystemExit(f"lrp-grad explain: {where} has shape {a.shape} but the model takes images "
+                             f"{tuple(shape)}: give a batch (N, {', '.join(map(str, shape))}) or one image "
+                             f"{tuple(shape)} (arrays are not resized).{hint}")
+        if len(batch) == 0:
+            raise SystemExit(f"lrp-grad explain: {where} is empty (shape {a.shape}).")
+        out.append((key, batch.astype(np.float32)))
+    return out
+
+
+def _explain_inputs(paths, shape, args, out):
+    """``(x, keys, stems)`` for ``explain --images``: image files (scaled by ``--scale``, default
+    1/255) and ``.npy``/``.npz`` batches (taken as they are unless ``--scale`` is given), one row
+    per image, in the order given. An array's rows are keyed ``x.npy[0]`` and written as
+    ``x_0000_heatmap.png`` (``x_KEY_0000`` for the arrays of a ``.npz``)."""
+    import numpy as np
+
+    from ..errors import OutputPathError
+
+    file_keys, file_stems = _image_names(paths, out)  # before any work: names that collide are refused
+    rows, keys, stems = [], [], []
+    pictures = [i for i, p in enumerate(paths) if pathlib.Path(p).suffix.lower() not in _ARRAY_SUFFIXES]
+    scale_images = 1 / 255 if args.scale is None else args.scale
+    loaded = dict(zip(pictures, _load_images([paths[i] for i in pictures], shape, args.resize) * scale_images)) \
+        if pictures else {}
+    for i, p in enumerate(paths):
+        if i in loaded:
+            rows.append(loaded[i][None])
+            keys.append(file_keys[i])
+            stems.append(file_stems[i])
+            continue
+        for name, batch in _load_array_file(p, shape):
+            rows.append(batch if args.scale is None else batch * args.scale)
+            label = f"{file_stems[i]}_{name}" if name else file_stems[i]
+            keys += [f"{file_keys[i]}[{name + ', ' if name else ''}{j}]" for j in range(len(batch))]
+            stems += [f"{label}_{j:04d}" for j in range(len(batch))]
+    seen = {}
+    for k, st in zip(keys, stems):
+        if st.casefold() in seen:
+            raise OutputPathError(f"--images: {seen[st.casefold()]} and {k} would both be written as {st}_heatmap.png; "
+                                  "rename one of the files.")
+        seen[st.casefold()] = k
+    return np.concatenate(rows).astype(np.float32), keys, stems
+
+
 def _explain(args) -> int:
     import numpy as np
 
@@ -320,8 +393,7 @@ def _explain(args) -> int:
     if args.dataset is not None:
         return _explain_dataset(args, model, shape)
     out = _output_folder(args.out, "explain", "--out")
-    keys, stems = _image_names(args.images, out)  # before any work: names that collide are refused
-    x = _load_images(args.images, shape, args.resize) * args.scale
+    x, keys, stems = _explain_inputs(args.images, shape, args, out)
     ex = Explainer(model, rule=args.rule)
     if args.target is not None and args.target >= ex.n_classes:
         raise SystemExit(f"lrp-grad explain: --target {args.target} is out of range: the model has {ex.n_classes} "
@@ -399,7 +471,9 @@ def main(argv=None) -> int:
     exp = sub.add_parser("explain", help="heatmaps and relevance.npy for your own model and images")
     exp.add_argument("--model", required=True, help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
     source = exp.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", nargs="+", help="image files (PNG, JPEG, ...): heatmaps + relevance.npy")
+    source.add_argument("--images", nargs="+",
+                        help="image files (PNG, JPEG, ...) and/or .npy/.npz arrays of images (N, H, W, C) or "
+                             "(H, W, C): heatmaps + relevance.npy")
     source.add_argument("--dataset", help="a folder of images, streamed in batches: relevance.npy + summaries.json")
     exp.add_argument("--batch-size", type=_positive_int, default=256,
                      help="images per batch with --dataset (default 256)")
@@ -407,9 +481,9 @@ def main(argv=None) -> int:
     exp.add_argument("--target", type=_class_index, default=None,
                      help="class to explain (default: the predicted class)")
     exp.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help=_RULE_HELP)
-    exp.add_argument("--scale", type=_scale, default=1 / 255,
-                     help="multiply pixel values (0-255) by this before the model (default 1/255; use 1 for models "
-                          "that take raw 0-255 pixels)")
+    exp.add_argument("--scale", type=_scale, default=None,
+                     help="multiply pixel values (0-255) by this before the model (default 1/255 for image files, 1 "
+                          "for .npy/.npz arrays; use 1 for models that take raw 0-255 pixels)")
     exp.add_argument("--resize", action="store_true", help="resize images to the model input size")
     exp.add_argument("--scheme", choices=["lrp", "seed"], default="lrp",
                      help="colours: lrp = red positive (default), seed = blue positive")
