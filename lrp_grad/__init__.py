@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from ._moved import MOVED, install as _install_moved_paths
+from ._quiet import quiet_tensorflow
 from .core.rules import AlphaBeta, AttnLRP, CPLRP, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
 __version__ = "0.1.0"
@@ -69,5 +70,5 @@ __all__ = [
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
     "InvalidTargetError", "InvalidRuleError", "ModelFileError", "StaleExplainerError", "LRPMemoryError",
-    "OutputPathError",
+    "OutputPathError", "quiet_tensorflow",
 ]

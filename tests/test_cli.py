@@ -188,6 +188,9 @@ def test_quickstart_example_runs(tmp_path):
     script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # TensorFlow's start-up lines (absl, CUDA stubs) are not shown, even with TF_CPP_MIN_LOG_LEVEL set
+    for noise in ("absl::InitializeLog", "cuda", "cuDNN", "oneDNN"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
     assert "flip the 10 highest relevance pixels" in proc.stdout
     assert (tmp_path / "quickstart_heatmaps.png").stat().st_size > 1000
 

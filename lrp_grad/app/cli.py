@@ -14,26 +14,10 @@ TRACEBACK_ENV = "LRP_GRAD_TRACEBACK"
 
 
 def _quiet_tensorflow():
-    """Import TensorFlow (and initialise its devices) with the C++ start-up log silenced.
+    """Import TensorFlow with its C++ start-up log silenced (see :func:`lrp_grad.quiet_tensorflow`)."""
+    from .._quiet import quiet_tensorflow
 
-    ``TF_CPP_MIN_LOG_LEVEL`` does not cover the messages absl and the CUDA stubs print while
-    TensorFlow loads, so standard error is pointed at /dev/null for that moment only.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            import tensorflow as tf
-
-            tf.get_logger().setLevel("ERROR")
-            tf.constant(0)  # device initialisation logs too
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    quiet_tensorflow()
 
 
 def _int_at_least(minimum: int, what: str, hint: str = ""):
