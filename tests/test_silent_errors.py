@@ -369,3 +369,24 @@ def test_a_float64_value_beyond_float32_is_reported_as_an_overflow(K):
     big[1, 2, 3, 0] = np.inf  # a real Inf is still called one
     with pytest.raises(InvalidInputError, match=r"x contains NaN or Inf \(first at index \(1, 2, 3, 0\), value inf\)"):
         lrp_grad.Explainer(model)(big)
+
+
+@pytest.mark.parametrize("size", [np.int64(2), np.int32(3), np.uint8(1)], ids=["int64", "int32", "uint8"])
+def test_numpy_integers_are_accepted_wherever_an_int_is(K, size):
+    """batch_size=np.int64(2) was refused ("must be a positive int"): numpy integers are ints."""
+    from lrp_grad.concepts import reference_samples
+
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model)
+    x = x[:5]
+    np.testing.assert_allclose(ex(x, batch_size=size), ex(x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ex(x, target="all", batch_size=size), ex(x, target="all"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(lrp_grad.explain(model, x, batch_size=size), ex(x), rtol=1e-5, atol=1e-7)
+    res = ex.explain_dataset((x, y[:5]), batch_size=size, length=np.int64(5), progress=False)
+    np.testing.assert_allclose(np.asarray(res.relevance), ex(x, target=y[:5]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ex.concept_relevance(x, layer="conv", batch_size=size),
+                               ex.concept_relevance(x, layer="conv"), rtol=1e-5, atol=1e-7)
+    assert reference_samples(ex, x, "conv", top=np.int64(2), batch_size=size).indices.shape[1] == 2
+    for bad in (np.int64(0), np.float64(2.0), True):
+        with pytest.raises(InvalidInputError, match=r"batch_size must be a positive int or None, got "):
+            ex(x, batch_size=bad)

@@ -305,7 +305,7 @@ class Passes:
         """``(relevance per input, output, RelevanceReport or None)`` of checked inputs ``xs`` for one
         selection per sample, in batches of ``batch_size`` (default :meth:`auto_batch_size`)."""
         n = xs[0].shape[0]
-        check_batch_size(batch_size)
+        batch_size = check_batch_size(batch_size)
         input_nonneg = tuple(bool(np.all(v >= 0)) for v in xs)
         fn, steps = self.function(input_nonneg, mode, return_layers, select,
                                   second.shape if select == "mask" else None)

@@ -14,9 +14,13 @@ __all__ = ["Signature", "INITIAL_MODES", "check_batch_size", "explained_dtype"]
 
 
 def check_batch_size(batch_size):
-    """Refuse a ``batch_size`` that is not a positive int or ``None``."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    """Refuse a ``batch_size`` that is not a positive int (Python or numpy) or ``None``; return it
+    as a Python int (or ``None``)."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    return int(batch_size)
 
 
 def explained_dtype(name: str) -> np.dtype:

@@ -147,7 +147,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
         raise ConceptError(f"by={by!r} is not known; use 'relevance' (relevance maximisation) or 'activation'.")
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise ConceptError(f"top must be a positive int, got {top!r}.")
-    _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size)
     if batch_size is None:
         batch_size = 256
     data, _ = stream._pair_of_arrays(data, len(ex.input_shape))  # (images, labels) arrays: one element

@@ -114,7 +114,7 @@ def _prepare(ex, x, target, initial, what):
 def _run(ex, x, target, initial, cond_labels, masks, sum_labels, want_input, batch_size, what):
     """Run the concept pass over ``x`` in chunks of images and of conditions; numpy results with
     the condition axis (if any) second: ``(n, k, ...)``."""
-    _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size)
     xs, structure, n, mode, select, second, input_nonneg = _prepare(ex, x, target, initial, what)
     fn = _function(ex, input_nonneg, mode, select, second.shape if select == "mask" else None,
                    cond_labels, sum_labels, want_input)
