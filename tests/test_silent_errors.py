@@ -390,3 +390,16 @@ def test_numpy_integers_are_accepted_wherever_an_int_is(K, size):
     for bad in (np.int64(0), np.float64(2.0), True):
         with pytest.raises(InvalidInputError, match=r"batch_size must be a positive int or None, got "):
             ex(x, batch_size=bad)
+
+
+def test_load_model_of_a_keras3_export_folder_says_what_it_is(tmp_path):
+    """Keras 3 model.export() writes a SavedModel for serving, without Keras metadata: load_model
+    returned a bare TensorFlow object that explain() then refused as 'not a model, load it first'."""
+    keras = kit.package("keras")
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.export(tmp_path / "served", verbose=False)
+    with pytest.raises(lrp_grad.ModelFileError, match=r"^cannot load model '.*served': it is a TensorFlow SavedModel "
+                                                      r"for serving \(as Keras 3 model\.export\(\) .*\), not a Keras "
+                                                      r"model; .*Explain the Keras model it was exported from "
+                                                      r"\(saved with model\.save\('model\.keras'\)\)\.$"):
+        lrp_grad.load_model(tmp_path / "served")
