@@ -1,6 +1,7 @@
 """Every documented error path of the command line: one message on stderr, a non-zero exit,
 never a Python traceback; and a quiet start (no TensorFlow log, no TensorFlow for --help)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -181,3 +182,18 @@ def test_export_prints_the_rule_and_dataset_summaries_store_classes_as_ints(file
     summary = json.loads((tmp_path / "d" / "summaries.json").read_text())["a.png"]
     assert isinstance(summary["predicted"], int) and isinstance(summary["target"], int)
     assert isinstance(summary["target_logit"], float)
+
+
+def test_an_image_too_large_to_read_safely_is_named_with_its_size(files, tmp_path, capsys, monkeypatch):
+    """Issue 21: a huge PNG gave 'unexpected error: DecompressionBombError'. (Pillow's limit is
+    lowered for the test instead of writing a gigapixel file.)"""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels > 2 x 500: refused by Pillow
+    code, err = run(["explain", "--model", files / "m.keras", "--images", tmp_path / "huge.png", "--out",
+                     tmp_path / "o"], capsys)
+    assert code == 2 and "Traceback" not in err and "unexpected" not in err, err
+    assert re.search(r"image .*huge\.png is 40x30 = 1,200 pixels, more than Pillow reads safely \(500 pixels: a file "
+                     r"this large can be a decompression bomb\); it is not read\. Shrink it", err), err
+    assert Image.MAX_IMAGE_PIXELS == 500  # the limit is restored after reading the size

@@ -118,6 +118,8 @@ def _load_images(paths, shape, resize):
     for path in paths:
         try:
             img = Image.open(path).convert(mode)
+        except Image.DecompressionBombError:
+            raise SystemExit(_too_large(path)) from None
         except (OSError, ValueError) as e:
             raise SystemExit(f"lrp-grad explain: cannot read image {path}: {e}") from None
         if img.size != (width, height):
@@ -128,6 +130,27 @@ def _load_images(paths, shape, resize):
         arr = np.asarray(img, dtype=np.float32)
         batch.append(arr[..., None] if channels == 1 else arr)
     return np.stack(batch)
+
+
+def _too_large(path) -> str:
+    """The message for an image above Pillow's decompression-bomb limit (its size read from the
+    header only: nothing is decoded)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # only the header is read: opening decodes nothing
+        with Image.open(path) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - the size is a courtesy; the refusal stands without it
+        width = height = None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    size = f"{width}x{height} = {width * height:,} pixels" if width else "too large"
+    return (f"lrp-grad explain: image {path} is {size}, more than Pillow reads safely ({limit:,} pixels: "
+            "a file this large can be a decompression bomb); it is not read. Shrink it to about the model's input "
+            "size first (e.g. with Pillow: Image.open(path).reduce(8).save('small.png') after raising "
+            "PIL.Image.MAX_IMAGE_PIXELS for a file you trust).")
 
 
 def _load_model(path, command):
