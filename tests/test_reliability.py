@@ -54,10 +54,16 @@ def test_exported_explain_signature_validates_the_target(tmp_path):
     path = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6)).export(tmp_path / "sm")
     fn = tf.saved_model.load(str(path)).signatures["explain"]
     x = tf.constant(np.random.default_rng(2).normal(size=(2, 7)).astype("float32"))
-    ok = fn(images=x, target=tf.constant([-1, 3], tf.int32))
+    ok = fn(images=x, target=tf.constant([0, 3], tf.int32))
     assert ok["relevance"].shape == (2, 7)
-    for bad in ([0, 4], [-2, 0], [7, 1]):
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"target must be -1 .* 0\.\.3"):
+    # -1 is refused as by the Python API (issue 21: the export read it as "predicted")
+    with pytest.raises(InvalidTargetError, match=r"target\[0\] = -1 is out of range"):
+        lrp_grad.Explainer(model)(x.numpy(), target=np.array([-1, 3]))
+    for bad in ([0, 4], [-1, 3], [-2, 0], [7, 1]):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"target must be a class index in 0\.\.3 \(the model has 4 classes\), as for the "
+                                 r"Python API; negative values are refused: for the predicted class call the "
+                                 r"serving_default signature"):
             fn(images=x, target=tf.constant(bad, tf.int32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="one class per image"):
         fn(images=x, target=tf.constant([0], tf.int32))
