@@ -8,6 +8,7 @@ relevance of every input element for a whole batch.
 >>> R = lrp_grad.explain(model, x, target=y, rule=lrp_grad.Epsilon(1e-6))   # doctest: +SKIP
 """
 from .errors import (
+    ForkedProcessError,
     InvalidInputError,
     InvalidRuleError,
     InvalidTargetError,
@@ -70,5 +71,5 @@ __all__ = [
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
     "InvalidTargetError", "InvalidRuleError", "ModelFileError", "StaleExplainerError", "LRPMemoryError",
-    "OutputPathError", "quiet_tensorflow",
+    "OutputPathError", "ForkedProcessError", "quiet_tensorflow",
 ]

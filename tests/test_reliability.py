@@ -1,5 +1,7 @@
 """Regression tests for what a newcomer and a reliability probe found (silently wrong results,
 easy-path surprises), each in both Keras packages where a model is involved."""
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -244,3 +246,41 @@ def test_default_rule_stays_finite_and_near_the_logit_on_applications(name):
     rules = lrp_grad.Explainer(model).rules
     weight_free = [label for label, *_ in rules._rows if _[1] in ("pool", "merge", "norm")]
     assert weight_free and all(rules[label] == lrp_grad.Epsilon(1e-6) for label in weight_free)
+
+
+def _forked_child(model, x, ex, queue):
+    out = []
+    for build in (lambda: lrp_grad.Explainer(model), lambda: ex(x)):
+        try:
+            build()
+            out.append("no error")
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            out.append(f"{type(e).__name__}: {e}")
+    queue.put(out)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
+def test_an_explainer_in_a_forked_child_fails_at_once_instead_of_hanging():
+    """Issue 21: TensorFlow hangs in a child forked after it started in the parent (its runtime's
+    threads do not survive a fork); building or calling an Explainer there raises with the fix."""
+    import multiprocessing
+
+    model = kit.mlp(classes=3)
+    x = np.ones((2, 7), "float32")
+    ex = lrp_grad.Explainer(model)
+    ex(x)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(model, x, ex, queue))
+    child.start()
+    try:
+        out = queue.get(timeout=60)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert len(out) == 2
+    for message in out:
+        assert re.match(r"ForkedProcessError: this process was forked \(from process \d+\) after TensorFlow had started "
+                        r"in the parent, and TensorFlow hangs in a forked child\. Start worker processes with the "
+                        r"'spawn' \(or 'forkserver'\) start method", message), message

@@ -1,6 +1,7 @@
 """Runs compiled LRP passes: plans per input sign, tracing, XLA buckets, chunking, replicas and memory sizing."""
 from __future__ import annotations
 
+import os
 import re
 import weakref
 
@@ -9,11 +10,12 @@ import tensorflow as tf
 
 from ..core import planner
 from ..core.absorption import warn_if_absorbed
-from ..errors import InvalidTargetError, LRPMemoryError, StaleExplainerError
+from ..errors import ForkedProcessError, InvalidTargetError, LRPMemoryError, StaleExplainerError
 from .report import RelevanceReport
 from .request import check_batch_size
 
-__all__ = ["Passes", "pad_to_bucket", "free_memory_bytes", "default_jit", "MULTI_TARGET_ROWS", "raise_if_stale"]
+__all__ = ["Passes", "pad_to_bucket", "free_memory_bytes", "default_jit", "MULTI_TARGET_ROWS", "raise_if_stale",
+           "check_not_forked"]
 
 #: Text of the in-graph check of a BatchNorm folded through a max pooling (canonizers).
 FOLD_MARK = "was folded through a max pooling"
@@ -32,6 +34,38 @@ def first_line(message: str, mark: str) -> str:
         if mark in line:
             return line.strip()
     return message.splitlines()[0]
+
+
+#: Set in a child process forked after TensorFlow was initialised in its parent.
+_FORKED_FROM = None
+
+
+def _after_fork_in_child():
+    global _FORKED_FROM
+    try:
+        from tensorflow.python.eager import context  # noqa: PLC0415
+
+        initialised = bool(getattr(context.context(), "_initialized", True))
+    except Exception:  # noqa: BLE001 - unknown TF internals: assume initialised (the safe side)
+        initialised = True
+    if initialised:
+        _FORKED_FROM = os.getppid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_not_forked() -> None:
+    """Refuse to run TensorFlow in a process forked after its parent initialised TensorFlow: its
+    runtime's threads do not survive a fork and the first operation hangs (a TensorFlow
+    limitation), so fail at once with the fix instead."""
+    if _FORKED_FROM is not None:
+        raise ForkedProcessError(
+            f"this process was forked (from process {_FORKED_FROM}) after TensorFlow had started in the parent, and "
+            "TensorFlow hangs in a forked child. Start worker processes with the 'spawn' (or 'forkserver') start "
+            "method: multiprocessing.get_context('spawn').Pool(...) / ProcessPoolExecutor(mp_context="
+            "multiprocessing.get_context('spawn')), and build the Explainer inside each worker.")
 
 
 def raise_if_stale(error: Exception) -> None:
@@ -372,6 +406,7 @@ class Passes:
 
     def run(self, fn, xs, second):
         """Call the compiled pass on one batch, split across the strategy's replicas if any."""
+        check_not_forked()
         replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
         if replicas == 1 or len(xs[0]) < replicas:
             # The concrete function skips the polymorphic dispatch (~0.15 ms a call, measured).
