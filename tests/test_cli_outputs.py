@@ -57,7 +57,7 @@ def test_images_with_the_same_name_get_their_own_outputs(setup, tmp_path, capsys
     for i, (image, stem) in enumerate(zip(images, stems)):
         x = np.asarray(Image.open(image).convert("RGB"), np.float32)[None] / 255
         np.testing.assert_allclose(R[i], ex(x, target=list(targets.values())[i])[0], rtol=1e-5, atol=1e-7)
-        save_png(R[i], tmp_path / "expected.png", scheme="lrp")  # each file holds its own image's heatmap
+        save_png(R[i], tmp_path / "expected.png", scheme="lrp", colorbar=True)  # its own image's heatmap
         assert (out / f"{stem}_heatmap.png").read_bytes() == (tmp_path / "expected.png").read_bytes(), stem
 
 

@@ -412,7 +412,7 @@ def _explain(args) -> int:
     for i in _progress(range(len(x)), len(x), not args.no_progress, "explaining"):
         relevance[i] = ex(x[i:i + 1], target=targets[i:i + 1])[0]
         (out / stems[i]).parent.mkdir(parents=True, exist_ok=True)  # images of several folders: kept apart
-        save_png(relevance[i], out / f"{stems[i]}_heatmap.png", scheme=args.scheme)
+        save_png(relevance[i], out / f"{stems[i]}_heatmap.png", scheme=args.scheme, colorbar=True)
         save_png(relevance[i], out / f"{stems[i]}_overlay.png", scheme=args.scheme, image=x[i])
     np.save(out / "relevance.npy", relevance)
     (out / "targets.json").write_text(json.dumps({k: int(t) for k, t in zip(keys, targets)}, indent=2))
