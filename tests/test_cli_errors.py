@@ -117,7 +117,8 @@ FAST_FAILURES = {
                       r"cannot load model .*nope.keras': no such file or folder"),
     "missing image": (["concepts", "--model", "{m}", "--image", "{tmp}/none.png", "--out", "{tmp}/o"],
                       r"cannot read image .*none.png: no such file"),
-    "out is a file": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{img}"], r"is a file; give a folder"),
+    "out is a file": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{img}"],
+                      r"is a file; give a folder"),
     "export: missing model": (["export", "{tmp}/nope.h5", "{tmp}/sm"], r"cannot load model .*nope.h5"),
     "bench: bad option": (["bench", "--models", "nope"], r"argument --models: invalid choice: 'nope'"),
 }

@@ -409,7 +409,8 @@ def test_a_binary_sigmoid_model_takes_0_1_labels_in_explain_dataset(K):
     """Issue 21: a Dense(1, "sigmoid") classifier with 0/1 labels failed in explain_dataset (label
     1 'out of range'). Its one unit is the target for both labels; other labels are named."""
     L = K.layers
-    model = kit.randomize(K.Sequential([K.Input((6,)), L.Dense(4, activation="relu"), L.Dense(1, activation="sigmoid")]))
+    model = kit.randomize(K.Sequential([K.Input((6,)), L.Dense(4, activation="relu"),
+                                        L.Dense(1, activation="sigmoid")]))
     x = np.random.default_rng(3).uniform(0, 1, (5, 6)).astype("float32")
     y = np.array([0, 1, 1, 0, 1])
     ex = lrp_grad.Explainer(model)
@@ -420,6 +421,6 @@ def test_a_binary_sigmoid_model_takes_0_1_labels_in_explain_dataset(K):
     with pytest.raises(InvalidInputError, match=r"dataset element 2: label 2 for model .*, which has one output unit "
                                                 r"\(a binary classifier\): labels must be 0 or 1"):
         ex.explain_dataset((x, np.array([0, 1, 2, 0, 1])), progress=False)
-    with pytest.raises(InvalidTargetError, match=r"target\[1\] = 1 is out of range .* It has one output unit \(a binary "
-                                                 r"classifier\): target 0 explains that unit"):
+    with pytest.raises(InvalidTargetError, match=r"target\[1\] = 1 is out of range .* It has one output unit "
+                                                 r"\(a binary classifier\): target 0 explains that unit"):
         ex(x, target=y)
