@@ -14,10 +14,13 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import lrp_grad  # noqa: E402  (imports no TensorFlow by itself)
+
+lrp_grad.quiet_tensorflow()  # TensorFlow's start-up lines (CUDA stubs, absl) are not shown
+
 import numpy as np  # noqa: E402
 import keras  # noqa: E402  (Keras 3; `import tf_keras as keras` works the same way)
 
-import lrp_grad  # noqa: E402
 from lrp_grad import heatmap  # noqa: E402
 from lrp_grad.datasets import mnist_digits  # noqa: E402
 

@@ -8,6 +8,7 @@ relevance of every input element for a whole batch.
 >>> R = lrp_grad.explain(model, x, target=y, rule=lrp_grad.Epsilon(1e-6))   # doctest: +SKIP
 """
 from .errors import (
+    ForkedProcessError,
     InvalidInputError,
     InvalidRuleError,
     InvalidTargetError,
@@ -20,6 +21,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from ._moved import MOVED, install as _install_moved_paths
+from ._quiet import quiet_tensorflow
 from .core.rules import AlphaBeta, AttnLRP, CPLRP, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
 __version__ = "0.1.0"
@@ -69,5 +71,5 @@ __all__ = [
     "Handler", "register_handler", "unregister_handler", "supported_layers",
     "LRPError", "UnsupportedModelError", "UnsupportedLayerError", "InvalidInputError",
     "InvalidTargetError", "InvalidRuleError", "ModelFileError", "StaleExplainerError", "LRPMemoryError",
-    "OutputPathError",
+    "OutputPathError", "ForkedProcessError", "quiet_tensorflow",
 ]

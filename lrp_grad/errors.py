@@ -35,6 +35,10 @@ class ModelFileError(LRPError, ValueError):
     """A model file or folder does not exist or cannot be read by either Keras package."""
 
 
+class ForkedProcessError(LRPError, RuntimeError):
+    """TensorFlow was initialised in a parent process that forked this one; it would hang here."""
+
+
 class OutputPathError(LRPError, ValueError):
     """An output path would overwrite existing files, the model being read or another output."""
 

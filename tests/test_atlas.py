@@ -115,6 +115,16 @@ def test_atlas_precomputed_references_magnitude_and_no_references(digits):
                                 n_refs=3, rank="magnitude")
     assert fig.atlas["reference_indices"] == [[int(refs.indices[order[0], 0])]]
     assert len(fig.atlas["references"][0]) == 1
+    # ... and the figure says why (issue 21: fig17 showed 3 of 4 references without a word)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + \
+        [ax.get_title(loc) for ax in fig.axes for loc in ("center", "left")]
+    assert any("samples where the\nchannel's relevance is not positive are left out" in t for t in texts), texts
+    assert any(t.startswith("1 of 3") for t in texts), texts
+    two = heatmap.concept_atlas(ex, image, 9, "c2", top=2, references=dataclasses.replace(refs, scores=scores),
+                                n_refs=3, rank="magnitude")  # row 2 has its 3: row 1 says why it has 1 in a free cell
+    assert [len(r) for r in two.atlas["references"]] == [1, 3]
+    assert any(t.get_text() == "1 of 3:\nno other sample\nhas positive\nrelevance here" for ax in two.axes
+               for t in ax.texts)
     # Neither data nor references: no reference column.
     bare = heatmap.concept_atlas(ex, image, 9, "c2", top=2)
     assert bare.atlas["references"] == [[], []] and len(bare.axes) == 2 + 2 * 2

@@ -142,6 +142,16 @@ def test_rebuilds_only_for_another_model_or_a_stale_plan(K, digits, tmp_path, mo
     cb.explain()
     assert cb.builds == 4 and cb.explainer.trace_count == 1
 
+    # Issue 21: an activation reassigned in place changes what the model computes: a new plan
+    conv = next(layer for layer in other.layers if "conv" in layer.name.lower())
+    conv.activation = K.activations.tanh
+    explanation = cb.explain()
+    assert cb.builds == 5
+    np.testing.assert_allclose(explanation.relevance, lrp_grad.Explainer(other)(x, explanation.targets), rtol=1e-5,
+                               atol=1e-7)
+    cb.explain()
+    assert cb.builds == 5
+
 
 def test_unbuilt_sequential_is_explained_once_built(K, digits, tmp_path):
     _, _, x, _ = digits

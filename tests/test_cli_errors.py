@@ -1,6 +1,7 @@
 """Every documented error path of the command line: one message on stderr, a non-zero exit,
 never a Python traceback; and a quiet start (no TensorFlow log, no TensorFlow for --help)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -75,10 +76,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_cli_error_paths_print_one_message_and_no_traceback(case, files, tmp_path, capsys):
+    """Every case is a bad input (an argument, a model file, an image): exit status 2, as the
+    README says (1 is for failures: an unexpected error, out of memory)."""
     argv, pattern = CASES[case]
     argv = [a.format(m=files / "m.keras", img=files / "a.png", root=files, tmp=tmp_path) for a in argv]
     code, err = run(argv, capsys)
-    assert code not in (0, None), err
+    assert code == 2, (code, err)
     assert "Traceback" not in err, err
     assert __import__("re").search(pattern, err), err
 
@@ -106,6 +109,59 @@ def test_help_is_quick_and_imports_no_tensorflow():
     assert "usage: lrp-grad" in out.stdout and "TF False" in out.stdout, out.stdout + out.stderr
 
 
+FAST_FAILURES = {
+    "missing --out": (["explain", "--model", "{m}", "--images", "{img}"], r"required: --out"),
+    "bad --rule": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{tmp}/o", "--rule", "lrp"],
+                   r"--rule 'lrp' is not known"),
+    "missing model": (["explain", "--model", "{tmp}/nope.keras", "--images", "{img}", "--out", "{tmp}/o"],
+                      r"cannot load model .*nope.keras': no such file or folder"),
+    "missing image": (["concepts", "--model", "{m}", "--image", "{tmp}/none.png", "--out", "{tmp}/o"],
+                      r"cannot read image .*none.png: no such file"),
+    "out is a file": (["explain", "--model", "{m}", "--images", "{img}", "--out", "{img}"],
+                      r"is a file; give a folder"),
+    "export: missing model": (["export", "{tmp}/nope.h5", "{tmp}/sm"], r"cannot load model .*nope.h5"),
+    "bench: bad option": (["bench", "--models", "nope"], r"argument --models: invalid choice: 'nope'"),
+}
+
+
+def test_argument_errors_and_bench_help_come_before_tensorflow_loads(files, tmp_path):
+    """Issue 21: a missing --out or a bad --rule was reported only after TensorFlow had loaded
+    (18-26 s), and `lrp-grad bench --help` took 21 s. Checked in a fresh interpreter: each exits
+    with status 2 (0 for --help) and TensorFlow is not in sys.modules afterwards."""
+    import json
+
+    cases = {k: [a.format(m=files / "m.keras", img=files / "a.png", tmp=tmp_path) for a in argv]
+             for k, (argv, _) in FAST_FAILURES.items()}
+    cases["bench --help"] = ["bench", "--help"]
+    code = ("import json, sys, contextlib, io\nfrom lrp_grad.app import cli\nout = {}\n"
+            "for name, argv in json.loads(sys.argv[1]).items():\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as o:\n"
+            "        try:\n            status = cli.main(argv)\n"
+            "        except SystemExit as e:\n            status = e.code\n"
+            "    out[name] = [status, err.getvalue(), o.getvalue()]\n"
+            "print(json.dumps({'tf': 'tensorflow' in sys.modules, 'out': out}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tf"] is False, "TensorFlow was imported before the arguments were checked"
+    for name, (_, pattern) in FAST_FAILURES.items():
+        status, err, _ = result["out"][name]
+        assert status == 2 and __import__("re").search(pattern, err), (name, status, err)
+        assert "Traceback" not in err
+    status, _, out = result["out"]["bench --help"]
+    assert status == 0 and "usage: lrp-grad bench" in out
+
+
+def test_the_cli_lists_of_names_match_the_library():
+    """The CLI keeps TensorFlow-free copies of the preset and benchmark model names."""
+    from lrp_grad.app import bench, bench_args
+    from lrp_grad.core import presets
+
+    assert cli.PRESET_NAMES == presets.NAMES
+    assert bench_args.MODEL_NAMES == tuple(bench.MODELS)
+
+
 def test_cli_start_is_quiet(files, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     out = subprocess.run([sys.executable, "-m", "lrp_grad", "explain", "--model", str(files / "m.keras"),
@@ -127,3 +183,18 @@ def test_export_prints_the_rule_and_dataset_summaries_store_classes_as_ints(file
     summary = json.loads((tmp_path / "d" / "summaries.json").read_text())["a.png"]
     assert isinstance(summary["predicted"], int) and isinstance(summary["target"], int)
     assert isinstance(summary["target_logit"], float)
+
+
+def test_an_image_too_large_to_read_safely_is_named_with_its_size(files, tmp_path, capsys, monkeypatch):
+    """Issue 21: a huge PNG gave 'unexpected error: DecompressionBombError'. (Pillow's limit is
+    lowered for the test instead of writing a gigapixel file.)"""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels > 2 x 500: refused by Pillow
+    code, err = run(["explain", "--model", files / "m.keras", "--images", tmp_path / "huge.png", "--out",
+                     tmp_path / "o"], capsys)
+    assert code == 2 and "Traceback" not in err and "unexpected" not in err, err
+    assert re.search(r"image .*huge\.png is 40x30 = 1,200 pixels, more than Pillow reads safely \(500 pixels: a file "
+                     r"this large can be a decompression bomb\); it is not read\. Shrink it", err), err
+    assert Image.MAX_IMAGE_PIXELS == 500  # the limit is restored after reading the size

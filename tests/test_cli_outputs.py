@@ -57,7 +57,7 @@ def test_images_with_the_same_name_get_their_own_outputs(setup, tmp_path, capsys
     for i, (image, stem) in enumerate(zip(images, stems)):
         x = np.asarray(Image.open(image).convert("RGB"), np.float32)[None] / 255
         np.testing.assert_allclose(R[i], ex(x, target=list(targets.values())[i])[0], rtol=1e-5, atol=1e-7)
-        save_png(R[i], tmp_path / "expected.png", scheme="lrp")  # each file holds its own image's heatmap
+        save_png(R[i], tmp_path / "expected.png", scheme="lrp", colorbar=True)  # its own image's heatmap
         assert (out / f"{stem}_heatmap.png").read_bytes() == (tmp_path / "expected.png").read_bytes(), stem
 
 
@@ -80,3 +80,48 @@ def test_the_same_image_twice_and_outputs_onto_inputs_are_refused(setup, tmp_pat
     assert f"--out {folder} would overwrite the input image {clash} with an output of the same name; give " \
            "another --out folder." in err, err
     assert clash.read_bytes() == before and not (folder / "relevance.npy").exists()
+
+
+def test_npy_and_npz_batches_are_explained_row_by_row(setup, tmp_path, capsys):
+    """Issue 21: `explain --images x.npy` said 'cannot identify image file'. A .npy batch
+    (N, H, W, C) or one image (H, W, C), and the arrays of a .npz, are explained as they are
+    (no 1/255 unless --scale is given); outputs are x_0000_heatmap.png, ..., keyed x.npy[0]."""
+    path, images = setup
+    rng = np.random.default_rng(2)
+    batch = rng.uniform(0, 1, (3, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", batch)
+    np.save(tmp_path / "one.npy", batch[0].astype("float64"))
+    np.savez(tmp_path / "pair.npz", a=batch[:2], b=batch[2])
+    out = tmp_path / "out"
+    code, stdout, err = _run(["explain", "--model", path, "--images", tmp_path / "x.npy", tmp_path / "one.npy",
+                              tmp_path / "pair.npz", images[0], "--out", out, "--no-progress", "--target", "1"],
+                             capsys)
+    assert code == 0, err
+    assert "wrote 8 heatmaps and overlays" in stdout, stdout
+    targets = json.loads((out / "targets.json").read_text())
+    assert list(targets) == ["x.npy[0]", "x.npy[1]", "x.npy[2]", "one.npy[0]", "pair.npz[a, 0]", "pair.npz[a, 1]",
+                             "pair.npz[b, 0]", "img/a/digit.png"], list(targets)
+    for stem in ("x_0000", "x_0001", "x_0002", "one_0000", "pair_a_0000", "pair_a_0001", "pair_b_0000"):
+        assert (out / f"{stem}_heatmap.png").read_bytes().startswith(b"\x89PNG"), stem
+        assert (out / f"{stem}_overlay.png").exists(), stem
+    R = np.load(out / "relevance.npy")
+    ex = lrp_grad.Explainer(lrp_grad.load_model(path), rule="epsilon_plus_flat")
+    rows = np.concatenate([batch, batch[:1], batch[:2], batch[2:]])
+    np.testing.assert_allclose(R[:7], ex(rows, target=1), rtol=1e-5, atol=1e-7)  # taken as they are
+
+
+@pytest.mark.parametrize("array, pattern", [
+    (np.zeros((2, 3, 8, 8)), r"x.npy has shape \(2, 3, 8, 8\) but the model takes images \(8, 8, 3\).*It looks "
+                             r"channels-first .*np\.transpose\(x, \(0, 2, 3, 1\)\)"),
+    (np.zeros((2, 9, 9, 3)), r"x.npy has shape \(2, 9, 9, 3\) but the model takes images \(8, 8, 3\): give a batch "
+                             r"\(N, 8, 8, 3\) or one image \(8, 8, 3\) \(arrays are not resized\)\.$"),
+    (np.array(["a", "b"]), r"x.npy has dtype <U1; it must hold numbers"),
+])
+def test_a_bad_array_file_is_named_with_what_the_model_takes(setup, tmp_path, capsys, array, pattern):
+    import re
+
+    path, _ = setup
+    np.save(tmp_path / "x.npy", array)
+    code, _, err = _run(["explain", "--model", path, "--images", tmp_path / "x.npy", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert re.search(pattern, err.strip()), err

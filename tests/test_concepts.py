@@ -188,6 +188,57 @@ def test_one_trace_for_any_number_of_conditions_and_images():
                  1e-12)
 
 
+def test_concept_functions_given_a_model_reuse_one_compiled_pass():
+    """Issue 21: repeated concept calls with the same shapes must not trace again; a model given
+    in place of an Explainer uses the explainer explain() caches for it (one trace for all calls)."""
+    from lrp_grad.api.cache import _cached_explainer
+    from lrp_grad.concepts import concept_relevance, conditional
+
+    model = model_of(package("keras"), dtype="float32")
+    x = images(n=2, seed=3).astype("float32")
+    first = concept_relevance(model, x, layer="c2")
+    ex = _cached_explainer(model, None, None, None, None)[0]
+    traces = ex.trace_count
+    assert traces >= 1
+    for _ in range(3):
+        assert_close(concept_relevance(model, x, layer="c2"), first, 1e-12)
+    assert ex.trace_count == traces
+    assert_close(first, lrp_grad.Explainer(model).concept_relevance(x, layer="c2"), 1e-6)
+    conditional(model, x, layer="c2", channels=[0])
+    traces = ex.trace_count
+    conditional(model, x, layer="c2", channels=[1, 2])
+    assert ex.trace_count == traces
+    with pytest.raises(ConceptError, match=r"^concept_relevance\(\) takes an lrp_grad.Explainer \(or a Keras model\) "
+                                           r"first, got str; pass ex = lrp_grad.Explainer\(model\)"):
+        concept_relevance("model.keras", x, layer="c2")
+
+
+@pytest.mark.parametrize("call", ["concept_relevance", "conditional", "subconcepts", "reference_samples"])
+def test_concept_functions_on_a_changed_model_say_rebuild(call):
+    """Issue 21: a BatchNorm folded through a max pooling whose scales changed sign after the
+    Explainer was built: the concept functions say StaleExplainerError like a call does (not a raw
+    InvalidArgumentError)."""
+    K = package("tf_keras")
+    L = K.layers
+    model = K.Sequential([K.Input((6, 6, 1)), L.Conv2D(3, 3, activation="relu", name="c"),
+                          L.BatchNormalization(name="bn"), L.MaxPooling2D(2, name="mp"),
+                          L.Conv2D(2, 1, activation="relu", name="top"), L.Flatten(name="f"), L.Dense(2, name="d")])
+    bn = model.get_layer("bn")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([np.abs(gamma) + 0.5, beta, mean, var])
+    ex = lrp_grad.Explainer(model)
+    x = np.random.default_rng(5).uniform(0, 1, (2, 6, 6, 1)).astype("float32")
+    run = {"concept_relevance": lambda: ex.concept_relevance(x, layer="c"),
+           "conditional": lambda: ex.conditional(x, layer="c", channels=[0]),
+           "subconcepts": lambda: ex.subconcepts(x, layer="top", channels=[0], lower="c"),
+           "reference_samples": lambda: reference_samples(ex, x, "c", top=1)}[call]
+    run()
+    bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+    with pytest.raises(lrp_grad.StaleExplainerError,
+                       match=r"^BatchNormalization 'bn' was folded .*Build a new Explainer\.$"):
+        run()
+
+
 def test_chunked_conditions_equal_one_call():
     model = model_of(package("keras"))
     ex = lrp_grad.Explainer(model)

@@ -197,6 +197,28 @@ def test_mean_over_the_batch_axis_is_refused(K):
         lrp_grad.Explainer(model)
 
 
+@pytest.mark.parametrize("axis", [0, None], ids=["axis0", "all_axes"])
+def test_max_over_the_batch_axis_is_refused_and_over_features_is_not(K, axis):
+    """Issue 21: h + max(h, axis=0, keepdims=True) was explained (the max is routed like a
+    pooling), although batch-axis reductions are documented as refused: it mixes samples."""
+    import tensorflow as tf
+
+    def amax(t, axis, keepdims):
+        return K.ops.max(t, axis=axis, keepdims=keepdims) if K.__name__ == "keras" else \
+            tf.reduce_max(t, axis=axis, keepdims=keepdims)
+
+    inp = K.Input((4,))
+    h = K.layers.Dense(3, name="d1")(inp)
+    model = K.Model(inp, K.layers.Dense(2, name="d2")(h + amax(h, axis, True)))
+    symbol = "keras.ops.max" if K.__name__ == "keras" else "tf.math.reduce_max"
+    shown = r"\(0,\)" if axis == 0 else r"None \(all\)"
+    with pytest.raises(UnsupportedLayerError, match=rf"{re.escape(symbol)} over axis={shown} reduces the batch axis; "
+                                                    r"only reductions over the non-batch axes"):
+        lrp_grad.Explainer(model)
+    fine = K.Model(inp, K.layers.Dense(2, name="d2")(h + amax(h, -1, True)))  # over the features: routed
+    lrp_grad.Explainer(fine)(np.ones((2, 4), "float32"))
+
+
 # ----------------------------------------------------------------------------- same numbers
 
 def _architecture(K):

@@ -294,6 +294,29 @@ def test_grid_wraps_columns_and_accepts_heatmaps_only(tmp_path):
     assert png_size(tmp_path / "only.png") == tuple(round(v) for v in fig.get_size_inches() * 100)
 
 
+def test_grid_robust_scale_faint_maps_and_no_empty_band(tmp_path):
+    """Issue 21 (demo figures 6-9, 15): one hot pixel set the scale (a percentile scale, stated in
+    the title), a faint map looked like a dead one on a shared scale (said in its title), and a
+    single sample left a tall empty band between its image and its heatmap."""
+    rng = np.random.default_rng(0)
+    image, rel = rng.uniform(0, 1, (28, 28)), rng.normal(0, 1, (28, 28))
+    rel[5, 5] = 60.0
+    fig = heatmap.grid([image], [rel], titles=["true 3, target 3\na=2 b=1"], percentile=99.5)
+    limit = float(np.percentile(np.abs(rel), 99.5))
+    assert fig.axes[1].images[0].norm.vmax == pytest.approx(limit) and limit < 10
+    assert "99.5th percentile of |R|" in fig._suptitle.get_text().replace("\n", " ")
+    top, bottom = fig.axes[0].get_position(), fig.axes[1].get_position()
+    gap_inches = (top.y0 - bottom.y1) * fig.get_size_inches()[1]
+    assert 0 < gap_inches < 0.2, gap_inches  # rows as tall as the maps: no empty band
+    faint = [rng.normal(0, 1, (8, 8)), rng.normal(0, 1e-3, (8, 8)), np.zeros((8, 8))]
+    fig = heatmap.grid(None, faint, titles=["a", "b", "c"], shared_scale=True, suptitle="s")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0] == "a" and titles[1].startswith("b\n(max |R| 0.00") and "faint, not zero" in titles[1]
+    assert titles[2] == "c\n(all zero)"
+    with pytest.raises(ValueError, match=r"percentile must be a number in \(0, 100\]"):
+        heatmap.grid(None, faint, percentile=0)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda im, r: heatmap.grid(im[:2], r), "got 2 images but 3 relevance maps"),
     (lambda im, r: heatmap.grid(im, r, titles=["x"]), "got 1 titles for 3 samples"),
@@ -337,6 +360,25 @@ def test_save_png_sizes_and_overlay(tmp_path):
         np.testing.assert_array_equal(np.asarray(im)[::8, ::8], expected)
     with pytest.raises(ValueError, match="min_width must be a positive integer, got 0"):
         heatmap.save_png(np.ones((2, 2)), tmp_path / "d.png", min_width=0)
+
+
+def test_save_png_colour_bar_keeps_the_map_and_labels_its_range(tmp_path):
+    """Issue 21: the command line's heatmaps had no colour bar. With colorbar=True the map's
+    pixels are unchanged and a labelled bar (+max|R| top, white 0 middle, -max|R| bottom) follows."""
+    rel = relevance_of(digit(28))
+    plain = np.asarray(Image.open(heatmap.save_png(rel, tmp_path / "plain.png")))
+    with Image.open(heatmap.save_png(rel, tmp_path / "bar.png", colorbar=True)) as im:
+        barred = np.asarray(im)
+    assert barred.shape[0] == plain.shape[0] and barred.shape[1] > plain.shape[1] + 20
+    np.testing.assert_array_equal(barred[:, :plain.shape[1]], plain)
+    bar = barred[:, plain.shape[1] + 6 + 2]  # a column inside the bar, past the gap and the frame
+    assert tuple(bar[2]) == (255, 2, 2) or bar[2, 0] == 255 and bar[2, 2] < 30  # red top (lrp: + is red)
+    assert bar[-3, 2] == 255 and bar[-3, 0] < 30  # blue bottom
+    assert tuple(bar[len(bar) // 2]) >= (240, 240, 240)  # white middle
+    label_area = barred[:, -40:]
+    assert (label_area < 128).any(), "no label text drawn"
+    with pytest.raises(ValueError, match="colorbar must be True or False"):
+        heatmap.save_png(rel, tmp_path / "x.png", colorbar="yes")
 
 
 def test_save_png_falls_back_to_matplotlib_without_pillow(tmp_path, monkeypatch):

@@ -212,3 +212,17 @@ def test_notebook_runs_and_renders(tmp_path, monkeypatch):
     # the concepts cells ran: four conditional heatmaps, an atlas with one row per concept
     assert ns["H"].shape == (1, 4, 28, 28, 1)
     assert ns["atlas"].atlas["channels"] is not None and len(ns["atlas"].atlas["channels"]) == 3
+    # A pyplot figure is shown by the notebook at the end of its cell; a cell that also ends with
+    # it as its value draws it twice (the atlas was drawn twice).
+    import matplotlib.figure
+
+    assert not any(isinstance(v, matplotlib.figure.Figure) for v in shown), shown
+
+
+def test_notebook_loads_tensorflow_quietly():
+    """TF_CPP_MIN_LOG_LEVEL does not silence the CUDA-stub and absl lines TensorFlow prints while it
+    loads; the first cell calls lrp_grad.quiet_tensorflow() before Keras is imported."""
+    first = next(c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code")
+    source = "".join(first["source"])
+    assert "lrp_grad.quiet_tensorflow()" in source
+    assert source.index("lrp_grad.quiet_tensorflow()") < source.index("import keras")

@@ -1,5 +1,7 @@
 """Regression tests for what a newcomer and a reliability probe found (silently wrong results,
 easy-path surprises), each in both Keras packages where a model is involved."""
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -54,10 +56,16 @@ def test_exported_explain_signature_validates_the_target(tmp_path):
     path = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6)).export(tmp_path / "sm")
     fn = tf.saved_model.load(str(path)).signatures["explain"]
     x = tf.constant(np.random.default_rng(2).normal(size=(2, 7)).astype("float32"))
-    ok = fn(images=x, target=tf.constant([-1, 3], tf.int32))
+    ok = fn(images=x, target=tf.constant([0, 3], tf.int32))
     assert ok["relevance"].shape == (2, 7)
-    for bad in ([0, 4], [-2, 0], [7, 1]):
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"target must be -1 .* 0\.\.3"):
+    # -1 is refused as by the Python API (issue 21: the export read it as "predicted")
+    with pytest.raises(InvalidTargetError, match=r"target\[0\] = -1 is out of range"):
+        lrp_grad.Explainer(model)(x.numpy(), target=np.array([-1, 3]))
+    for bad in ([0, 4], [-1, 3], [-2, 0], [7, 1]):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"target must be a class index in 0\.\.3 \(the model has 4 classes\), as for the "
+                                 r"Python API; negative values are refused: for the predicted class call the "
+                                 r"serving_default signature"):
             fn(images=x, target=tf.constant(bad, tf.int32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="one class per image"):
         fn(images=x, target=tf.constant([0], tf.int32))
@@ -238,3 +246,41 @@ def test_default_rule_stays_finite_and_near_the_logit_on_applications(name):
     rules = lrp_grad.Explainer(model).rules
     weight_free = [label for label, *_ in rules._rows if _[1] in ("pool", "merge", "norm")]
     assert weight_free and all(rules[label] == lrp_grad.Epsilon(1e-6) for label in weight_free)
+
+
+def _forked_child(model, x, ex, queue):
+    out = []
+    for build in (lambda: lrp_grad.Explainer(model), lambda: ex(x)):
+        try:
+            build()
+            out.append("no error")
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            out.append(f"{type(e).__name__}: {e}")
+    queue.put(out)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="no fork on this platform")
+def test_an_explainer_in_a_forked_child_fails_at_once_instead_of_hanging():
+    """Issue 21: TensorFlow hangs in a child forked after it started in the parent (its runtime's
+    threads do not survive a fork); building or calling an Explainer there raises with the fix."""
+    import multiprocessing
+
+    model = kit.mlp(classes=3)
+    x = np.ones((2, 7), "float32")
+    ex = lrp_grad.Explainer(model)
+    ex(x)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(model, x, ex, queue))
+    child.start()
+    try:
+        out = queue.get(timeout=60)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert len(out) == 2
+    for message in out:
+        assert re.match(r"ForkedProcessError: this process was forked \(from process \d+\) after TensorFlow had started "
+                        r"in the parent, and TensorFlow hangs in a forked child\. Start worker processes with the "
+                        r"'spawn' \(or 'forkserver'\) start method", message), message

@@ -339,3 +339,88 @@ def test_a_keras_archive_with_bad_metadata_is_refused_by_name(tmp_path, metadata
         z.writestr("metadata.json", metadata)
     with pytest.raises(lrp_grad.ModelFileError, match=r"cannot load model '.*bad\.keras': .*not a Keras \.keras archive"):
         lrp_grad.load_model(path)
+
+
+def test_a_channels_first_batch_gets_the_transpose_that_fixes_it(K):
+    """A (n, C, H, W) batch or one (C, H, W) sample for a channels-last model: the message gives
+    the np.transpose call that fixes it."""
+    model, x, _ = _small(K)
+    ex = lrp_grad.Explainer(model)
+    with pytest.raises(InvalidInputError, match=r"x has shape \(2, 1, 6, 6\) but model .* expects \(batch, 6, 6, 1\): "
+                                                r"axis 1 is 1, expected 6\. It looks channels-first .*: pass "
+                                                r"np\.transpose\(x, \(0, 2, 3, 1\)\)\.$"):
+        ex(np.transpose(x[:2], (0, 3, 1, 2)))
+    with pytest.raises(InvalidInputError, match=r"x has shape \(1, 6, 6\) \(rank 3\) .* one channels-first sample .*"
+                                                r"pass np\.transpose\(x, \(1, 2, 0\)\)\[None\]\.$"):
+        ex(np.transpose(x[0], (2, 0, 1)))
+    fixed = ex(np.transpose(np.transpose(x[:2], (0, 3, 1, 2)), (0, 2, 3, 1)))  # the fix works
+    np.testing.assert_allclose(fixed, ex(x[:2]), rtol=1e-6)
+
+
+def test_a_float64_value_beyond_float32_is_reported_as_an_overflow(K):
+    """1e39 in a float64 batch is finite; it becomes Inf only when cast to the model's float32."""
+    model, x, _ = _small(K)
+    big = x[:2].astype("float64")
+    big[1, 2, 3, 0] = 1e39
+    with pytest.raises(InvalidInputError, match=r"x has a value that overflows the model's float32 \(first at index "
+                                                r"\(1, 2, 3, 0\), value 1e\+39; the largest float32 is 3\.403e\+38\); "
+                                                r"rescale the data"):
+        lrp_grad.Explainer(model)(big)
+    big[1, 2, 3, 0] = np.inf  # a real Inf is still called one
+    with pytest.raises(InvalidInputError, match=r"x contains NaN or Inf \(first at index \(1, 2, 3, 0\), value inf\)"):
+        lrp_grad.Explainer(model)(big)
+
+
+@pytest.mark.parametrize("size", [np.int64(2), np.int32(3), np.uint8(1)], ids=["int64", "int32", "uint8"])
+def test_numpy_integers_are_accepted_wherever_an_int_is(K, size):
+    """batch_size=np.int64(2) was refused ("must be a positive int"): numpy integers are ints."""
+    from lrp_grad.concepts import reference_samples
+
+    model, x, y = _small(K)
+    ex = lrp_grad.Explainer(model)
+    x = x[:5]
+    np.testing.assert_allclose(ex(x, batch_size=size), ex(x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ex(x, target="all", batch_size=size), ex(x, target="all"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(lrp_grad.explain(model, x, batch_size=size), ex(x), rtol=1e-5, atol=1e-7)
+    res = ex.explain_dataset((x, y[:5]), batch_size=size, length=np.int64(5), progress=False)
+    np.testing.assert_allclose(np.asarray(res.relevance), ex(x, target=y[:5]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ex.concept_relevance(x, layer="conv", batch_size=size),
+                               ex.concept_relevance(x, layer="conv"), rtol=1e-5, atol=1e-7)
+    assert reference_samples(ex, x, "conv", top=np.int64(2), batch_size=size).indices.shape[1] == 2
+    for bad in (np.int64(0), np.float64(2.0), True):
+        with pytest.raises(InvalidInputError, match=r"batch_size must be a positive int or None, got "):
+            ex(x, batch_size=bad)
+
+
+def test_load_model_of_a_keras3_export_folder_says_what_it_is(tmp_path):
+    """Keras 3 model.export() writes a SavedModel for serving, without Keras metadata: load_model
+    returned a bare TensorFlow object that explain() then refused as 'not a model, load it first'."""
+    keras = kit.package("keras")
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.export(tmp_path / "served", verbose=False)
+    with pytest.raises(lrp_grad.ModelFileError, match=r"^cannot load model '.*served': it is a TensorFlow SavedModel "
+                                                      r"for serving \(as Keras 3 model\.export\(\) .*\), not a Keras "
+                                                      r"model; .*Explain the Keras model it was exported from "
+                                                      r"\(saved with model\.save\('model\.keras'\)\)\.$"):
+        lrp_grad.load_model(tmp_path / "served")
+
+
+def test_a_binary_sigmoid_model_takes_0_1_labels_in_explain_dataset(K):
+    """Issue 21: a Dense(1, "sigmoid") classifier with 0/1 labels failed in explain_dataset (label
+    1 'out of range'). Its one unit is the target for both labels; other labels are named."""
+    L = K.layers
+    model = kit.randomize(K.Sequential([K.Input((6,)), L.Dense(4, activation="relu"),
+                                        L.Dense(1, activation="sigmoid")]))
+    x = np.random.default_rng(3).uniform(0, 1, (5, 6)).astype("float32")
+    y = np.array([0, 1, 1, 0, 1])
+    ex = lrp_grad.Explainer(model)
+    for target in ("auto", "label"):
+        res = ex.explain_dataset((x, y), target=target, progress=False)
+        np.testing.assert_allclose(np.asarray(res.relevance), ex(x, target=0), rtol=1e-5, atol=1e-7)
+        assert list(res.summaries["target"]) == [0] * 5
+    with pytest.raises(InvalidInputError, match=r"dataset element 2: label 2 for model .*, which has one output unit "
+                                                r"\(a binary classifier\): labels must be 0 or 1"):
+        ex.explain_dataset((x, np.array([0, 1, 2, 0, 1])), progress=False)
+    with pytest.raises(InvalidTargetError, match=r"target\[1\] = 1 is out of range .* It has one output unit "
+                                                 r"\(a binary classifier\): target 0 explains that unit"):
+        ex(x, target=y)

@@ -317,3 +317,26 @@ def test_single_images_and_batches_mixed_keep_their_order(setup):
     bad[9] = (x[9], -1.5)
     with pytest.raises(lrp_grad.InvalidInputError, match=r"dataset element 9: labels must be integer class indices"):
         ex.explain_dataset(bad, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["interrupted", "finished"])
+def test_resume_after_the_image_list_changed_names_the_lengths(setup, tmp_path, finished):
+    """Issue 21: a resume after removing (e.g. a corrupt) image blamed the output's trustworthiness
+    (its shape); it must say the image list changed, with both lengths."""
+    ex, x, y = setup
+    out = tmp_path / "r.npy"
+
+    def dying():
+        for i, item in enumerate(zip(x, y)):
+            if i == 10 and not finished:
+                raise KeyboardInterrupt
+            yield item
+
+    try:
+        ex.explain_dataset(dying(), batch_size=4, out=out, length=20, progress=False)
+    except KeyboardInterrupt:
+        pass
+    with pytest.raises(lrp_grad.InvalidInputError, match=r"cannot resume .*r\.npy: it was written for a dataset of 20 "
+                                                         r"images, this one has 19: the image list changed since the "
+                                                         r"run started \(an image removed or added\)"):
+        ex.explain_dataset(zip(x[1:], y[1:]), batch_size=4, out=out, length=19, resume=True, progress=False)

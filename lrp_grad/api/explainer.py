@@ -12,7 +12,7 @@ from ..core.rules import AlphaBeta
 from ..frontends import check_model
 from ..pipelines import export as _export, stream
 from ..visual import explanation
-from .passes import MULTI_TARGET_ROWS, Passes, default_jit
+from .passes import MULTI_TARGET_ROWS, Passes, check_not_forked, default_jit
 from .report import RelevanceReport
 from .request import Signature
 
@@ -69,6 +69,7 @@ class Explainer:
 
     def __init__(self, model, rule=None, *, output=None, canonizers=None, jit_compile: bool | None = None,
                  strategy=None, compute_dtype: str | None = None):
+        check_not_forked()  # before any TensorFlow call: it would hang in a forked child
         # 1. Check the options, then the model (once; the planner trusts it).
         rule = as_composite(DEFAULT_RULE if rule is None else rule)
         if jit_compile not in (None, True, False):

@@ -1,18 +1,21 @@
 """Runs compiled LRP passes: plans per input sign, tracing, XLA buckets, chunking, replicas and memory sizing."""
 from __future__ import annotations
 
+import os
 import re
+import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from ..core import planner
 from ..core.absorption import warn_if_absorbed
-from ..errors import InvalidTargetError, LRPMemoryError, StaleExplainerError
+from ..errors import ForkedProcessError, InvalidTargetError, LRPMemoryError, StaleExplainerError
 from .report import RelevanceReport
 from .request import check_batch_size
 
-__all__ = ["Passes", "pad_to_bucket", "free_memory_bytes", "default_jit", "MULTI_TARGET_ROWS"]
+__all__ = ["Passes", "pad_to_bucket", "free_memory_bytes", "default_jit", "MULTI_TARGET_ROWS", "raise_if_stale",
+           "check_not_forked"]
 
 #: Text of the in-graph check of a BatchNorm folded through a max pooling (canonizers).
 FOLD_MARK = "was folded through a max pooling"
@@ -31,6 +34,78 @@ def first_line(message: str, mark: str) -> str:
         if mark in line:
             return line.strip()
     return message.splitlines()[0]
+
+
+#: Set in a child process forked after TensorFlow was initialised in its parent.
+_FORKED_FROM = None
+
+
+def _after_fork_in_child():
+    global _FORKED_FROM
+    try:
+        from tensorflow.python.eager import context  # noqa: PLC0415
+
+        initialised = bool(getattr(context.context(), "_initialized", True))
+    except Exception:  # noqa: BLE001 - unknown TF internals: assume initialised (the safe side)
+        initialised = True
+    if initialised:
+        _FORKED_FROM = os.getppid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_not_forked() -> None:
+    """Refuse to run TensorFlow in a process forked after its parent initialised TensorFlow: its
+    runtime's threads do not survive a fork and the first operation hangs (a TensorFlow
+    limitation), so fail at once with the fix instead."""
+    if _FORKED_FROM is not None:
+        raise ForkedProcessError(
+            f"this process was forked (from process {_FORKED_FROM}) after TensorFlow had started in the parent, and "
+            "TensorFlow hangs in a forked child. Start worker processes with the 'spawn' (or 'forkserver') start "
+            "method: multiprocessing.get_context('spawn').Pool(...) / ProcessPoolExecutor(mp_context="
+            "multiprocessing.get_context('spawn')), and build the Explainer inside each worker.")
+
+
+def raise_if_stale(error: Exception) -> None:
+    """Raise :class:`StaleExplainerError` when ``error`` (a ``tf.errors.InvalidArgumentError`` of a
+    compiled pass) is the in-graph check of a BatchNorm folded through a max pooling whose scales
+    changed sign since the plan was built; return otherwise (the caller re-raises ``error``)."""
+    if FOLD_MARK in str(error):
+        raise StaleExplainerError(first_line(str(error), FOLD_MARK)) from None
+
+
+def _custom_gradient_names(graph) -> set:
+    """The gradient names ``tf.custom_gradient`` registered for the operations of ``graph``.
+
+    In graph mode (inside a ``tf.function`` trace) every ``tf.custom_gradient`` call registers a
+    new, uniquely named gradient function in TensorFlow's global gradient registry and marks its
+    ``IdentityN`` operation with that name. The registry never forgets it, and the function holds
+    the traced graph's tensors: without :func:`_forget_gradients` each trace would keep ~0.6 MB
+    alive for the life of the process (issue 21).
+    """
+    names = set()
+    for op in graph.get_operations():
+        if op.type != "IdentityN":
+            continue
+        try:
+            name = op.get_attr("_gradient_op_type")
+        except ValueError:
+            continue
+        names.add(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
+def _forget_gradients(names: set) -> None:
+    """Drop the registry entries of a dead :class:`Passes`' traces (their graphs can no longer run)."""
+    from tensorflow.python.framework import ops as tf_ops  # the registry has no public handle
+
+    registry = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
+    if isinstance(registry, dict):
+        for name in names:
+            registry.pop(name, None)
+    names.clear()
 
 
 def pad_to_bucket(a: np.ndarray) -> np.ndarray:
@@ -129,6 +204,17 @@ class Passes:
         self._concrete = {}
         self._distributed = {}
         self._auto_batch = None
+        #: The gradient-registry names of this object's traces, dropped when it is collected.
+        self._gradient_names = set()
+        weakref.finalize(self, _forget_gradients, self._gradient_names)
+
+    def traced(self, graph=None) -> None:
+        """Record a trace: called at the end of every compiled pass's Python function (also by
+        the concept passes), so that :attr:`trace_count` counts traces and the custom gradients
+        the trace registered are released with this object."""
+        self.trace_count += 1
+        graph = tf.compat.v1.get_default_graph() if graph is None else graph
+        self._gradient_names |= _custom_gradient_names(graph)
 
     def key(self, input_nonneg) -> tuple:
         """The plan key: one flag per input, from one flag or a tuple."""
@@ -175,7 +261,6 @@ class Passes:
         second = self.second_spec(select, mask_shape)
 
         def lrp_pass(*args):
-            self.trace_count += 1  # runs only while tracing
             xs, target_or_r0 = list(args[:-1]), args[-1]
             with tf.GradientTape() as tape:
                 for x in xs:
@@ -195,6 +280,7 @@ class Passes:
                 for t in layers.values()]
             if len(xs) > 1:  # the inputs' total first: conservation holds over all inputs together
                 sums = [tf.add_n(sums[:len(xs)])] + sums
+            self.traced()  # runs only while tracing
             return tuple(grads[:len(xs)]), logits, sums
 
         # autograph=False: the pass has no tensor-dependent Python control flow to convert.
@@ -253,7 +339,7 @@ class Passes:
         """``(relevance per input, output, RelevanceReport or None)`` of checked inputs ``xs`` for one
         selection per sample, in batches of ``batch_size`` (default :meth:`auto_batch_size`)."""
         n = xs[0].shape[0]
-        check_batch_size(batch_size)
+        batch_size = check_batch_size(batch_size)
         input_nonneg = tuple(bool(np.all(v >= 0)) for v in xs)
         fn, steps = self.function(input_nonneg, mode, return_layers, select,
                                   second.shape if select == "mask" else None)
@@ -309,9 +395,8 @@ class Passes:
         try:
             R, logits, sums = self.run(fn, xs, second)
         except tf.errors.InvalidArgumentError as e:
-            if FOLD_MARK not in str(e):
-                raise
-            raise StaleExplainerError(first_line(str(e), FOLD_MARK)) from None
+            raise_if_stale(e)
+            raise
         except tf.errors.ResourceExhaustedError:
             raise LRPMemoryError(
                 f"out of memory explaining a batch of {rows} samples of shape {tuple(xs[0].shape[1:])} with model "
@@ -321,6 +406,7 @@ class Passes:
 
     def run(self, fn, xs, second):
         """Call the compiled pass on one batch, split across the strategy's replicas if any."""
+        check_not_forked()
         replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
         if replicas == 1 or len(xs[0]) < replicas:
             # The concrete function skips the polymorphic dispatch (~0.15 ms a call, measured).

@@ -14,9 +14,13 @@ __all__ = ["Signature", "INITIAL_MODES", "check_batch_size", "explained_dtype"]
 
 
 def check_batch_size(batch_size):
-    """Refuse a ``batch_size`` that is not a positive int or ``None``."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    """Refuse a ``batch_size`` that is not a positive int (Python or numpy) or ``None``; return it
+    as a Python int (or ``None``)."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    return int(batch_size)
 
 
 def explained_dtype(name: str) -> np.dtype:
@@ -182,23 +186,59 @@ class Signature(TargetChecks):
                 f"for a single sample pass {'x' if self.n_inputs == 1 else 'it'}[None]."
             )
         if x.ndim != len(want):
+            hint = _channels_first_hint((1,) + x.shape, shape_of_input, what) if x.ndim == len(want) - 1 else ""
+            if hint:  # one channels-first sample
+                order = (*range(1, x.ndim), 0)
+                hint = (" It looks like one channels-first sample (channels, ...); the model takes a channels-last "
+                        f"batch: pass np.transpose(x, {order})[None].")
             raise InvalidInputError(
                 f"{what} has shape {x.shape} (rank {x.ndim}) but model {self.model_name!r} expects rank "
-                f"{len(want)}: {shown}."
+                f"{len(want)}: {shown}.{hint}"
             )
         for axis, (d, s) in enumerate(zip(want, x.shape)):
             if d is not None and d != s:
                 raise InvalidInputError(
                     f"{what} has shape {x.shape} but model {self.model_name!r} expects {shown}: "
-                    f"axis {axis} is {s}, expected {d}."
+                    f"axis {axis} is {s}, expected {d}.{_channels_first_hint(x.shape, shape_of_input, what)}"
                 )
         if x.shape[0] == 0:
             raise InvalidInputError(f"{what} is an empty batch (shape[0] == 0); pass at least one sample.")
-        x = x.astype(dtype, copy=False)
+        wide = x
+        with np.errstate(over="ignore"):  # an overflow is reported below, by index
+            x = x.astype(dtype, copy=False)
         if not np.all(np.isfinite(x)):
+            _check_overflow(wide, x, dtype, what)
             bad = np.argwhere(~np.isfinite(x))[0]
             raise InvalidInputError(
                 f"{what} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}, value "
                 f"{x[tuple(bad)]}); relevance of non-finite inputs is undefined. Clean the data first."
             )
         return x
+
+
+def _channels_first_hint(got, expected, what) -> str:
+    """The fix for a channels-first batch ``(n, C, *spatial)`` given to a channels-last model
+    ``(*spatial, C)`` (PyTorch's layout), or ``''``."""
+    got, expected = tuple(got), tuple(expected)
+    if len(got) != len(expected) + 1 or len(expected) < 2:
+        return ""
+    spatial, channels = expected[:-1], expected[-1]
+    if got[1] == channels and all(d is None or d == s for d, s in zip(spatial, got[2:])):
+        order = (0,) + tuple(range(2, len(got))) + (1,)
+        return (f" It looks channels-first (batch, channels, ...); the model takes channels last: pass "
+                f"np.transpose(x, {order}).")
+    return ""
+
+
+def _check_overflow(wide, x, dtype, what) -> None:
+    """A finite value that became Inf when cast to the model's dtype: say it overflows (not NaN/Inf)."""
+    if not np.issubdtype(wide.dtype, np.floating) and not np.issubdtype(wide.dtype, np.integer):
+        return
+    over = np.isfinite(wide) & ~np.isfinite(x)
+    if np.any(over):
+        at = tuple(int(i) for i in np.argwhere(over)[0])
+        raise InvalidInputError(
+            f"{what} has a value that overflows the model's {np.dtype(dtype).name} (first at index {at}, value "
+            f"{wide[at]:.4g}; the largest {np.dtype(dtype).name} is {np.finfo(dtype).max:.4g}); rescale the data "
+            "(e.g. divide by its maximum) before explaining it."
+        )

@@ -57,9 +57,12 @@ class TargetChecks:
             i = int(bad[0])
             units = ("classes" if self.is_classifier and self.model_output else
                      f"channels on the last axis of output {self.output_name!r}")
+            binary = (" It has one output unit (a binary classifier): target 0 explains that unit for both "
+                      "classes (positive relevance: evidence for class 1), e.g. target=np.zeros(n, int); "
+                      "explain_dataset reads 0/1 labels that way." if self.n_classes == 1 else "")
             raise InvalidTargetError(
                 f"target[{i}] = {int(t[i])} is out of range for model {self.model_name!r} with "
-                f"{self.n_classes} {units} (valid: 0..{self.n_classes - 1})."
+                f"{self.n_classes} {units} (valid: 0..{self.n_classes - 1}).{binary}"
             )
         return "index", t.astype(np.int32)
 

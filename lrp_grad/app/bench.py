@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from ..frontends.keras3 import keras as keras3
 from ..frontends.tf_keras import keras
+from . import bench_args
 from .datasets import cifar10_model
 from ..api.explainer import Explainer
 from ..core.rules import AlphaBeta, Epsilon, ZPlus
@@ -61,7 +62,7 @@ MEMORY_METHOD = (
     "outside TensorFlow"
 )
 
-QUICK = {"models": ["mnist_cnn"], "batch_sizes": [4], "repeats": 3, "warmup": 1, "xla": "off"}
+QUICK = bench_args.QUICK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,36 +429,12 @@ def write(results: dict, out_dir, stem: str = "bench") -> tuple:
 # Command line
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lrp-grad bench",
-        description="Time LRP (Explainer.__call__) against the forward pass and the plain input gradient, "
-                    "interleaved in one process, with XLA off and on.",
-    )
-    p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all")
-    p.add_argument("--batch-sizes", nargs="+", type=int, help="for every model; default: per model")
-    p.add_argument("--repeats", type=int, help="timed rounds; default 15 (small models), 7 (vgg16, resnet50)")
-    p.add_argument("--warmup", type=int, help="untimed rounds first; default 2 (small models), 1 (vgg16, resnet50)")
-    p.add_argument("--xla", choices=("off", "on", "both"), help="default: both")
-    p.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: mnist_cnn, batch 4, 3 repeats, 1 warm-up, XLA off "
-                        "(explicit options still win); writes quick.json / quick.md")
-    return p
+    return bench_args.parser()
 
 
 def main(argv=None) -> int:
     """Run the benchmark from command-line arguments; write JSON and markdown to ``--out``."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else {"xla": "both"}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("repeats", "warmup"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
-    if args.batch_sizes and min(args.batch_sizes) < 1:
-        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    args = bench_args.check(argv)
     results = run(args.models, args.batch_sizes, args.repeats, args.warmup, args.xla,
                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
     json_path, md_path = write(results, args.out, "quick" if args.quick else "bench")

@@ -7,6 +7,8 @@ import os
 import pathlib
 import sys
 
+from .cli_inputs import IMAGE_SUFFIXES, explain_inputs, load_images
+
 __all__ = ["main", "parse_rule"]
 
 #: Set to 1 to see the Python traceback of an unexpected error (the CLI shows one line otherwise).
@@ -14,26 +16,10 @@ TRACEBACK_ENV = "LRP_GRAD_TRACEBACK"
 
 
 def _quiet_tensorflow():
-    """Import TensorFlow (and initialise its devices) with the C++ start-up log silenced.
+    """Import TensorFlow with its C++ start-up log silenced (see :func:`lrp_grad.quiet_tensorflow`)."""
+    from .._quiet import quiet_tensorflow
 
-    ``TF_CPP_MIN_LOG_LEVEL`` does not cover the messages absl and the CUDA stubs print while
-    TensorFlow loads, so standard error is pointed at /dev/null for that moment only.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            import tensorflow as tf
-
-            tf.get_logger().setLevel("ERROR")
-            tf.constant(0)  # device initialisation logs too
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    quiet_tensorflow()
 
 
 def _int_at_least(minimum: int, what: str, hint: str = ""):
@@ -74,17 +60,21 @@ def _output_folder(path, command, option):
     return out
 
 
+#: The preset names (``lrp_grad.core.presets.NAMES``, which imports the Keras front ends); kept
+#: here so that a bad ``--rule`` is refused before TensorFlow loads (a test keeps the two equal).
+PRESET_NAMES = ("epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box", "seed_ab")
+
+
 def parse_rule(text: str):
     """A rule or preset from the command line: a preset name (``epsilon_plus_flat``, ``seed_ab``,
     ...), ``z``, ``zplus``, ``flat``, ``wsquare``, ``epsilon[:EPS]``, ``alphabeta:A,B``,
-    ``gamma[:G]`` or ``zbox:LOW,HIGH``."""
-    _quiet_tensorflow()  # the presets import the Keras front ends
-    from ..core import presets, rules
+    ``gamma[:G]`` or ``zbox:LOW,HIGH``. Imports no TensorFlow (the rules are plain values)."""
+    from ..core import rules
 
     name, _, arg = text.partition(":")
-    values = [float(v) for v in arg.split(",")] if arg else []
     simple = {"z": rules.Z, "zplus": rules.ZPlus, "flat": rules.Flat, "wsquare": rules.WSquare}
     try:
+        values = [float(v) for v in arg.split(",")] if arg else []
         if name in simple and not values:
             return simple[name]()
         if name == "epsilon":
@@ -95,12 +85,12 @@ def parse_rule(text: str):
             return rules.Gamma(*values)
         if name == "zbox" and len(values) == 2:
             return rules.ZBox(*values)
-        if name in presets.NAMES and not values:
+        if name in PRESET_NAMES and not values:
             return name
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"--rule {text!r}: {e}") from None
     raise argparse.ArgumentTypeError(
-        f"--rule {text!r} is not known; use a preset ({', '.join(presets.NAMES)}) or z, zplus, flat, wsquare, "
+        f"--rule {text!r} is not known; use a preset ({', '.join(PRESET_NAMES)}) or z, zplus, flat, wsquare, "
         "epsilon[:EPS], alphabeta:A,B, gamma[:G], zbox:LOW,HIGH."
     )
 
@@ -116,32 +106,6 @@ def _progress(iterable, total, enabled, desc):
     return iterable
 
 
-def _load_images(paths, shape, resize):
-    """Read image files as a batch shaped like the model input ``shape`` (H, W, C)."""
-    import numpy as np
-    from PIL import Image
-
-    height, width, channels = shape
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise SystemExit(f"lrp-grad explain: the model takes {channels} channels; only 1 (gray) or 3 (RGB) images "
-                         "can be read from files.")
-    batch = []
-    for path in paths:
-        try:
-            img = Image.open(path).convert(mode)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"lrp-grad explain: cannot read image {path}: {e}") from None
-        if img.size != (width, height):
-            if not resize:
-                raise SystemExit(f"lrp-grad explain: image {path} is {img.size[0]}x{img.size[1]} but the model takes "
-                                 f"{width}x{height}; pass --resize to resize it.")
-            img = img.resize((width, height), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32)
-        batch.append(arr[..., None] if channels == 1 else arr)
-    return np.stack(batch)
-
-
 def _load_model(path, command):
     from ..errors import LRPError
     from ..frontends import load_model
@@ -152,9 +116,6 @@ def _load_model(path, command):
         raise SystemExit(f"lrp-grad {command}: {e}") from None
 
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
 def _explain_dataset(args, model, shape) -> int:
     """``--dataset DIR``: stream every image of a folder, constant memory, resumable."""
     from ..api.explainer import Explainer
@@ -162,15 +123,15 @@ def _explain_dataset(args, model, shape) -> int:
     folder = pathlib.Path(args.dataset)
     if not folder.is_dir():
         raise SystemExit(f"lrp-grad explain: --dataset {folder} is not a folder.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"lrp-grad explain: no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}.")
+        raise SystemExit(f"lrp-grad explain: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}.")
     out = _output_folder(args.out, "explain", "--out")
     out.mkdir(parents=True, exist_ok=True)
 
     def images():
         for f in files:  # read lazily: memory stays flat however large the folder
-            yield _load_images([str(f)], shape, args.resize)[0] * args.scale
+            yield load_images([str(f)], shape, args.resize)[0] * (1 / 255 if args.scale is None else args.scale)
 
     ex = Explainer(model, rule=args.rule)
     target = "predicted" if args.target is None else args.target
@@ -210,7 +171,7 @@ def _concepts(args) -> int:
     from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "concepts")
-    x = _load_images([args.image], shape, args.resize) * args.scale
+    x = load_images([args.image], shape, args.resize) * args.scale
     ex = Explainer(model, rule=args.rule)
     if args.target is not None and args.target >= ex.n_classes:
         raise SystemExit(f"lrp-grad concepts: --target {args.target} is out of range: the model has {ex.n_classes} "
@@ -219,12 +180,12 @@ def _concepts(args) -> int:
     target = int(ex.forward(x).argmax(1)[0]) if args.target is None else args.target
     refs = None
     if args.references:
-        files = sorted(p for p in pathlib.Path(args.references).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) \
+        files = sorted(p for p in pathlib.Path(args.references).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
             if pathlib.Path(args.references).is_dir() else []
         if not files:
             raise SystemExit(f"lrp-grad concepts: --references {args.references!r} is not a folder of images "
-                             f"({', '.join(sorted(_IMAGE_SUFFIXES))}).")
-        data = (_load_images([str(f)], shape, args.resize)[0] * args.scale for f in files)
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        data = (load_images([str(f)], shape, args.resize)[0] * args.scale for f in files)
         refs = concepts.reference_samples(ex, data, layer, top=args.top_refs, target="predicted")
     out = _output_folder(args.out, "concepts", "--out")
     out.mkdir(parents=True, exist_ok=True)
@@ -259,53 +220,6 @@ def _plan_steps(ex):
     return ex.passes.signed_plan.steps
 
 
-def _image_names(paths, out):
-    """``(keys, stems)`` for the images of ``explain --images``, unique however the files are named.
-
-    A key is the image's path relative to the folder all images share (``img0.png`` for images
-    of one folder, ``a/digit.png`` and ``b/digit.png`` otherwise): ``targets.json`` is keyed by it.
-    A stem is the key without its extension, with the extension kept (``digit_png``) where two
-    images differ only in it (compared case-insensitively, as some file systems do); the heatmap
-    and overlay are written to ``out/STEM_heatmap.png`` and ``out/STEM_overlay.png``. The same file
-    given twice, and an output that would overwrite an input image, are refused.
-    """
-    from ..errors import OutputPathError
-
-    absolute = [pathlib.Path(os.path.abspath(p)) for p in paths]
-    seen = {}
-    for p, a in zip(paths, absolute):
-        real = a.resolve()
-        if real in seen:
-            raise OutputPathError(f"--images names the same file twice ({seen[real]} and {p}); give each image "
-                                  "once (its heatmap and targets.json entry would be written twice).")
-        seen[real] = p
-    try:
-        root = pathlib.Path(os.path.commonpath([str(a.parent) for a in absolute]))
-        keys = [a.relative_to(root).as_posix() for a in absolute]
-    except ValueError:  # different drives: keep the whole path
-        keys = [a.as_posix().replace(":", "") for a in absolute]
-    pure = [pathlib.PurePosixPath(k) for k in keys]
-    stems = [str(k.with_suffix("")) for k in pure]
-    counts = {}
-    for stem in stems:
-        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
-    stems = [f"{st}_{k.suffix[1:]}" if counts[st.casefold()] > 1 and k.suffix else st for st, k in zip(stems, pure)]
-    taken = set()
-    for i, stem in enumerate(stems):  # still equal (e.g. 'x_png.png' next to 'x.png' and 'x.jpg'): number them
-        unique, n = stem, 2
-        while unique.casefold() in taken:
-            unique, n = f"{stem}_{n}", n + 1
-        taken.add(unique.casefold())
-        stems[i] = unique
-    outputs = {(out / f"{st}_{kind}.png").resolve() for st in stems for kind in ("heatmap", "overlay")}
-    outputs |= {(out / name).resolve() for name in ("relevance.npy", "targets.json")}
-    for p in paths:
-        if pathlib.Path(p).resolve() in outputs:
-            raise OutputPathError(f"--out {out} would overwrite the input image {p} with an output of the same "
-                                  "name; give another --out folder.")
-    return keys, stems
-
-
 def _explain(args) -> int:
     import numpy as np
 
@@ -316,8 +230,7 @@ def _explain(args) -> int:
     if args.dataset is not None:
         return _explain_dataset(args, model, shape)
     out = _output_folder(args.out, "explain", "--out")
-    keys, stems = _image_names(args.images, out)  # before any work: names that collide are refused
-    x = _load_images(args.images, shape, args.resize) * args.scale
+    x, keys, stems = explain_inputs(args.images, shape, args, out)
     ex = Explainer(model, rule=args.rule)
     if args.target is not None and args.target >= ex.n_classes:
         raise SystemExit(f"lrp-grad explain: --target {args.target} is out of range: the model has {ex.n_classes} "
@@ -329,7 +242,7 @@ def _explain(args) -> int:
     for i in _progress(range(len(x)), len(x), not args.no_progress, "explaining"):
         relevance[i] = ex(x[i:i + 1], target=targets[i:i + 1])[0]
         (out / stems[i]).parent.mkdir(parents=True, exist_ok=True)  # images of several folders: kept apart
-        save_png(relevance[i], out / f"{stems[i]}_heatmap.png", scheme=args.scheme)
+        save_png(relevance[i], out / f"{stems[i]}_heatmap.png", scheme=args.scheme, colorbar=True)
         save_png(relevance[i], out / f"{stems[i]}_overlay.png", scheme=args.scheme, image=x[i])
     np.save(out / "relevance.npy", relevance)
     (out / "targets.json").write_text(json.dumps({k: int(t) for k, t in zip(keys, targets)}, indent=2))
@@ -395,7 +308,9 @@ def main(argv=None) -> int:
     exp = sub.add_parser("explain", help="heatmaps and relevance.npy for your own model and images")
     exp.add_argument("--model", required=True, help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
     source = exp.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", nargs="+", help="image files (PNG, JPEG, ...): heatmaps + relevance.npy")
+    source.add_argument("--images", nargs="+",
+                        help="image files (PNG, JPEG, ...) and/or .npy/.npz arrays of images (N, H, W, C) or "
+                             "(H, W, C): heatmaps + relevance.npy")
     source.add_argument("--dataset", help="a folder of images, streamed in batches: relevance.npy + summaries.json")
     exp.add_argument("--batch-size", type=_positive_int, default=256,
                      help="images per batch with --dataset (default 256)")
@@ -403,9 +318,9 @@ def main(argv=None) -> int:
     exp.add_argument("--target", type=_class_index, default=None,
                      help="class to explain (default: the predicted class)")
     exp.add_argument("--rule", type=parse_rule, default="epsilon_plus_flat", help=_RULE_HELP)
-    exp.add_argument("--scale", type=_scale, default=1 / 255,
-                     help="multiply pixel values (0-255) by this before the model (default 1/255; use 1 for models "
-                          "that take raw 0-255 pixels)")
+    exp.add_argument("--scale", type=_scale, default=None,
+                     help="multiply pixel values (0-255) by this before the model (default 1/255 for image files, 1 "
+                          "for .npy/.npz arrays; use 1 for models that take raw 0-255 pixels)")
     exp.add_argument("--resize", action="store_true", help="resize images to the model input size")
     exp.add_argument("--scheme", choices=["lrp", "seed"], default="lrp",
                      help="colours: lrp = red positive (default), seed = blue positive")
@@ -439,20 +354,56 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="throughput benchmark (see lrp-grad bench --help)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Arguments are parsed and checked before TensorFlow loads (it takes 10-20 s): a usage error,
+    # a missing file and --help are immediate and exit 2 (0 for --help).
     if argv[:1] == ["bench"]:
+        from .bench_args import check
+
+        check(argv[1:])
         return _guarded("bench", lambda: _bench(None, argv[1:]))
     args = parser.parse_args(argv)
+    try:
+        _check_files(args)
+    except SystemExit as e:
+        return _usage_error(e)
     run = {"demo": _demo, "explain": _explain, "export": _export, "concepts": _concepts}[args.command]
     return _guarded(args.command, lambda: run(args))
 
 
+def _usage_error(e: SystemExit) -> int:
+    """A ``SystemExit`` raised with a message (the CLI's bad-input errors): printed, exit status 2."""
+    if not isinstance(e.code, str):
+        raise e
+    print(e.code, file=sys.stderr)
+    return 2
+
+
+def _check_files(args) -> None:
+    """The input files and output folders named on the command line, before TensorFlow loads."""
+    cmd = args.command
+    model = getattr(args, "model", None)
+    if model is not None and not os.path.exists(model):
+        raise SystemExit(f"lrp-grad {cmd}: cannot load model {model!r}: no such file or folder.")
+    for path in list(getattr(args, "images", None) or []) + ([args.image] if cmd == "concepts" else []):
+        if not os.path.isfile(path):
+            what = "is a folder, not an image file" if os.path.isdir(path) else "no such file"
+            raise SystemExit(f"lrp-grad {cmd}: cannot read image {path}: {what}.")
+    if getattr(args, "dataset", None) is not None and not os.path.isdir(args.dataset):
+        raise SystemExit(f"lrp-grad {cmd}: --dataset {args.dataset} is not a folder.")
+    if cmd in ("explain", "concepts"):
+        _output_folder(args.out, cmd, "--out")
+
+
 def _guarded(command, run) -> int:
-    """Run a command: lrp_grad's own errors and unexpected ones become one message and exit 2/1."""
+    """Run a command: a bad input (lrp_grad's own errors, the CLI's messages) exits 2, a failure
+    (unexpected error, out of memory, a file system error) exits 1; one message, no traceback."""
     from ..errors import LRPError
 
     try:
         _quiet_tensorflow()
         return run()
+    except SystemExit as e:
+        return _usage_error(e)
     except LRPError as e:
         print(f"lrp-grad {command}: {e}", file=sys.stderr)
         return 2

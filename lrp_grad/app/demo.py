@@ -155,12 +155,15 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     bar.step("figures 5-12 (MNIST)")
     _save_image(image[0], out / "fig05_input.png")
     r = {f"{name}_t{t}": ex(image, target=t)[0] for name, ex in (("ab21", ab21), ("ab32", ab32)) for t in (3, 9)}
-    _figure(out / "fig06_ab21_target3.png", [image[0]], [r["ab21_t3"]], ["true 3, target 3\na=2 b=1"])
+    # Single maps on a robust scale (the 99.5th percentile of |R|, said in the title): one hot
+    # pixel would otherwise set the scale and wash out the rest of the digit.
+    robust = dict(percentile=ROBUST_PERCENTILE)
+    _figure(out / "fig06_ab21_target3.png", [image[0]], [r["ab21_t3"]], ["true 3, target 3\na=2 b=1"], **robust)
     _figure(out / "fig06_ab21_target3_seed_colours.png", [image[0]], [r["ab21_t3"]],
-            ["target 3, a=2 b=1\nseed colours: blue = +"], scheme="seed")
-    _figure(out / "fig07_ab21_target9.png", [image[0]], [r["ab21_t9"]], ["true 3, target 9\na=2 b=1"])
-    _figure(out / "fig08_ab32_target3.png", [image[0]], [r["ab32_t3"]], ["true 3, target 3\na=3 b=2"])
-    _figure(out / "fig09_ab32_target9.png", [image[0]], [r["ab32_t9"]], ["true 3, target 9\na=3 b=2"])
+            ["target 3, a=2 b=1\nseed colours: blue = +"], scheme="seed", **robust)
+    _figure(out / "fig07_ab21_target9.png", [image[0]], [r["ab21_t9"]], ["true 3, target 9\na=2 b=1"], **robust)
+    _figure(out / "fig08_ab32_target3.png", [image[0]], [r["ab32_t3"]], ["true 3, target 3\na=3 b=2"], **robust)
+    _figure(out / "fig09_ab32_target9.png", [image[0]], [r["ab32_t9"]], ["true 3, target 9\na=3 b=2"], **robust)
     all_targets = ab32(np.repeat(image, 10, 0), target=np.arange(10))  # ten targets, one batch
     _figure(out / "fig10_ab32_all_targets.png", None, list(all_targets), [f"target {t}" for t in range(10)],
             suptitle="true class 3, every target class, a=3 b=2", ncols=5, shared_scale=True)
@@ -230,8 +233,11 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
         dead = [c for c in range(10) if not np.any(call[c])]
         titles = [name if c not in dead else f"{name}: output 0\n(ReLU on the last layer)" for c, name in
                   enumerate(datasets.CIFAR10_CLASSES)]
+        # Each map on its own scale: on one shared scale the classes with a small output are
+        # near-white and look like the 'dead' (all-zero) ones; those say "all zero" in their title.
         _figure(out / "fig15_cifar_ab32_all_targets.png", None, list(call), titles,
-                suptitle="true class automobile, every target class, a=3 b=2", ncols=5, shared_scale=True)
+                suptitle="true class automobile, every target class, a=3 b=2\n(each map on its own colour scale: "
+                         "compare where, not how much; the colour bars give the range)", ncols=5, shared_scale=False)
         results["cifar10_dead_classes"] = {datasets.CIFAR10_CLASSES[c]: float(clogits[c]) for c in dead}
         results["cifar10"] = {"accuracy_on_20": _accuracy(cmodel, cx.astype(np.float32), cy),
                               "automobile_probability": float(evaluate.probabilities(cmodel, cimg)[0, 1])}
@@ -258,6 +264,9 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
 
 #: Training digits searched for the atlas's reference samples (the first ones of the training split).
 N_REFERENCE = 2000
+
+#: Figures 6-9 scale their colours to this percentile of |R| (one hot pixel does not set the scale).
+ROBUST_PERCENTILE = 99.5
 
 
 def _last_conv(model):
@@ -350,14 +359,15 @@ def _save_image(image, path, marks=None, title=None):
     plt.close(fig)
 
 
-def _figure(path, images, relevances, titles, scheme="lrp", suptitle=None, ncols=None, shared_scale=False):
+def _figure(path, images, relevances, titles, scheme="lrp", suptitle=None, ncols=None, shared_scale=False,
+            percentile=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig = grid(images, relevances, titles=titles, scheme=scheme, ncols=ncols, path=path, suptitle=suptitle,
-               shared_scale=shared_scale)
+               shared_scale=shared_scale, percentile=percentile)
     plt.close(fig)
 
 

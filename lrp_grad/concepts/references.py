@@ -15,7 +15,8 @@ from ..core import planner
 from ..errors import InvalidInputError
 from ..api.request import check_batch_size as _check_batch_size
 from .fields import receptive_field
-from .relevance import _spatial_sum
+from ..api.passes import raise_if_stale as _raise_if_stale
+from .relevance import _spatial_sum, explainer_of
 from .resolve import ConceptError, _channel_mask, _plan_label, _resolve, _step, layer_channels
 
 __all__ = ["ReferenceSamples", "reference_samples"]
@@ -72,7 +73,6 @@ def _ref_function(ex, input_nonneg, select, mask_shape, label, by):
     n_in = ex.n_inputs
 
     def ref_pass(*args):
-        ex.passes.trace_count += 1
         xs, second = list(args[:n_in]), args[n_in]
         if by == "relevance":
             with tf.GradientTape() as tape:
@@ -91,6 +91,7 @@ def _ref_function(ex, input_nonneg, select, mask_shape, label, by):
         where = tf.argmax(flat, axis=1, output_type=tf.int32)
         if score is None:
             score = tf.reduce_max(flat, axis=1)
+        ex.passes.traced()  # runs only while tracing
         return score, where
 
     fn = tf.function(ref_pass, input_signature=specs, jit_compile=False, autograph=False)
@@ -119,7 +120,7 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     Parameters
     ----------
     ex : Explainer
-        A single-input explainer.
+        A single-input explainer (or a Keras model: its explainer with the default options).
     data : array, (images, labels) arrays, tf.data.Dataset or iterable
         Images ``(n, ...)``, a pair of arrays ``(images, labels)``, or batches/elements of images or
         ``(image, label)`` pairs, as for :meth:`Explainer.explain_dataset`.
@@ -139,13 +140,14 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
     """
     from ..pipelines import stream  # noqa: PLC0415
 
+    ex = explainer_of(ex, "reference_samples")
     if ex.n_inputs != 1:
         raise ConceptError("reference_samples needs a single-input explainer.")
     if by not in ("relevance", "activation"):
         raise ConceptError(f"by={by!r} is not known; use 'relevance' (relevance maximisation) or 'activation'.")
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise ConceptError(f"top must be a positive int, got {top!r}.")
-    _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size)
     if batch_size is None:
         batch_size = 256
     data, _ = stream._pair_of_arrays(data, len(ex.input_shape))  # (images, labels) arrays: one element
@@ -177,7 +179,11 @@ def reference_samples(ex, data, layer, channels=None, top=8, by="relevance", *, 
         else:
             select, second = "index", np.full((n,), -1, np.int32)
         fn = _ref_function(ex, (bool(np.all(images >= 0)),), select, None, label, by)
-        score, where = fn(tf.constant(images.astype(ex.dtype, copy=False)), tf.constant(second))
+        try:
+            score, where = fn(tf.constant(images.astype(ex.dtype, copy=False)), tf.constant(second))
+        except tf.errors.InvalidArgumentError as e:
+            _raise_if_stale(e)  # the model changed since the Explainer was built: StaleExplainerError
+            raise
         score, where = score.numpy()[:, chans].astype(np.float64), where.numpy()[:, chans]
         pos = np.stack(np.unravel_index(where, spatial), axis=-1) if n_sp else np.zeros(where.shape + (0,), np.int64)
         idx = np.arange(start, start + n, dtype=np.int64)

@@ -13,10 +13,27 @@ import tensorflow as tf
 from ..core import planner
 from ..errors import InvalidTargetError, LRPMemoryError
 from ..api.passes import pad_to_bucket as _pad_to_bucket
+from ..api.passes import raise_if_stale as _raise_if_stale
 from ..api.request import check_batch_size as _check_batch_size
 from .resolve import ConceptError, _check_below, _conditions, _plan_label, _resolve, layer_channels
 
 __all__ = ["concept_relevance", "conditional", "subconcepts"]
+
+
+def explainer_of(ex, what: str):
+    """``ex`` itself for an :class:`~lrp_grad.Explainer`; for a Keras model, the explainer that
+    :func:`lrp_grad.explain` caches for it (default options), so repeated calls on a model reuse
+    one compiled pass instead of tracing a new one each time."""
+    from ..api.cache import _cached_explainer  # noqa: PLC0415
+    from ..api.explainer import Explainer  # noqa: PLC0415
+    from ..frontends import is_model  # noqa: PLC0415
+
+    if isinstance(ex, Explainer):
+        return ex
+    if is_model(ex):
+        return _cached_explainer(ex, None, None, None, None)[0]
+    raise ConceptError(f"{what}() takes an lrp_grad.Explainer (or a Keras model) first, got {type(ex).__name__}; "
+                       f"pass ex = lrp_grad.Explainer(model) and call {what}(ex, x, ...).")
 
 
 def _spatial_sum(g):
@@ -41,7 +58,6 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
     n_in = ex.n_inputs
 
     def concept_pass(*args):
-        ex.passes.trace_count += 1  # runs only while tracing
         xs, second, masks = list(args[:n_in]), args[n_in], list(args[n_in + 1:])
         with tf.GradientTape(persistent=True) as tape:
             for x in xs:
@@ -54,6 +70,7 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
             sources = (xs if want_input else []) + sums_of
             grads = tape.gradient(logits, sources, output_gradients=r0, unconnected_gradients=zero)
             ins = grads[:n_in] if want_input else []
+            ex.passes.traced()  # runs only while tracing
             return tuple(ins), tuple(_spatial_sum(g) for g in grads[len(ins):]), logits
         top = layers[_plan_label(ex, cond_labels[0])]
         # The backward pass above the highest condition: once for all conditions.
@@ -75,6 +92,7 @@ def _function(ex, input_nonneg, mode, select, mask_shape, cond_labels, sum_label
 
         out = pfor(one_condition, k)
         ins = out[:n_in] if want_input else []
+        ex.passes.traced()  # runs only while tracing
         return tuple(ins), tuple(out[len(ins):]), logits
 
     fn = tf.function(concept_pass, input_signature=specs, jit_compile=ex.jit_compile, autograph=False)
@@ -96,7 +114,7 @@ def _prepare(ex, x, target, initial, what):
 def _run(ex, x, target, initial, cond_labels, masks, sum_labels, want_input, batch_size, what):
     """Run the concept pass over ``x`` in chunks of images and of conditions; numpy results with
     the condition axis (if any) second: ``(n, k, ...)``."""
-    _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size)
     xs, structure, n, mode, select, second, input_nonneg = _prepare(ex, x, target, initial, what)
     fn = _function(ex, input_nonneg, mode, select, second.shape if select == "mask" else None,
                    cond_labels, sum_labels, want_input)
@@ -133,6 +151,9 @@ def _call(ex, fn, xs, second, masks):
     try:
         ins, sums, _ = fn(*[tf.constant(v) for v in xs], tf.constant(second),
                           *[tf.constant(m.astype(ex.dtype, copy=False)) for m in masks])
+    except tf.errors.InvalidArgumentError as e:
+        _raise_if_stale(e)  # the model changed since the Explainer was built: StaleExplainerError
+        raise
     except tf.errors.ResourceExhaustedError:
         k = masks[0].shape[0] if masks else 1
         raise LRPMemoryError(
@@ -152,6 +173,7 @@ def concept_relevance(ex, x, target=None, *, layer, condition=None, initial="log
     Parameters
     ----------
     ex : Explainer
+        Or a Keras model (its explainer with the default options is built once and reused).
     x : array_like (list/dict for several inputs)
         A batch, as for :meth:`Explainer.__call__`.
     target : int, (n,) ints or a float mask, optional
@@ -169,6 +191,7 @@ def concept_relevance(ex, x, target=None, *, layer, condition=None, initial="log
     -------
     numpy.ndarray ``(n, channels)``, or a dict ``layer -> (n, channels)`` when ``layer`` is a list.
     """
+    ex = explainer_of(ex, "concept_relevance")
     names = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not names:
         raise ConceptError("layer= is an empty list; name at least one layer.")
@@ -212,6 +235,7 @@ def conditional(ex, x, target=None, *, layer=None, channels=None, conditions=Non
     numpy.ndarray ``(n, k, *input_shape)`` (a list/dict of them for several inputs): ``k`` heatmaps
     per sample, in the order of ``channels``/``conditions``.
     """
+    ex = explainer_of(ex, "conditional")
     labels, masks = _conditions(ex, layer, channels, conditions)
     ins, _, structure = _run(ex, x, target, initial, labels, masks, (), True, batch_size, "conditional")
     return ex.signature.pack(ins, structure)
@@ -223,6 +247,7 @@ def subconcepts(ex, x, target=None, *, layer, channels, lower, initial="logit", 
     Entry ``[i, j, c]`` is the relevance of channel ``c`` of ``lower`` given that only the relevance
     of ``channels[j]`` of ``layer`` is kept (for sample ``i``).
     """
+    ex = explainer_of(ex, "subconcepts")
     labels, masks = _conditions(ex, layer, channels, None)
     low = _resolve(ex, lower)
     layer_channels(ex, low)

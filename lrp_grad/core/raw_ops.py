@@ -119,6 +119,14 @@ def _raw_reduce_problem(op, ctx):
     return None
 
 
+def _raw_route_problem(op, ctx):
+    """A max reduction routes relevance to the largest element; over the batch axis it would mix
+    samples: refused like mean/sum over it."""
+    if op.symbol.rsplit(".", 1)[-1] in ("max", "amax", "reduce_max"):
+        return _raw_reduce_problem(op, ctx)
+    return None
+
+
 def _raw_divide(op, inputs, ctx):
     """``x / y`` of two tensors: the divisor is a scale held constant (a hand-written normalisation,
     ``x / norm(x)``): all relevance to ``x``, none to ``y``, as LayerNorm's standard deviation."""
@@ -172,7 +180,7 @@ _RAW = {
     "scale": Handler("passthrough", _raw_pass, _elementwise_problem, zero_in_zero_out=True),  # x * c, -x
     "opaque": Handler("passthrough", _raw_pass, _elementwise_problem),  # x / c, c / x
     "refused": Handler("passthrough", _raw_pass, _two_tensor_problem),
-    "route": Handler("gradient", _raw_route, nonneg=_keeps_sign, zero_in_zero_out=True),
+    "route": Handler("gradient", _raw_route, _raw_route_problem, nonneg=_keeps_sign, zero_in_zero_out=True),
     "reduce": Handler("linear", _raw_reduce, _raw_reduce_problem, _keeps_sign, "pool", fuses_relu=True),
     "activation": Handler(
         "passthrough", _raw_activation, lambda op, ctx: None,

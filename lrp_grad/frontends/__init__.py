@@ -261,6 +261,12 @@ def load_model(path):
         except Exception as e:  # noqa: BLE001 - each package fails in its own way on foreign files
             errors.append(f"{frontend.PACKAGE}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
+        if not is_model(model):  # a SavedModel without Keras metadata loads as a bare TensorFlow object
+            raise ModelFileError(
+                f"cannot load model {os.fspath(path)!r}: it is a TensorFlow SavedModel for serving (as Keras 3 "
+                f"model.export() or tf.saved_model.save write), not a Keras model; it loads as a "
+                f"{type(model).__name__} without layers to explain. Explain the Keras model it was exported from "
+                "(saved with model.save('model.keras')).")
         try:
             _SOURCES[model] = path.resolve()
         except TypeError:  # pragma: no cover - a model that cannot be weakly referenced

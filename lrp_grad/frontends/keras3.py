@@ -202,7 +202,7 @@ def raw_op(op, node) -> RawOp:
     elif snake_case(cls) in SHAPE_ONLY:
         kind = "shape"
     axes, keepdims, batch_axis = None, False, 0
-    if kind in ("mean", "sum"):
+    if kind in ("mean", "sum") or cls in ("Max", "Amax"):  # a max's axes: refused over the batch axis
         rank = len(tensors[0].shape)
         axis = getattr(op, "axis", None)
         if axis is not None:

@@ -163,7 +163,7 @@ def raw_op(layer, node) -> RawOp:
     elif symbol.rsplit(".", 1)[-1] in SHAPE_ONLY:
         kind = "shape"
     axes, keepdims, batch_axis = None, False, 0
-    if kind in ("mean", "sum"):
+    if kind in ("mean", "sum") or symbol.endswith("reduce_max"):  # a max's axes: refused over the batch axis
         kwargs = dict(node.call_kwargs or {})
         rest = list(node.call_args[1:])
         axis = kwargs.get("axis", rest[0] if rest else None)

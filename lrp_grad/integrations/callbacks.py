@@ -30,7 +30,8 @@ never changes the model (it only reads the current weights) and holds training u
 explanation of ``x`` per logged epoch (the grid's PNG and the summaries are written by a background
 thread while the next epoch trains; ``on_train_end`` waits for them): its
 :class:`~lrp_grad.Explainer` is built once and its compiled pass traced once for
-the whole training; it is rebuilt only for another model, a model whose layers changed, or a
+the whole training; it is rebuilt only for another model, a model whose layers changed (added,
+removed, reconfigured, or an ``activation`` reassigned in place), or a
 :class:`~lrp_grad.StaleExplainerError` (a BatchNorm folded through max pooling whose scales
 changed sign).
 """
@@ -323,7 +324,22 @@ class RelevanceCallback(*_BASES):
                                     f"{_shown(want)}{hint}.")
 
     def _graph_fingerprint(self, model):
-        return id(model), tuple(id(layer) for layer in model.layers), len(model.weights)
+        """What the plan was built from: the model, its layers (nested ones too), the number of
+        weights, and each layer's configuration and activation function (by identity: a layer's
+        ``activation`` reassigned in place changes the explained computation, issue 21)."""
+        def layer_key(layer):
+            try:
+                config = repr(layer.get_config())
+            except Exception:  # noqa: BLE001 - a custom layer without get_config: its identity only
+                config = None
+            return id(layer), config, id(getattr(layer, "activation", None))
+
+        flatten = getattr(model, "_flatten_layers", None)
+        try:
+            layers = list(flatten(include_self=False)) if callable(flatten) else list(model.layers)
+        except TypeError:  # pragma: no cover - another signature
+            layers = list(model.layers)
+        return id(model), tuple(layer_key(layer) for layer in layers), len(model.weights)
 
     def _ensure_explainer(self):
         """The Explainer of the current model: built once, again only for another model or changed layers."""

@@ -96,9 +96,11 @@ def export(explainer, path) -> pathlib.Path:
     Signatures
     ----------
     ``explain(images, target) -> {relevance, logits}``
-        ``target`` is an int32 class per image; ``-1`` (the only negative value allowed) explains
-        the predicted class. A target outside ``-1 .. classes - 1``, or a target batch of another
-        length than the images, fails the call with an ``InvalidArgumentError`` naming the range.
+        ``target`` is an int32 class index per image, in ``0 .. classes - 1``, as for the Python
+        API (which refuses negative targets too). A target outside that range (``-1`` included),
+        or a target batch of another length than the images, fails the call with an
+        ``InvalidArgumentError`` naming the range; for the predicted class call
+        ``serving_default``.
     ``serving_default(images) -> {relevance, logits, target}``
         The predicted class.
 
@@ -118,14 +120,16 @@ def export(explainer, path) -> pathlib.Path:
     module.model = explainer.model  # tracks the variables the graph reads
 
     n_classes = explainer.n_classes
-    message = (f"target must be -1 (explain the predicted class) or a class index in 0..{n_classes - 1} "
-               f"(the model has {n_classes} classes); other values are refused")
+    message = (f"target must be a class index in 0..{n_classes - 1} (the model has {n_classes} classes), as for "
+               "the Python API; negative values are refused: for the predicted class call the serving_default "
+               "signature (images only)")
 
     @tf.function(input_signature=[images, targets], autograph=False)
     def explain(images, target):
         # Checked in the graph, so a server answers a bad target with this message (an
-        # InvalidArgumentError) instead of an all-zero map (>= classes) or a silent "predicted".
-        checks = [tf.debugging.assert_greater_equal(target, -1, message=message),
+        # InvalidArgumentError) instead of an all-zero map (>= classes) or a silent "predicted" (-1,
+        # which the compiled pass would read as the predicted class).
+        checks = [tf.debugging.assert_greater_equal(target, 0, message=message),
                   tf.debugging.assert_less(target, n_classes, message=message),
                   tf.debugging.assert_equal(tf.shape(target)[0], tf.shape(images)[0],
                                             message="target must hold one class per image")]

@@ -154,7 +154,8 @@ def _samples(name: str, value: Any) -> list:
 
 
 def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, scheme: str = "lrp",
-         ncols: int | None = None, path: Any = None, suptitle: str | None = None, shared_scale: bool = False):
+         ncols: int | None = None, path: Any = None, suptitle: str | None = None, shared_scale: bool = False,
+         percentile: float | None = None):
     """Draw a figure with one column per sample: the input on top, its heatmap below.
 
     Parameters
@@ -180,7 +181,13 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
         One colour range for all maps (``max |R|`` over all of them), so that maps of several
         targets or models can be compared by colour; use it where the maps are compared. Either
         way, a map that is all zero says so in its title (a per-map scale would otherwise show it
-        as plain white without telling why).
+        as plain white without telling why), and on a shared scale a map below 2% of it says it is
+        faint, not zero (it would look like an all-zero one).
+    percentile : float, optional
+        A robust colour scale: the limit is this percentile of ``|R|`` (e.g. ``99.5``) instead of
+        its maximum, so that one hot pixel does not wash out the rest of the map; larger values
+        saturate at the ends of the colour bar. The figure's title says so. With ``shared_scale``
+        the percentile is taken over all maps together.
 
     Returns
     -------
@@ -226,19 +233,50 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
 
     if not isinstance(shared_scale, bool):
         raise ValueError(f"shared_scale must be True or False, got {shared_scale!r}.")
+    if percentile is not None and (isinstance(percentile, bool) or not isinstance(percentile, numbers.Real)
+                                   or not 0 < percentile <= 100):
+        raise ValueError(f"percentile must be a number in (0, 100] (e.g. 99.5), got {percentile!r}.")
+
+    def scale_of(values):
+        top = float(np.abs(values).max())
+        if percentile is None or not top:
+            return top or 1.0
+        return float(np.percentile(np.abs(values), percentile)) or top  # a mostly-zero map: its maximum
+
     common = None
     if shared_scale:
-        common = max(float(np.abs(f).max()) for f in flats) or 1.0
+        common = scale_of(np.concatenate([f.reshape(-1) for f in flats]))
 
     # 2. Lay out (image, heatmap) row pairs; wrapped rows repeat the pattern.
     per_sample = 1 if pictures is None else 2
-    nrows = math.ceil(count / ncols) * per_sample
-    header = 0.35 + (0.3 if suptitle else 0.0)  # inches above the first row for the titles
-    width, height = ncols * _CELL_W, nrows * _CELL_H + header
+    blocks = math.ceil(count / ncols)
+    nrows = blocks * per_sample
+    notes = [] if suptitle is None else [suptitle]
+    if percentile is not None:
+        notes.append(f"colour scale: the {percentile:g}th percentile of |R| (larger values saturate)")
+    if shared_scale and notes:
+        notes.append("(one colour scale for all maps)")
+    import textwrap  # noqa: PLC0415
+
+    chars = max(24, int(ncols * _CELL_W * 12))  # about what fits across the figure at 10 pt
+    notes = ["\n".join(textwrap.fill(line, chars) for line in n.splitlines()) for n in notes]
+    title_lines = max([len(str(t).splitlines()) for t in titles] if titles is not None else [1]) + \
+        (1 if any(not np.any(f) for f in flats) or shared_scale else 0)
+    header = 0.1 + 0.17 * title_lines + 0.2 * sum(len(n.splitlines()) for n in notes)  # inches above the first row
+    width = ncols * _CELL_W
+    # Rows as tall as the maps drawn in them (square pixels at the columns' width), so that a
+    # single sample leaves no empty band between its image and its heatmap; the gap between rows
+    # holds the titles of a wrapped block.
+    left, right, wspace = 0.05, 0.75, 0.55
+    axes_w = (width - left - right) / (ncols + wspace * (ncols - 1))
+    aspect = max(f.shape[0] / f.shape[1] for f in flats)
+    axes_h = axes_w * aspect
+    gap = (0.2 + 0.17 * title_lines) if blocks > 1 else 0.12
+    height = math.ceil((nrows * axes_h + (nrows - 1) * gap + header + 0.1) * _DPI) / _DPI  # whole pixels
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(width, height))
     # Fixed margins in inches (not fractions), so the last colour bar's labels fit at any ncols.
-    fig.subplots_adjust(left=0.05 / width, right=1.0 - 0.75 / width, bottom=0.08 / height,
-                        top=1.0 - header / height, wspace=0.55, hspace=0.25)
+    fig.subplots_adjust(left=left / width, right=1.0 - right / width, bottom=0.1 / height,
+                        top=1.0 - header / height, wspace=wspace, hspace=gap / axes_h)
     for ax in axes.flat:
         ax.set_visible(False)
 
@@ -254,14 +292,18 @@ def grid(images: Any, relevances: Any, titles: Sequence[str] | None = None, sche
             top.set_yticks([])
         heat = axes[block * per_sample + per_sample - 1, col]
         heat.set_visible(True)
-        plot(flat, ax=heat, scheme=scheme, colorbar=True, limit=common)
+        plot(flat, ax=heat, scheme=scheme, colorbar=True, limit=common if shared_scale else scale_of(flat))
         title = None if titles is None else str(titles[i])
-        if not np.any(flat):
+        peak = float(np.abs(flat).max())
+        if not peak:
             title = "all zero" if title is None else f"{title}\n(all zero)"
+        elif shared_scale and peak < 0.02 * common:  # white on the shared scale, yet not zero: say so
+            note = f"(max |R| {peak:.2g}: faint, not zero)"
+            title = note if title is None else f"{title}\n{note}"
         if title is not None:
             (top if pictures is not None else heat).set_title(title, fontsize=10)
-    if suptitle is not None:
-        fig.suptitle(suptitle + ("\n(one colour scale for all maps)" if shared_scale else ""))
+    if notes:
+        fig.suptitle("\n".join(notes), fontsize=10)
 
     # 4. Save at a fixed dpi so the PNG size follows from the figure size.
     if path is not None:
@@ -280,9 +322,26 @@ def _pillow_image():
     return Image
 
 
+def _with_colour_bar(rgb: np.ndarray, scheme: str, limit: float):
+    """``(rgb with a colour bar strip on its right, [((x, y), label)])``: a white gap, the bar
+    (``+limit`` at the top, 0 white in the middle, ``-limit`` at the bottom) and room for labels."""
+    height, width = rgb.shape[:2]
+    gap, bar, room = 6, max(10, width // 16), 48
+    column = colorize(np.linspace(1.0, -1.0, height)[:, None], scheme)  # (height, 1, 3)
+    strip = np.ones((height, gap + bar + room, 3))
+    strip[:, gap:gap + bar] = column
+    strip[[0, -1], gap:gap + bar] = 0.0  # a thin black frame
+    strip[:, [gap, gap + bar - 1]] = 0.0
+    x = width + gap + bar + 3
+    shown = "0" if limit == 0 else f"{limit:.2g}"
+    labels = [((x, 0), f"+{shown}"), ((x, max(0, height // 2 - 5)), "0"), ((x, max(0, height - 11)), f"-{shown}")]
+    return np.concatenate([rgb, strip], axis=1), labels
+
+
 def save_png(relevance: Any, path: Any, scheme: str = "lrp", image: Any = None, *,
-             min_width: int = 224) -> pathlib.Path:
-    """Write one heatmap (or overlay) as a PNG of its pixels, without axes or colour bar.
+             min_width: int = 224, colorbar: bool = False) -> pathlib.Path:
+    """Write one heatmap (or overlay) as a PNG of its pixels, without axes (and, unless
+    ``colorbar``, without colour bar).
 
     Parameters
     ----------
@@ -298,6 +357,9 @@ def save_png(relevance: Any, path: Any, scheme: str = "lrp", image: Any = None, 
         Small maps are enlarged by the smallest integer factor that makes them at least this
         many pixels wide (a 28 x 28 map becomes 224 x 224); nearest-neighbour enlargement keeps
         every input pixel a sharp square.
+    colorbar : bool
+        Append a colour bar right of the map, from ``-max|R|`` (bottom) through 0 to ``+max|R|``
+        (top), labelled with those values (labels need Pillow). The map's pixels are unchanged.
 
     Returns
     -------
@@ -315,12 +377,25 @@ def save_png(relevance: Any, path: Any, scheme: str = "lrp", image: Any = None, 
         raise ValueError(f"min_width must be a positive integer, got {min_width!r}.")
     rgb = colorize(relevance, scheme) if image is None else overlay(image, relevance, scheme)
     factor = max(1, math.ceil(min_width / rgb.shape[1]))
+    if not isinstance(colorbar, bool):
+        raise ValueError(f"colorbar must be True or False, got {colorbar!r}.")
     rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+    limit = float(np.abs(to_2d(relevance)).max())
+    labels = None
+    if colorbar:
+        rgb, labels = _with_colour_bar(rgb, scheme, limit)
     pixels = np.round(rgb * 255.0).astype(np.uint8)
     path = pathlib.Path(path)
     Image = _pillow_image()
     if Image is not None:
-        Image.fromarray(pixels).save(path, format="PNG")
+        picture = Image.fromarray(pixels)
+        if labels is not None:
+            from PIL import ImageDraw  # noqa: PLC0415
+
+            draw = ImageDraw.Draw(picture)
+            for (x, y), text in labels:
+                draw.text((x, y), text, fill=(0, 0, 0))
+        picture.save(path, format="PNG")
         return path
     try:
         import matplotlib.image as mimage

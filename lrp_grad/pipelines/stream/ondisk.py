@@ -108,6 +108,20 @@ def _check_same_run(out, manifest, fp, batch_size):
     )
 
 
+def _check_same_length(out, state, length):
+    """A resume of a dataset with another number of images (one removed or added since the run
+    started) would pair the rows already written with other images: say so, before anything else
+    (the file's shape would otherwise be reported as damage)."""
+    before = state.get("length")
+    if before is None or length is None or int(before) == int(length):
+        return
+    raise InvalidInputError(
+        f"cannot resume {out}: it was written for a dataset of {int(before)} images, this one has {int(length)}: the "
+        "image list changed since the run started (an image removed or added), so the rows written so far may belong "
+        "to other images. Resume with the images it was written for, or start over with resume=False (or another "
+        "output path).")
+
+
 _MISSING = object()
 
 

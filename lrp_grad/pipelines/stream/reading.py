@@ -212,8 +212,10 @@ def _from_dict(element):
 def _class_labels(label, count, index, classes):
     """Class indices of ``count`` images (dataset indices from ``index``) from their label entry:
     integers (or whole floats) in ``0..n-1``, or one-hot rows of length ``n`` (their argmax), where
-    ``classes = (n, model name)`` (``n`` ``None``: not checked). Anything else is an error naming
-    the element and what a label must be."""
+    ``classes = (n, model name)`` (``n`` ``None``: not checked). A model with one output unit (a
+    binary ``Dense(1, "sigmoid")`` classifier) takes labels 0 and 1, and its unit (index 0) is the
+    target of both: the logit's relevance, positive for evidence of class 1. Anything else is an
+    error naming the element and what a label must be."""
     n, model = classes
     valid = "" if n is None else f" in 0..{n - 1}"
     a = np.asarray(label)
@@ -247,6 +249,15 @@ def _class_labels(label, count, index, classes):
                 f"dataset element {index + i}: labels must be integer class indices{valid}, got {a[i]} (dtype "
                 f"{a.dtype}); float labels are read only when they are whole numbers. Pass integer labels or "
                 "one-hot rows.")
+    if n == 1:  # one output unit (Dense(1, "sigmoid")): 0/1 labels are binary, the unit is the target
+        out = (a != 0) & (a != 1)
+        if out.any():
+            i = int(np.flatnonzero(out)[0])
+            raise InvalidInputError(
+                f"dataset element {index + i}: label {a[i]} for model {model!r}, which has one output unit (a binary "
+                "classifier): labels must be 0 or 1 (the unit is explained for both). Fix or drop such elements, or "
+                "use target='predicted' (labels are then not read).")
+        return np.zeros(count, np.int64)
     if n is not None:
         out = (a < 0) | (a >= n)
         if out.any():

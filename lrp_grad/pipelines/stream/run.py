@@ -72,10 +72,12 @@ def explain_dataset(explainer, data, target="auto", batch_size=256, out=None, re
         relevance sum, conservation error).
     """
     explainer.signature.require_classifier("explain_dataset")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    batch_size = int(batch_size)  # numpy integers are ints too (np.int64(2))
     if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1):
         raise InvalidInputError(f"length must be a positive int or None, got {length!r}.")
+    length = None if length is None else int(length)
     _targets(target, np.zeros(0, np.int64), 0)  # validates the target choice before any work
     worker = _check_worker(worker)
     data, pair_length = _pair_of_arrays(data, len(explainer.input_shape))

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from .ondisk import (_JOURNAL, _SUMMARIES_BIN, _check_same_run, _damaged, _digest, _pwrite, _read_journal,
-                     _read_manifest, _read_sidecar, _reserve, _save_atomic, _sidecar, _verify_folder,
+from .ondisk import (_JOURNAL, _SUMMARIES_BIN, _check_same_length, _check_same_run, _damaged, _digest, _pwrite,
+                     _read_journal, _read_manifest, _read_sidecar, _reserve, _save_atomic, _sidecar, _verify_folder,
                      _verify_folder_summaries, _verify_npy, _write_all, _write_error, _write_json)
 from .summaries import _SUMMARY_DTYPE, _SUMMARY_KEYS, DatasetResult, _columns, _concat_tables
 
@@ -44,6 +44,7 @@ class _NpySink:
             self.summaries = _verify_folder_summaries(out, parts_dir, state["batches"])
         older = [self.side, legacy, *parts_dir.glob("summary_*.npz")]
         if state is not None:
+            _check_same_length(out, state, shape[0])
             self.batches = list(state["batches"])
             _verify_npy(out, self.batches, self.summaries, shape, dtype)
         else:  # starting over: nothing written before may be trusted (removed before the file is touched)
