@@ -108,6 +108,16 @@ def _forget_gradients(names: set) -> None:
     names.clear()
 
 
+def activation_elements(graph) -> int:
+    """Activation elements per sample: the sum of every call's input sizes (unknown sizes as 1)."""
+    elements = 0
+    for node in graph.nodes:
+        for shape in node.input_shapes:
+            dims = list(shape)[1:]
+            elements += int(np.prod([d or 1 for d in dims])) if dims else 1
+    return max(1, elements)
+
+
 def pad_to_bucket(a: np.ndarray) -> np.ndarray:
     """Pad the batch axis with zeros up to the next power of two.
 
@@ -446,13 +456,8 @@ class Passes:
         size of ``sample_shape`` (one sample of the batch being explained), when given.
         """
         if self._auto_batch is None:
-            elements = 0
-            for node in self.signed_plan.graph.nodes:
-                for shape in node.input_shapes:
-                    dims = list(shape)[1:]
-                    elements += int(np.prod([d or 1 for d in dims])) if dims else 1
             itemsize = np.dtype(self.signature.dtype).itemsize
-            self._per_sample = max(1, elements) * self.BYTES_PER_ACTIVATION * (itemsize / 4)
+            self._per_sample = activation_elements(self.signed_plan.graph) * self.BYTES_PER_ACTIVATION * itemsize / 4
             self._auto_batch = self._fitting(self._per_sample)
         known = [d for d in self.signature.input_shape if d is not None]
         if sample_shape is None or len(known) == len(self.signature.input_shape):
