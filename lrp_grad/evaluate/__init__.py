@@ -1,5 +1,8 @@
 """Faithfulness metrics: the seed report's pixel flipping, perturbation curves and AOPC.
 
+Region perturbation in both orders with data-independent baselines, and the symmetric relevance
+gain scored from it, live in :mod:`lrp_grad.evaluate.region` (re-exported here).
+
 Every metric works on any attribution (LRP, gradient, LIME, random) given as an array shaped like
 the input; pixels are ranked by their relevance summed over channels, and all channels of a
 pixel are perturbed together. Models are called in batches; nothing loops over pixels.
@@ -14,7 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "perturbation_curve", "aopc",
-           "attribution", "METHODS"]
+           "attribution", "METHODS",
+           # region perturbation and the symmetric relevance gain (region.py)
+           "region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
 
 
 def _has_probability_output(model) -> bool:
@@ -272,3 +277,8 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
         start = time.perf_counter()
         r = ex(x, target=y, batch_size=256)
     return r, (time.perf_counter() - start) / len(x)
+
+
+# Imported last: region.py uses the helpers above.
+from .region import (BASELINES, ORDERS, OUTPUTS, curve_area, patch_ranks, region_perturbation,  # noqa: E402
+                     srg)

@@ -1,0 +1,305 @@
+"""Region perturbation and the symmetric relevance gain against analytic cases (issue 22)."""
+import numpy as np
+import pytest
+
+from lrp_grad import evaluate
+from lrp_grad.errors import InvalidInputError, InvalidTargetError
+
+H, W, C, N, CLASSES = 6, 5, 2, 5, 3
+trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
+
+
+def linear_model(K, softmax=False):
+    """logits = flatten(x) @ Wt, float64, no bias: removing a region with a zero baseline lowers
+    logit c by exactly the summed w_c * x of its pixels."""
+    inp = K.Input((H, W, C), dtype="float64")
+    flat = K.layers.Flatten(dtype="float64")(inp)
+    out = K.layers.Dense(CLASSES, use_bias=False, dtype="float64",
+                         activation="softmax" if softmax else None)(flat)
+    model = K.Model(inp, out)
+    weights = np.random.default_rng(0).normal(size=(H * W * C, CLASSES))
+    model.layers[-1].set_weights([weights])
+    return model, weights
+
+
+@pytest.fixture
+def linear(K):
+    model, weights = linear_model(K)
+    x = np.random.default_rng(1).uniform(-1, 1, (N, H, W, C))
+    return model, weights, x
+
+
+def region_index(patch):
+    """(H, W) row-major region index of every pixel, computed independently of the library."""
+    gw = -(-W // patch)
+    return np.array([[(i // patch) * gw + j // patch for j in range(W)] for i in range(H)])
+
+
+def expected_curve(x, contrib, patch, order, steps=None):
+    """Numpy reference: logit after removing (zero baseline) the regions in relevance order,
+    the relevance being ``contrib`` itself (exact contributions of a bias-free linear model)."""
+    idx = region_index(patch)
+    regions = idx.max() + 1
+    steps = regions if steps is None else steps
+    curves = []
+    for i in range(len(x)):
+        pix = contrib[i].sum(-1)
+        scores = np.array([pix[idx == p].sum() for p in range(regions)])
+        ranked = sorted(range(regions), key=lambda p: (-scores[p] if order == "morf" else scores[p], p))
+        logit = contrib[i].sum()
+        row = [logit]
+        for p in ranked[:steps]:
+            logit -= scores[p]
+            row.append(logit)
+        curves.append(row)
+    return np.array(curves)
+
+
+@pytest.mark.parametrize("order", ["morf", "lerf"])
+@pytest.mark.parametrize("patch", [2, 4])
+def test_linear_model_curve_is_the_running_sum_of_removed_contributions(linear, order, patch):
+    model, weights, x = linear
+    target = np.array([0, 1, 2, 1, 0])
+    contrib = x * weights[:, target].T.reshape(N, H, W, C)  # gradient x input of each image's target
+    curve = evaluate.region_perturbation(model, x, contrib, target, patch=patch, baseline="zero", order=order)
+    regions = (-(-H // patch)) * (-(-W // patch))  # 6x5 is not a multiple of 4: smaller last regions
+    assert curve.shape == (N, regions + 1) and curve.dtype == np.float64
+    np.testing.assert_allclose(curve, expected_curve(x, contrib, patch, order), rtol=1e-10, atol=1e-12)
+    # MoRF falls below every LeRF step; the fully perturbed image (zeros) has logit 0 in both.
+    np.testing.assert_allclose(curve[:, -1], 0, atol=1e-12)
+    part = evaluate.region_perturbation(model, x, contrib, target, patch=patch, baseline="zero", order=order, steps=3)
+    np.testing.assert_allclose(part, curve[:, :4], rtol=1e-12, atol=1e-12)
+
+
+def test_srg_ranks_true_over_random_over_negated_attribution(linear):
+    model, weights, x = linear
+    target = 1
+    contrib = x * weights[:, target].reshape(H, W, C)
+    score = {}
+    for name, r in [("true", contrib), ("random", np.random.default_rng(5).normal(size=x.shape)),
+                    ("negated", -contrib)]:
+        score[name] = evaluate.srg(model, x, r, target, patch=2, baseline="zero")
+    assert np.all(score["true"] > score["random"]) and np.all(score["random"] > score["negated"])
+    np.testing.assert_allclose(score["negated"], -score["true"], rtol=1e-10)  # no ties: orders swap exactly
+    # and the documented definition: trapezoidal areas on [0, 1], LeRF minus MoRF
+    s, morf, lerf = evaluate.srg(model, x, contrib, target, patch=2, baseline="zero", return_curves=True)
+    xs = np.linspace(0, 1, morf.shape[1])
+    np.testing.assert_allclose(s, trapezoid(lerf, xs, axis=1) - trapezoid(morf, xs, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(s, score["true"], rtol=1e-12)
+    assert np.all(s > 0)
+
+
+def test_negating_the_relevance_swaps_morf_and_lerf(linear):
+    model, _, x = linear
+    r = np.random.default_rng(2).normal(size=x.shape)
+    for baseline in ("mean", "blur"):
+        kw = dict(patch=2, baseline=baseline, target=2)
+        morf = evaluate.region_perturbation(model, x, r, order="morf", **kw)
+        lerf = evaluate.region_perturbation(model, x, r, order="lerf", **kw)
+        np.testing.assert_allclose(evaluate.region_perturbation(model, x, -r, order="morf", **kw), lerf, rtol=1e-12)
+        np.testing.assert_allclose(evaluate.region_perturbation(model, x, -r, order="lerf", **kw), morf, rtol=1e-12)
+        assert not np.allclose(morf, lerf)
+
+
+def test_constant_map_ties_break_by_region_index_and_score_zero(linear):
+    model, weights, x = linear
+    constant = np.ones(x.shape)
+    ranks = evaluate.patch_ranks(constant, patch=1, order="lerf")
+    np.testing.assert_array_equal(ranks[0], region_index(1))  # stable: region 0 first, in both orders
+    np.testing.assert_array_equal(evaluate.patch_ranks(constant, 1, "morf"), ranks)
+    s, morf, lerf = evaluate.srg(model, x, constant, 0, patch=1, return_curves=True)
+    np.testing.assert_array_equal(morf, lerf)
+    np.testing.assert_array_equal(s, 0.0)
+
+
+def test_regions_are_scored_by_summed_relevance_so_smaller_edge_regions_score_less(linear):
+    """6x5 images in 2x2 regions: the last column of regions is 2x1 and sums half as much."""
+    constant = np.ones((1, H, W, C))
+    morf = evaluate.patch_ranks(constant, patch=2, order="morf")[0]
+    lerf = evaluate.patch_ranks(constant, patch=2, order="lerf")[0]
+    idx = region_index(2)
+    full, edge = [0, 1, 3, 4, 6, 7], [2, 5, 8]
+    np.testing.assert_array_equal([morf[idx == p][0] for p in full + edge], range(9))  # ties: by region index
+    np.testing.assert_array_equal([lerf[idx == p][0] for p in edge + full], range(9))
+
+
+def test_constant_map_scores_like_random_rankings_in_expectation(linear):
+    """Averaged over random rankings the SRG is 0 (MoRF and LeRF of a random map are exchangeable),
+    the same as the constant map; the exact attribution is far above."""
+    model, weights, x = linear
+    contrib = x * weights[:, 0].reshape(H, W, C)
+    rng = np.random.default_rng(7)
+    random_scores = np.stack([evaluate.srg(model, x, rng.normal(size=(N, H, W)), 0, patch=2, baseline="zero")
+                              for _ in range(30)])
+    true = evaluate.srg(model, x, contrib, 0, patch=2, baseline="zero")
+    mean, se = random_scores.mean(), random_scores.std() / np.sqrt(random_scores.size)
+    assert abs(mean) < 4 * se
+    assert true.mean() > mean + 10 * se
+
+
+def test_batched_equals_per_image(linear):
+    model, _, x = linear
+    r = np.random.default_rng(3).normal(size=x.shape)
+    for baseline in ("mean", "blur", "uniform", "zero"):
+        kw = dict(patch=3, baseline=baseline, steps=4, output="probability")
+        whole = evaluate.srg(model, x, r, return_curves=True, **kw)
+        single = evaluate.srg(model, x, r, batch_size=1, return_curves=True, **kw)
+        two = evaluate.srg(model, x, r, batch_size=2, return_curves=True, **kw)
+        for a, b, c in zip(whole, single, two):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-15)
+
+
+def test_target_none_is_the_predicted_class_and_probability_output(linear):
+    model, weights, x = linear
+    logits = x.reshape(N, -1) @ weights
+    predicted = logits.argmax(1)
+    r = np.random.default_rng(4).normal(size=x.shape)
+    auto = evaluate.region_perturbation(model, x, r, patch=2, order="lerf")
+    np.testing.assert_allclose(auto, evaluate.region_perturbation(model, x, r, predicted, patch=2, order="lerf"))
+    np.testing.assert_allclose(auto[:, 0], logits.max(1), rtol=1e-12)
+    prob = evaluate.region_perturbation(model, x, r, patch=2, order="lerf", output="probability")
+    p0 = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(prob[:, 0], (p0 / p0.sum(1, keepdims=True)).max(1), rtol=1e-12)
+    assert np.all((prob >= 0) & (prob <= 1))
+
+
+def test_softmax_model_logit_and_probability(K):
+    plain, weights = linear_model(K)
+    soft, _ = linear_model(K, softmax=True)
+    x = np.random.default_rng(1).uniform(-1, 1, (N, H, W, C))
+    r = np.random.default_rng(4).normal(size=x.shape)
+    kw = dict(patch=3, order="morf", target=1)
+    np.testing.assert_allclose(evaluate.region_perturbation(soft, x, r, **kw),
+                               evaluate.region_perturbation(plain, x, r, **kw), rtol=1e-9)
+    np.testing.assert_allclose(evaluate.region_perturbation(soft, x, r, output="probability", **kw),
+                               evaluate.region_perturbation(plain, x, r, output="probability", **kw), rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: what a replaced region becomes
+
+
+class Recorder:
+    """A stand-in model that records the images it is called with; output: two constant classes."""
+
+    layers = [object()]  # not a softmax/sigmoid layer: the output is taken as logits
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, training=False):
+        self.calls.append(np.array(x))
+        return np.zeros((len(x), 2))
+
+
+def perturbed_after_one_step(baseline, x, relevance, patch=2, **kw):
+    model = Recorder()
+    evaluate.region_perturbation(model, x, relevance, 0, patch=patch, baseline=baseline, steps=1, **kw)
+    assert len(model.calls) == 2  # one forward pass per step for the whole batch
+    return model.calls[1]
+
+
+@pytest.fixture
+def images():
+    x = np.random.default_rng(8).uniform(0.2, 0.9, (3, 6, 5, 3))
+    relevance = np.zeros((3, 6, 5))
+    relevance[:, 2:4, 2:4] = 1.0  # region 5 (rows 2-3, cols 2-3) is the most relevant
+    return x, relevance
+
+
+def test_mean_baseline_replaces_the_region_by_the_channel_means(images):
+    x, r = images
+    out = perturbed_after_one_step("mean", x, r)
+    np.testing.assert_allclose(out[:, 2:4, 2:4], np.broadcast_to(x.mean((1, 2), keepdims=True), (3, 2, 2, 3)))
+    mask = np.ones((6, 5), bool)
+    mask[2:4, 2:4] = False
+    np.testing.assert_array_equal(out[:, mask], x[:, mask])
+
+
+def test_zero_baseline_and_smaller_last_regions(images):
+    x, _ = images
+    r = np.zeros((3, 6, 5))
+    r[:, 4:, 4] = 5.0  # the 2x1 corner region (6x5 image, patch 2)
+    out = perturbed_after_one_step("zero", x, r)
+    np.testing.assert_array_equal(out[:, 4:, 4], 0)
+    assert np.count_nonzero(out == 0) == 3 * 2 * 3
+
+
+def test_blur_baseline_is_a_box_blur_of_width_2_patch_plus_1(images):
+    x, r = images
+    out = perturbed_after_one_step("blur", x, r, patch=1)
+    # independent reference: 3x3 mean with replicated edges, pixel (2, 2) and its neighbours
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    ref = np.mean([padded[:, 2 + di:3 + di, 2 + dj:3 + dj] for di in (0, 1, 2) for dj in (0, 1, 2)], axis=0)
+    np.testing.assert_allclose(out[:, 2:3, 2:3], ref, rtol=1e-12)
+    # a constant image blurs to itself (edges replicated, not zero-padded)
+    flat = np.full((1, 6, 5, 3), 0.7)
+    np.testing.assert_allclose(perturbed_after_one_step("blur", flat, r[:1], patch=2), flat, rtol=1e-12)
+
+
+def test_uniform_baseline_stays_in_each_images_range_and_follows_the_seed(images):
+    x, r = images
+    x = x * np.array([1.0, 10.0, 100.0])[:, None, None, None]
+    out = perturbed_after_one_step("uniform", x, r)
+    region = out[:, 2:4, 2:4]
+    assert not np.allclose(region, x[:, 2:4, 2:4])
+    for i in range(3):
+        assert x[i].min() <= region[i].min() and region[i].max() <= x[i].max()
+    np.testing.assert_array_equal(perturbed_after_one_step("uniform", x, r), out)
+    assert not np.allclose(perturbed_after_one_step("uniform", x, r, seed=1), out)
+
+
+def test_callable_baseline(images):
+    x, r = images
+    out = perturbed_after_one_step(lambda b: b * 0 + 42.0, x, r)
+    np.testing.assert_array_equal(out[:, 2:4, 2:4], 42.0)
+    out = perturbed_after_one_step(lambda b: np.float64(-1.0), x, r)  # broadcast to the batch
+    np.testing.assert_array_equal(out[:, 2:4, 2:4], -1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the argument, the value and the fix
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(baseline="foo"), ValueError, ["baseline='foo'", "'zero', 'mean', 'blur', 'uniform'", "callable"]),
+    (dict(order="best"), ValueError, ["order='best'", "'morf', 'lerf'"]),
+    (dict(output="logits"), ValueError, ["output='logits'", "'logit', 'probability'"]),
+    (dict(patch=0), ValueError, ["patch must be an integer >= 1", "0"]),
+    (dict(patch=2.5), ValueError, ["patch must be an integer >= 1", "2.5"]),
+    (dict(steps=-1), ValueError, ["steps must be an integer >= 0", "-1"]),
+    (dict(steps=31), ValueError, ["steps=31", "only 30 patches", "steps=None"]),
+    (dict(batch_size=0), ValueError, ["batch_size must be an integer >= 1 or None", "0"]),
+    (dict(target=7), InvalidTargetError, ["target[0] = 7", "3 outputs", "0..2"]),
+    (dict(target=-1), InvalidTargetError, ["target=-1", ">= 0"]),
+    (dict(target=[0, 1]), InvalidTargetError, ["target has shape (2,)", "(5,)"]),
+    (dict(baseline=lambda b: b[:, :2]), ValueError, ["callable baseline returned shape", "shaped like its argument"]),
+])
+def test_bad_arguments_are_refused_with_a_message(kwargs, error, words):
+    import tf_keras
+
+    kwargs = dict(kwargs)
+    model, _ = linear_model(tf_keras)
+    x = np.random.default_rng(1).uniform(-1, 1, (N, H, W, C))
+    r = np.ones((N, H, W))
+    with pytest.raises(error) as info:
+        evaluate.region_perturbation(model, x, r, patch=kwargs.pop("patch", 1), **kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_bad_images_and_relevance_shapes():
+    import tf_keras
+
+    model, _ = linear_model(tf_keras)
+    x = np.zeros((N, H, W, C))
+    with pytest.raises(InvalidInputError, match=r"x must be a batch of images of shape \(n, H, W, C\), got shape "
+                                                r"\(6, 5, 2\).*x\[None\]"):
+        evaluate.srg(model, x[0], np.zeros((H, W, C)))
+    with pytest.raises(ValueError, match=r"relevance has shape \(5, 6, 4\) but x has shape \(5, 6, 5, 2\)"):
+        evaluate.srg(model, x, np.zeros((N, H, 4)))
+    with pytest.raises(ValueError, match="relevance has NaN"):
+        evaluate.srg(model, x, np.full((N, H, W), np.nan))
+    with pytest.raises(ValueError, match="return_curves must be True or False"):
+        evaluate.srg(model, x, np.zeros((N, H, W)), return_curves="yes")
