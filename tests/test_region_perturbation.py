@@ -258,6 +258,16 @@ def test_callable_baseline(images):
     np.testing.assert_array_equal(out[:, 2:4, 2:4], -1.0)
 
 
+def test_integer_images_are_accepted(K):
+    """uint8 images (as read from files) are perturbed in float: the mean baseline is not rounded."""
+    model, weights = linear_model(K)
+    x = np.random.default_rng(9).integers(0, 256, (N, H, W, C), dtype=np.uint8)
+    r = np.random.default_rng(4).normal(size=x.shape)
+    curve = evaluate.region_perturbation(model, x, r, 1, patch=3, baseline="mean", steps=1)
+    np.testing.assert_allclose(curve, evaluate.region_perturbation(model, x.astype(np.float64), r, 1, patch=3,
+                                                                   baseline="mean", steps=1), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors name the argument, the value and the fix
 

@@ -31,7 +31,7 @@ import numbers
 
 import numpy as np
 
-from ..errors import InvalidInputError, InvalidTargetError
+from ..errors import InvalidInputError, InvalidTargetError, UnsupportedLayerError
 from . import _has_probability_output, _labels, pixel_relevance
 
 __all__ = ["region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
@@ -204,14 +204,19 @@ def _forward_fn(model, output: str):
         # Explainer's rewritten model computes (it skips a final softmax or sigmoid).
         from ..api.explainer import Explainer
 
-        ex = Explainer(model)
+        try:
+            ex = Explainer(model)
+        except UnsupportedLayerError as e:
+            raise UnsupportedLayerError(f"output='logit' on a model ending in softmax/sigmoid reads the logits "
+                                        f"through lrp_grad's rewritten model, which cannot be built here ({e}); "
+                                        "pass output='probability' to use the model's own output.", e.layers) from e
         return lambda x: np.asarray(ex.forward(x), np.float64)
 
     def forward(x):
         out = np.asarray(model(x, training=False), np.float64)
         if out.ndim != 2:
-            raise InvalidInputError(f"region_perturbation needs a classifier with output shape (n, classes); this model "
-                                    f"returns shape {out.shape}.")
+            raise InvalidInputError(f"region_perturbation needs a classifier with output shape (n, classes); "
+                                    f"this model returns shape {out.shape}.")
         if output == "probability" and not probability_model:
             out = np.exp(out - out.max(1, keepdims=True))
             out /= out.sum(1, keepdims=True)
