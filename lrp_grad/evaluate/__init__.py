@@ -19,7 +19,9 @@ import numpy as np
 __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "perturbation_curve", "aopc",
            "attribution", "METHODS",
            # region perturbation and the symmetric relevance gain (region.py)
-           "region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
+           "region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS",
+           # insertion curves (region.py), gradient baselines (baselines.py), model randomisation (randomization.py)
+           "insertion", "gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function"]
 
 
 def _has_probability_output(model) -> bool:
@@ -248,13 +250,15 @@ def _lime(model, x, y, num_samples=500, seed=0, progress=None):
 
 
 #: Names :func:`attribution` understands besides LRP rules/presets.
-METHODS = ("gradient", "gradient_x_input", "random", "lime")
+METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "random", "lime")
 
 
 def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, progress=None):
     """``(relevance, seconds per image)`` of ``method`` for the classes ``y``.
 
-    ``method`` is one of :data:`METHODS`, or anything ``lrp_grad.explain(rule=...)`` accepts
+    ``method`` is one of :data:`METHODS` (``'integrated_gradients'`` and ``'smoothgrad'`` with the
+    defaults of :func:`integrated_gradients` and :func:`smoothgrad`, which explain the logits; the
+    older ``'gradient'``/``'gradient_x_input'`` here differentiate the model's own output), or anything ``lrp_grad.explain(rule=...)`` accepts
     (a rule, a composite or a preset name). ``progress(done, total)`` is called after each image
     of the per-image methods (LIME).
     """
@@ -267,6 +271,10 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
         r = _gradient(model, x, y)
     elif isinstance(method, str) and method == "gradient_x_input":
         r = _gradient(model, x, y) * x
+    elif isinstance(method, str) and method == "integrated_gradients":
+        r = integrated_gradients(model, x, y)  # defaults: 32 steps, zero baseline, logits
+    elif isinstance(method, str) and method == "smoothgrad":
+        r = smoothgrad(model, x, y, seed=seed)  # defaults: 16 samples, noise 0.15 of the range, logits
     elif isinstance(method, str) and method == "random":
         r = np.random.default_rng(seed).normal(size=x.shape)
     elif isinstance(method, str) and method == "lime":
@@ -280,5 +288,6 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
 
 
 # Imported last: region.py uses the helpers above.
-from .region import (BASELINES, ORDERS, OUTPUTS, curve_area, patch_ranks, region_perturbation,  # noqa: E402
-                     srg)
+from .region import (BASELINES, ORDERS, OUTPUTS, curve_area, insertion, patch_ranks,  # noqa: E402
+                     region_perturbation, srg)
+from .baselines import gradient, gradient_x_input, integrated_gradients, logit_function, smoothgrad  # noqa: E402

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedLayerError
 from . import _has_probability_output, _labels, pixel_relevance
 
-__all__ = ["region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
+__all__ = ["region_perturbation", "insertion", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
 
 #: Baseline names :func:`region_perturbation` understands (a callable is accepted too).
 BASELINES = ("zero", "mean", "blur", "uniform")
@@ -225,8 +225,12 @@ def _forward_fn(model, output: str):
     return forward
 
 
-def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_size, output, seed, where):
-    """``{order: (n, steps + 1) curve}`` for each of ``orders``, sharing the forward pass of step 0."""
+def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_size, output, seed, where,
+            insert=False):
+    """``{order: (n, steps + 1) curve}`` for each of ``orders``, sharing the forward pass of step 0.
+
+    Deletion (default): the ``k`` first-ranked regions of the image become the baseline. Insertion
+    (``insert=True``): the ``k`` first-ranked regions of the baseline become the image."""
     x = _check_images(x, where)
     n, h, w = x.shape[:3]
     r = _check_relevance(relevance, x, where)
@@ -259,11 +263,12 @@ def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_s
                 raise InvalidTargetError(f"{where}: target[{first + bad}] = {int(t[bad])} but the model has "
                                          f"{out.shape[1]} outputs; pass class indices 0..{out.shape[1] - 1}.")
         base = _baseline_values(baseline, chunk, first, patch, seed, where).astype(chunk.dtype, copy=False)
+        start = forward(base)[rows[:m], t] if insert else out[rows[:m], t]
         for o in orders:
-            curves[o][first:first + m, 0] = out[rows[:m], t]
+            curves[o][first:first + m, 0] = start
             rank = ranks[o][first:first + m, :, :, None]
             for k in range(1, steps + 1):
-                perturbed = np.where(rank < k, base, chunk)
+                perturbed = np.where(rank < k, chunk, base) if insert else np.where(rank < k, base, chunk)
                 curves[o][first:first + m, k] = forward(perturbed)[rows[:m], t]
     return curves
 
@@ -314,6 +319,31 @@ def region_perturbation(model, x, relevance, target=None, *, patch: int = 4, bas
     order = _check_choice(order, "order", ORDERS, where)
     return _curves(model, x, relevance, target, patch, baseline, (order,), steps, batch_size, output, seed,
                    where)[order]
+
+
+def insertion(model, x, relevance, target=None, *, patch: int = 4, baseline="blur", order: str = "morf",
+              steps: int | None = None, batch_size: int | None = None, output: str = "logit",
+              seed: int = 0) -> np.ndarray:
+    """Insertion curve: start from the baseline image and put back the image's regions in relevance order.
+
+    The mirror of :func:`region_perturbation`, which is the *deletion* curve
+    (``region_perturbation(..., order="morf")``). Arguments, regions, ties and baselines are those
+    of :func:`region_perturbation`; the default baseline is ``'blur'`` (a blurred copy carries no
+    fine detail but keeps the image statistics). ``target=None`` is the class predicted on the
+    unperturbed image, so the explained class is the same in every column.
+
+    Returns
+    -------
+    float64 array (n, steps + 1)
+        Column ``k``: the explained output of the baseline image with the ``k`` first-ranked
+        regions of ``x`` inserted. Column 0 is the baseline's output; with ``steps=None`` (all
+        regions) the last column is the output on ``x`` itself. A good map makes the curve rise
+        early with ``order="morf"`` (compare with :func:`curve_area`).
+    """
+    where = "insertion"
+    order = _check_choice(order, "order", ORDERS, where)
+    return _curves(model, x, relevance, target, patch, baseline, (order,), steps, batch_size, output, seed,
+                   where, insert=True)[order]
 
 
 def curve_area(curve) -> np.ndarray:
