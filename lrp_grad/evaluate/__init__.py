@@ -21,7 +21,8 @@ __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "pertu
            # region perturbation and the symmetric relevance gain (region.py)
            "region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS",
            # insertion curves (region.py), gradient baselines (baselines.py), model randomisation (randomization.py)
-           "insertion", "gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function"]
+           "insertion", "gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function",
+           "randomization_check", "RandomizationResult", "rank_correlation", "weighted_layers"]
 
 
 def _has_probability_output(model) -> bool:
@@ -291,3 +292,4 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
 from .region import (BASELINES, ORDERS, OUTPUTS, curve_area, insertion, patch_ranks,  # noqa: E402
                      region_perturbation, srg)
 from .baselines import gradient, gradient_x_input, integrated_gradients, logit_function, smoothgrad  # noqa: E402
+from .randomization import RandomizationResult, randomization_check, rank_correlation, weighted_layers  # noqa: E402
