@@ -1,7 +1,10 @@
 """Faithfulness metrics: the seed report's pixel flipping, perturbation curves and AOPC.
 
 Region perturbation in both orders with data-independent baselines, and the symmetric relevance
-gain scored from it, live in :mod:`lrp_grad.evaluate.region` (re-exported here).
+gain scored from it, and insertion curves live in :mod:`lrp_grad.evaluate.region`; batched gradient
+baselines (gradient, gradient x input, integrated gradients, SmoothGrad) in
+:mod:`lrp_grad.evaluate.baselines`; the model-parameter randomisation check in
+:mod:`lrp_grad.evaluate.randomization` (all re-exported here).
 
 Every metric works on any attribution (LRP, gradient, LIME, random) given as an array shaped like
 the input; pixels are ranked by their relevance summed over channels, and all channels of a

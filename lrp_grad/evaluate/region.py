@@ -278,6 +278,8 @@ def region_perturbation(model, x, relevance, target=None, *, patch: int = 4, bas
                         seed: int = 0) -> np.ndarray:
     """Explained output while image regions are replaced by a baseline in relevance order.
 
+    With ``order="morf"`` this is the *deletion* curve; :func:`insertion` is its mirror.
+
     Parameters
     ----------
     model : keras.Model or tf_keras.Model
