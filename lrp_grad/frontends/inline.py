@@ -62,11 +62,13 @@ def _why(e) -> str:
 class _Inside:
     """What looking inside a layer's call found: ``model`` (the calls on the outputs that depend on
     the inputs, or ``None``), ``constants`` (output position -> a value computed without the
-    inputs) and, for a layer traced at two batch sizes, ``twin`` (the second trace's model)."""
+    inputs) and, for a layer traced at two batch sizes, ``twin`` (the second trace's model);
+    ``recorded``: the model's calls (``frontend.calls(model)``), read once."""
 
     model: object
     constants: dict
     twin: object = None
+    recorded: tuple = ()
 
 
 def _look_inside(frontend, layer, in_shapes, rebuild, dtypes, traced_shapes=None):
@@ -80,10 +82,11 @@ def _look_inside(frontend, layer, in_shapes, rebuild, dtypes, traced_shapes=None
     """
     rebuild = _accepted(layer, rebuild)
     try:
-        inside = _Inside(*frontend.functionalize(layer, in_shapes, rebuild, dtypes))
-        unknown = _unknown_size(frontend, inside.model)
+        model, constants = frontend.functionalize(layer, in_shapes, rebuild, dtypes)
+        recorded = tuple(frontend.calls(model)) if model is not None else ()
+        unknown = _unknown_size(frontend, recorded)
         if not unknown:
-            return inside, None
+            return _Inside(model, constants, recorded=recorded), None
         first = f"{unknown} has a size recorded as unknown (None)"
     except Exception as e:  # noqa: BLE001 - any failure of the user's call is reported, not raised
         first = _why(e)
@@ -97,7 +100,7 @@ def _look_inside(frontend, layer, in_shapes, rebuild, dtypes, traced_shapes=None
     (model, constants), (twin, constants2) = traces
     if set(constants) != set(constants2) or (model is None) != (twin is None):
         return None, f"{first} (and its outputs differ between batch sizes)"
-    return _Inside(model, constants, twin), None
+    return _Inside(model, constants, twin, tuple(frontend.calls(model)) if model is not None else ()), None
 
 
 def _accepted(layer, rebuild):
@@ -117,11 +120,9 @@ def _accepted(layer, rebuild):
     return filtered
 
 
-def _unknown_size(frontend, model) -> str:
-    """The first operation of ``model`` whose settings hold an unknown size, or ``""``."""
-    if model is None:
-        return ""
-    for obj, *_ in frontend.calls(model):
+def _unknown_size(frontend, recorded) -> str:
+    """The first of these calls whose operation's settings hold an unknown size, or ``""``."""
+    for obj, *_ in recorded:
         if isinstance(obj, RawOp) and tracing.unknown_size(obj.constants, frontend.is_graph_tensor):
             return f"operation {obj.symbol}"
     return ""
@@ -129,7 +130,7 @@ def _unknown_size(frontend, model) -> str:
 
 def _twin_calls(frontend, inside):
     """The second trace's calls, one per call of the first, checked to be the same calls."""
-    calls, twins = frontend.calls(inside.model), frontend.calls(inside.twin)
+    calls, twins = inside.recorded, frontend.calls(inside.twin)
     if len(calls) != len(twins):
         raise tracing.BatchLinkError(f"its call makes {len(calls)} calls at batch size {tracing.SIZES[0]} and "
                                      f"{len(twins)} at batch size {tracing.SIZES[1]}")
@@ -150,7 +151,7 @@ def _constant_op(layer, value, index):
 
 
 def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, calls, look_inside=None, depth=0,
-            twin_calls=None):
+            twin_calls=None, recorded=None):
     """Append ``model``'s calls to ``nodes``, nested graph models inlined recursively.
 
     Tensor ids get the call path as prefix so that a model used twice stays distinct; the inner
@@ -159,6 +160,7 @@ def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, 
     inputs and inlined the same way, its calls labelled ``'layer/...'``. ``twin_calls``: the calls
     of the same model traced at another batch size (see :func:`_look_inside`): shapes that scale
     with the batch become unknown again, and operations replay with the run's batch size.
+    ``recorded``: ``frontend.calls(model)`` when the caller already read them.
     """
     inputs, outputs = frontend.io(model)
     rename = {str(id(t)): outer for t, outer in zip(inputs, input_ids)}
@@ -173,7 +175,7 @@ def inline(frontend, model, input_ids, output_ids, prefix, label_prefix, nodes, 
         t_id = str(id(t))
         return rename.get(t_id, prefix + t_id)
 
-    for i, (obj, ins, outs, arg_names, kwargs, rebuild) in enumerate(frontend.calls(model)):
+    for i, (obj, ins, outs, arg_names, kwargs, rebuild) in enumerate(frontend.calls(model) if recorded is None else recorded):
         key = label_prefix + obj.name
         calls[key] = calls.get(key, 0) + 1
         label = key if calls[key] == 1 else f"{key}#{calls[key]}"
@@ -323,7 +325,7 @@ def _inline_inside(frontend, layer, inside, in_ids, out_ids, out_shapes, prefix,
     if inside.model is not None:
         symbolic_ids = tuple(out_ids[k] for k in range(n_out) if k not in inside.constants)
         inline(frontend, inside.model, in_ids, symbolic_ids, f"{prefix}{label}/", f"{label}/", added, calls,
-                look_inside, depth + 1, twin_calls)
+                look_inside, depth + 1, twin_calls, inside.recorded)
     for k, value in sorted(inside.constants.items()):
         op = _constant_op(layer, value, k)
         added.append(Node(op, (), (out_ids[k],), f"{label}/output_{k}", (), (out_shapes[k],)))

@@ -214,7 +214,8 @@ def linked_constant(c1, c2, ref1, ref2, is_graph_tensor):
     outside a two-size trace), repeated along the axis where it scales with the batch (a learned
     query tiled per image) as often as the run's batch size; ``ref1``/``ref2`` are the two traces'
     shapes of a tensor operand of the same call, whose dynamic shape gives that batch size."""
-    const = np.asarray(_array(c1) if _array(c1) is not None else c1)
+    array = _array(c1)
+    const = np.asarray(c1 if array is None else array)
     subs = [] if c2 is None else _differences(c1, c2, is_graph_tensor)
     if not subs:
         return lambda ref: tf.constant(const)
