@@ -1,5 +1,6 @@
 """Faithfulness metrics: the seed report's pixel flipping, perturbation curves and AOPC.
 
+Shared helpers (probabilities, relevance per pixel, labels) are in :mod:`lrp_grad.evaluate.common`.
 Region perturbation in both orders with data-independent baselines, and the symmetric relevance
 gain scored from it, and insertion curves live in :mod:`lrp_grad.evaluate.region`; batched gradient
 baselines (gradient, gradient x input, integrated gradients, SmoothGrad) in
@@ -19,6 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .baselines import gradient, gradient_x_input, integrated_gradients, logit_function, smoothgrad
+from .common import _labels, pixel_relevance, probabilities
+from .randomization import RandomizationResult, randomization_check, rank_correlation, weighted_layers
+from .region import BASELINES, ORDERS, OUTPUTS, curve_area, insertion, patch_ranks, region_perturbation, srg
+
 __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "perturbation_curve", "aopc",
            "attribution", "METHODS",
            # region perturbation and the symmetric relevance gain (region.py)
@@ -26,36 +32,6 @@ __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "pertu
            # insertion curves (region.py), gradient baselines (baselines.py), model randomisation (randomization.py)
            "insertion", "gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function",
            "randomization_check", "RandomizationResult", "rank_correlation", "weighted_layers"]
-
-
-def _has_probability_output(model) -> bool:
-    from ..frontends import activation_name, is_layer
-
-    last = model.layers[-1]
-    if is_layer(last, "Softmax"):
-        return True
-    return activation_name(getattr(last, "activation", None)) in ("softmax", "sigmoid")
-
-
-def probabilities(model, x, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities: the model's output if it ends in softmax (or sigmoid: independent
-    per-class probabilities), else softmax of the logits."""
-    outs = [np.asarray(model(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
-    out = np.concatenate(outs).astype(np.float64)
-    if _has_probability_output(model):
-        return out
-    out = np.exp(out - out.max(1, keepdims=True))
-    return out / out.sum(1, keepdims=True)
-
-
-def pixel_relevance(relevance) -> np.ndarray:
-    """``(n, H, W)`` relevance per pixel: summed over the channel axis of ``(n, H, W, C)`` maps."""
-    r = np.asarray(relevance, dtype=np.float64)
-    if r.ndim == 4:
-        return r.sum(-1)
-    if r.ndim == 3:
-        return r
-    raise ValueError(f"relevance must have shape (n, H, W) or (n, H, W, C), got {r.shape}.")
 
 
 def _true_prob(model, x, y):
@@ -116,23 +92,6 @@ class FlipResult:
     def summary(self) -> dict:
         return {"flipped": f"{self.k} {self.which}", "mean": self.mean, "std": self.std, "improved": self.improved,
                 "worse": self.worse, "max": self.max, "min": self.min, "n": int(len(self.changes))}
-
-
-def _labels(y, n: int, where: str) -> np.ndarray:
-    """``y`` as int64 class indices of shape ``(n,)``: any integer dtype (uint8 from IDX files),
-    integral floats, or one-hot rows; anything else is refused with a message."""
-    a = np.asarray(y)
-    if a.ndim == 2 and a.shape[0] == n and a.shape[1] > 1 and np.all((a == 0) | (a == 1)) and np.all(a.sum(1) == 1):
-        a = a.argmax(1)
-    if a.shape != (n,):
-        raise ValueError(f"{where}: y has shape {a.shape}; pass one class index per image, shape ({n},).")
-    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or
-                               (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))):
-        raise ValueError(f"{where}: y must hold integer class indices, got dtype {a.dtype} ({a[:4]}).")
-    a = a.astype(np.int64)
-    if a.size and a.min() < 0:
-        raise ValueError(f"{where}: y[{int(np.argmin(a))}] = {int(a.min())} is not a class index (>= 0).")
-    return a
 
 
 def seed_flip(model, x, y, relevance, k: int = 10, which: str = "lowest") -> FlipResult:
@@ -289,10 +248,3 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
         start = time.perf_counter()
         r = ex(x, target=y, batch_size=256)
     return r, (time.perf_counter() - start) / len(x)
-
-
-# Imported last: region.py uses the helpers above.
-from .region import (BASELINES, ORDERS, OUTPUTS, curve_area, insertion, patch_ranks,  # noqa: E402
-                     region_perturbation, srg)
-from .baselines import gradient, gradient_x_input, integrated_gradients, logit_function, smoothgrad  # noqa: E402
-from .randomization import RandomizationResult, randomization_check, rank_correlation, weighted_layers  # noqa: E402

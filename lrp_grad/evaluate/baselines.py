@@ -26,7 +26,7 @@ import numbers
 import numpy as np
 
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
-from . import _has_probability_output
+from .common import _has_probability_output
 from .region import _check_images, _check_target, _positive_int
 
 __all__ = ["gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UnsupportedModelError
-from . import pixel_relevance
+from .common import pixel_relevance
 
 __all__ = ["randomization_check", "RandomizationResult", "rank_correlation", "weighted_layers"]
 

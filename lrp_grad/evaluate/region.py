@@ -32,7 +32,7 @@ import numbers
 import numpy as np
 
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedLayerError
-from . import _has_probability_output, _labels, pixel_relevance
+from .common import _has_probability_output, _labels, pixel_relevance
 
 __all__ = ["region_perturbation", "insertion", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
 
