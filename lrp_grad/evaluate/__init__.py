@@ -5,7 +5,8 @@ Region perturbation in both orders with data-independent baselines, and the symm
 gain scored from it, and insertion curves live in :mod:`lrp_grad.evaluate.region`; batched gradient
 baselines (gradient, gradient x input, integrated gradients, SmoothGrad) in
 :mod:`lrp_grad.evaluate.baselines`; the model-parameter randomisation check in
-:mod:`lrp_grad.evaluate.randomization` (all re-exported here).
+:mod:`lrp_grad.evaluate.randomization`; the table comparing methods by SRG with standard errors
+in :mod:`lrp_grad.evaluate.compare` (all re-exported here).
 
 Every metric works on any attribution (LRP, gradient, LIME, random) given as an array shaped like
 the input; pixels are ranked by their relevance summed over channels, and all channels of a
@@ -22,6 +23,7 @@ import numpy as np
 
 from .baselines import gradient, gradient_x_input, integrated_gradients, logit_function, smoothgrad
 from .common import _labels, pixel_relevance, probabilities
+from .compare import DEFAULT_METHODS, FaithfulnessRow, FaithfulnessTable, faithfulness_table, method_names
 from .randomization import RandomizationResult, randomization_check, rank_correlation, weighted_layers
 from .region import BASELINES, ORDERS, OUTPUTS, curve_area, insertion, patch_ranks, region_perturbation, srg
 
@@ -31,6 +33,8 @@ __all__ = ["probabilities", "pixel_relevance", "FlipResult", "seed_flip", "pertu
            "region_perturbation", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS",
            # insertion curves (region.py), gradient baselines (baselines.py), model randomisation (randomization.py)
            "insertion", "gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function",
+           # the comparison table (compare.py)
+           "faithfulness_table", "FaithfulnessTable", "FaithfulnessRow", "DEFAULT_METHODS", "method_names",
            "randomization_check", "RandomizationResult", "rank_correlation", "weighted_layers"]
 
 
@@ -158,28 +162,6 @@ def aopc(curve) -> np.ndarray:
 # Attribution methods to compare on the same model and images
 
 
-def _gradient(model, x, y):
-    """``d logit[y] / dx``. TensorFlow has no CPU kernel for the gradient of a grouped
-    convolution (ConvNeXt, RegNet); XLA has one, so such models are differentiated under XLA."""
-    import tensorflow as tf
-
-    x = tf.constant(x, dtype=model.inputs[0].dtype)
-    y = tf.constant(y, tf.int64)
-
-    def grad(x, y):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logit = tf.gather(model(x, training=False), y, batch_dims=1)
-        return tape.gradient(logit, x)
-
-    try:
-        return grad(x, y).numpy()
-    except tf.errors.InvalidArgumentError as e:
-        if "grouped convolutions are not supported" not in str(e):
-            raise
-        return tf.function(grad, jit_compile=True, autograph=False)(x, y).numpy()
-
-
 def _lime(model, x, y, num_samples=500, seed=0, progress=None):
     try:
         from lime import lime_image
@@ -219,9 +201,9 @@ METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad",
 def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, progress=None):
     """``(relevance, seconds per image)`` of ``method`` for the classes ``y``.
 
-    ``method`` is one of :data:`METHODS` (``'integrated_gradients'`` and ``'smoothgrad'`` with the
-    defaults of :func:`integrated_gradients` and :func:`smoothgrad`, which explain the logits; the
-    older ``'gradient'``/``'gradient_x_input'`` here differentiate the model's own output), or anything ``lrp_grad.explain(rule=...)`` accepts
+    ``method`` is one of :data:`METHODS` (the gradient methods with the defaults of
+    :func:`gradient`, :func:`gradient_x_input`, :func:`integrated_gradients` and :func:`smoothgrad`:
+    all of them explain the logit, the input of a final softmax/sigmoid, like LRP), or anything ``lrp_grad.explain(rule=...)`` accepts
     (a rule, a composite or a preset name). ``progress(done, total)`` is called after each image
     of the per-image methods (LIME).
     """
@@ -231,9 +213,9 @@ def attribution(model, x, y, method, seed: int = 0, lime_samples: int = 500, pro
     y = _labels(y, len(x), "attribution")
     start = time.perf_counter()
     if isinstance(method, str) and method == "gradient":
-        r = _gradient(model, x, y)
+        r = gradient(model, x, y)
     elif isinstance(method, str) and method == "gradient_x_input":
-        r = _gradient(model, x, y) * x
+        r = gradient_x_input(model, x, y)
     elif isinstance(method, str) and method == "integrated_gradients":
         r = integrated_gradients(model, x, y)  # defaults: 32 steps, zero baseline, logits
     elif isinstance(method, str) and method == "smoothgrad":

@@ -226,7 +226,7 @@ def _forward_fn(model, output: str):
 
 
 def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_size, output, seed, where,
-            insert=False):
+            insert=False, forward=None):
     """``{order: (n, steps + 1) curve}`` for each of ``orders``, sharing the forward pass of step 0.
 
     Deletion (default): the ``k`` first-ranked regions of the image become the baseline. Insertion
@@ -246,7 +246,7 @@ def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_s
         raise ValueError(f"{where}: steps={steps} but images of {h}x{w} pixels have only {total} patches of "
                          f"{patch}x{patch}; pass steps <= {total} or steps=None for all of them.")
     target = _check_target(target, n, where)
-    forward = _forward_fn(model, output)
+    forward = _forward_fn(model, output) if forward is None else forward
     ranks = {o: patch_ranks(r, patch, o) for o in orders}
     curves = {o: np.empty((n, steps + 1)) for o in orders}
     rows = np.arange(min(batch_size, n))
