@@ -125,6 +125,18 @@ def test_interpolating_resizes_are_fixed_linear_maps(K):
         np.testing.assert_allclose(R.reshape(2, -1).sum(1), report.output, rtol=1e-5, err_msg=model.name)
 
 
+def test_float64_resizes_compile_under_xla(K):
+    """A float64 model's bilinear resizes explain under jit_compile too (XLA refused the float32
+    resize gradient of a float64 image with a raw error); the result is the eager one to float32
+    precision, the resize's own."""
+    x = np.random.default_rng(4).uniform(0, 1, (2, 4, 4, 2))
+    for model in _resize_models(K):
+        model = kit.randomize(model, seed=5)
+        eager = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6))(x, target=1)
+        xla = lrp_grad.Explainer(model, rule=lrp_grad.Epsilon(1e-6), jit_compile=True)(x, target=1)
+        kit.assert_close(xla, eager, 1e-5, model.name)
+
+
 def test_group_normalization_holds_its_scale(K):
     """GroupNormalization: per group of channels, the epsilon rule of the map with its standard
     deviation held constant, against the float64 equations (as LayerNorm's)."""

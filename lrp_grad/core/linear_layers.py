@@ -209,17 +209,37 @@ def _subtract_problem(layer, ctx):
     return _pair_problem(ctx, "a difference takes two", "subtracts", "tensors of the same rank")
 
 
-def _fixed_linear(fn):
+def _fixed_linear(fn, interpolates: bool = True):
     """``apply`` of a weight-free linear map ``fn`` of one tensor (bilinear resizing, interpolation):
-    a linear layer of the ``pool`` family (its rule; ``Epsilon`` by default)."""
+    a linear layer of the ``pool`` family (its rule; ``Epsilon`` by default). ``interpolates``:
+    ``fn`` is a TensorFlow resize (float32 inside, see :func:`_in_float32`)."""
 
     def apply(layer, inputs, ctx):
         (x,) = inputs
-        # tf.image.resize answers in float32 for any float input: cast back to the pass's dtype
-        return _linear(x, ops.fixed_op(lambda t: tf.cast(fn(layer, t), t.dtype)), tf.ones([], x.dtype), None, ctx,
-                       ctx.nonneg[0], relu=ctx.fuse_relu)
+        f = (lambda t: _in_float32(fn, layer, t)) if interpolates else (lambda t: tf.cast(fn(layer, t), t.dtype))
+        return _linear(x, ops.fixed_op(f), tf.ones([], x.dtype), None, ctx, ctx.nonneg[0], relu=ctx.fuse_relu)
 
     return apply
+
+
+def _in_float32(fn, layer, t):
+    """``fn(layer, t)`` in the pass's dtype. tf.image.resize answers in float32 for any float input;
+    under XLA a float64 tensor is resized as float32 and cast back, so the gradient stays in one
+    dtype (XLA refuses a ResizeBilinearGrad mixing a float32 gradient with a float64 image).
+    Outside XLA the gradient keeps float64 precision."""
+    if t.dtype == tf.float64 and _in_xla():
+        return tf.cast(fn(layer, tf.cast(t, tf.float32)), t.dtype)
+    return tf.cast(fn(layer, t), t.dtype)
+
+
+def _in_xla() -> bool:
+    """Whether the graph being traced is compiled by XLA (``tf.function(jit_compile=True)``)."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except Exception:  # noqa: BLE001 - a TensorFlow without this helper: keep the float64 path
+        return False
 
 
 def _custom_scale_problem(layer, ctx):

@@ -33,7 +33,7 @@ def _raw_resize(op, inputs, ctx):
     x, size = inputs[0], [tf.stop_gradient(t) for t in inputs[1:]]
     if op.interpolation == "nearest" and x.shape.rank == 4 and getattr(op.source, "data_format", None) in (
             None, "channels_last"):
-        return _fixed_linear(lambda layer, t: _nearest_by_gather(layer, t, size))(op, [x], ctx)
+        return _fixed_linear(lambda layer, t: _nearest_by_gather(layer, t, size), interpolates=False)(op, [x], ctx)
     return _fixed_linear(lambda layer, t: layer.fn(t, *size))(op, [x], ctx)
 
 
@@ -193,7 +193,7 @@ _RAW = {
     "resize": Handler("linear", _raw_resize, _resize_problem, family="pool", fuses_relu=True),
     # transformers (lrp_grad.core.transformer_layers)
     "product": Handler("linear", raw_product, attention_rule_problem, family="attention", reads_gate=True),
-    "constant_product": Handler("linear", _fixed_linear(_replay), _constant_linear_problem,
+    "constant_product": Handler("linear", _fixed_linear(_replay, interpolates=False), _constant_linear_problem,
                                 family="pool", fuses_relu=True),
     "softmax": Handler("passthrough", raw_softmax, zero_in_zero_out=True),
     "cut": Handler("passthrough", _raw_pass, _cut_problem),  # refused (computed only on a branch feeding gates)
