@@ -363,7 +363,7 @@ def faithfulness_table(model, x, target=None, *, methods=None, baselines=("mean"
     total_steps = None
     for xb, tb in _batches(x, target, batch_size):
         if not built:
-            forward = _forward_fn(model, output)
+            forward = _forward_fn(model, output, where)
             box = bounds if bounds is not None else (float(xb.min()), float(xb.max()))
             built = {label: _Method(model, m, box, seed) for label, m in methods.items()}
         if tb is None:
