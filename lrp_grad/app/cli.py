@@ -171,7 +171,7 @@ def _concepts(args) -> int:
     from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "concepts")
-    x = load_images([args.image], shape, args.resize) * args.scale
+    x = load_images([args.image], shape, args.resize, "concepts") * args.scale
     ex = Explainer(model, rule=args.rule)
     if args.target is not None and args.target >= ex.n_classes:
         raise SystemExit(f"lrp-grad concepts: --target {args.target} is out of range: the model has {ex.n_classes} "
@@ -185,7 +185,7 @@ def _concepts(args) -> int:
         if not files:
             raise SystemExit(f"lrp-grad concepts: --references {args.references!r} is not a folder of images "
                              f"({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        data = (load_images([str(f)], shape, args.resize)[0] * args.scale for f in files)
+        data = (load_images([str(f)], shape, args.resize, "concepts")[0] * args.scale for f in files)
         refs = concepts.reference_samples(ex, data, layer, top=args.top_refs, target="predicted")
     out = _output_folder(args.out, "concepts", "--out")
     out.mkdir(parents=True, exist_ok=True)
