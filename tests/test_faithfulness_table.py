@@ -130,12 +130,15 @@ def test_bad_method_output_and_empty_data_are_named(linear):
 
 def test_a_model_that_is_no_classifier_is_named_by_the_function_called(K):
     """The check of the output shape named region_perturbation whatever was called (the table,
-    srg, insertion): ``lrp-grad evaluate`` printed a function the user never called."""
+    srg, insertion), and with targets given the table failed in its first method (e.g. 'gradient
+    needs a classifier'): ``lrp-grad evaluate`` printed a function the user never called."""
     model = K.Sequential([K.Input((H, W, C)), K.layers.Conv2D(2, 1)])
     x = np.random.default_rng(3).uniform(-1, 1, (2, H, W, C)).astype("float32")
     with pytest.raises(InvalidInputError, match=r"^faithfulness_table needs a classifier with output shape "
                                                 r"\(n, classes\); this model returns shape \(2, 6, 5, 2\)"):
         evaluate.faithfulness_table(model, x, methods=["random"])
+    with pytest.raises(InvalidInputError, match=r"^faithfulness_table needs a classifier"):  # not 'gradient needs'
+        evaluate.faithfulness_table(model, x, [0, 1], methods=["gradient"])
     with pytest.raises(InvalidInputError, match=r"^srg needs a classifier"):
         evaluate.srg(model, x, x)
 

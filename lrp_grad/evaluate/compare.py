@@ -366,8 +366,9 @@ def faithfulness_table(model, x, target=None, *, methods=None, baselines=("mean"
             forward = _forward_fn(model, output, where)
             box = bounds if bounds is not None else (float(xb.min()), float(xb.max()))
             built = {label: _Method(model, m, box, seed) for label, m in methods.items()}
+        out = forward(xb)  # also checks, before any method runs, that the model is a classifier
         if tb is None:
-            tb = forward(xb).argmax(1)  # logits and probabilities have the same argmax
+            tb = out.argmax(1)  # logits and probabilities have the same argmax
         for label, method in built.items():
             if progress is not None:
                 progress(f"{label} on images {n}..{n + len(xb) - 1}")
