@@ -84,6 +84,9 @@ def test_lrp_presets_and_printing(K):
     ex = evaluate.faithfulness_table(model, x, methods={"box": "epsilon_gamma_box"}, baselines="mean", patch=2,
                                      bounds=(0.0, 2.0))
     assert not ex.notes
+    assert "(area LeRF - area MoRF, logits)" in text
+    probability = evaluate.faithfulness_table(model, x[:2], methods=["random"], baselines="zero", output="probability")
+    assert str(probability).startswith("symmetric relevance gain (area LeRF - area MoRF, probabilities), 2 images")
 
 
 def test_plot_draws_both_curves(linear, tmp_path):
