@@ -198,7 +198,8 @@ def expand_images(paths) -> list:
     for path in paths:
         p = pathlib.Path(path)
         if p.is_dir():
-            inside = sorted((q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES | ARRAY_SUFFIXES),
+            readable = IMAGE_SUFFIXES | ARRAY_SUFFIXES
+            inside = sorted((q for q in p.iterdir() if q.is_file() and q.suffix.lower() in readable),
                             key=lambda q: q.name)
             if not inside:
                 _fail(f"--images {path} is a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))}) or arrays "
@@ -211,8 +212,8 @@ def expand_images(paths) -> list:
         for f in found:
             real = pathlib.Path(f).resolve()
             if real in seen:
-                _fail(f"--images gives the file {f} twice (from {seen[real]!r} and {str(path)!r}); give each image once "
-                      "(it would count twice in the means).")
+                _fail(f"--images gives the file {f} twice (from {seen[real]!r} and {str(path)!r}); give each image "
+                      "once (it would count twice in the means).")
             seen[real] = str(path)
         files += found
     return files
@@ -234,7 +235,8 @@ def _output_files(args) -> list:
             _fail(f"--plot {args.plot}: give a picture file name ending in {', '.join(PLOT_SUFFIXES)} (matplotlib "
                   "writes the type the name ends in).")
         outputs += [("--plot", p) for _, p in _plot_paths(args.plot, args.baseline_list)]
-    inputs = {pathlib.Path(f).resolve() for f in [args.model, *args.image_files] + ([args.labels] if args.labels else [])}
+    given = [args.model, *args.image_files] + ([args.labels] if args.labels else [])
+    inputs = {pathlib.Path(f).resolve() for f in given}
     taken = {}
     for option, p in outputs:
         if p.is_dir():
@@ -279,7 +281,7 @@ def _read_images(args, shape):
         if pathlib.Path(f).suffix.lower() in ARRAY_SUFFIXES:
             batches = load_array_file(f, shape, "evaluate", skip=LABEL_KEYS)
             count = sum(len(b) for _, b in batches)
-            labels = _npz_labels(f)
+            labels = _npz_labels(f) if args.label_values is None else None  # --labels wins
             if labels is not None and len(labels[1]) != count:
                 _fail(f"{labels[0]} has {_count(len(labels[1]), 'label')} but {f} holds {_count(count, 'image')}; "
                       "give one class index per image.")
@@ -372,8 +374,6 @@ class _Progress:
 
 
 def run(args) -> int:
-    import numpy as np
-
     from .. import evaluate
     from .cli import _image_model
 
@@ -461,7 +461,8 @@ def add_parser(sub):
                          "alphabeta:2,1 and epsilon:0.1 (default: the four LRP presets, the four gradient methods "
                          "and random)")
     ev.add_argument("--baselines", nargs="+", default=["mean,blur"], metavar="BASELINES",
-                    help="comma-separated: what a removed region becomes: mean, blur, zero, uniform (default mean,blur)")
+                    help="comma-separated: what a removed region becomes: mean, blur, zero, uniform "
+                         "(default mean,blur)")
     ev.add_argument("--patch", type=_positive_int, default=4, help="region size in pixels (default 4)")
     ev.add_argument("--steps", type=_positive_int, default=None,
                     help="regions removed per curve (default: all of them)")
