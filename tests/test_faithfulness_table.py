@@ -84,6 +84,9 @@ def test_lrp_presets_and_printing(K):
     ex = evaluate.faithfulness_table(model, x, methods={"box": "epsilon_gamma_box"}, baselines="mean", patch=2,
                                      bounds=(0.0, 2.0))
     assert not ex.notes
+    assert "(area LeRF - area MoRF, logits)" in text
+    probability = evaluate.faithfulness_table(model, x[:2], methods=["random"], baselines="zero", output="probability")
+    assert str(probability).startswith("symmetric relevance gain (area LeRF - area MoRF, probabilities), 2 images")
 
 
 def test_plot_draws_both_curves(linear, tmp_path):
@@ -126,6 +129,21 @@ def test_bad_method_output_and_empty_data_are_named(linear):
         evaluate.faithfulness_table(model, iter([]), methods=["gradient"])
     with pytest.raises(ValueError, match="target is only for an array x"):
         evaluate.faithfulness_table(model, iter([x]), 0, methods=["gradient"])
+
+
+def test_a_model_that_is_no_classifier_is_named_by_the_function_called(K):
+    """The check of the output shape named region_perturbation whatever was called (the table,
+    srg, insertion), and with targets given the table failed in its first method (e.g. 'gradient
+    needs a classifier'): ``lrp-grad evaluate`` printed a function the user never called."""
+    model = K.Sequential([K.Input((H, W, C)), K.layers.Conv2D(2, 1)])
+    x = np.random.default_rng(3).uniform(-1, 1, (2, H, W, C)).astype("float32")
+    with pytest.raises(InvalidInputError, match=r"^faithfulness_table needs a classifier with output shape "
+                                                r"\(n, classes\); this model returns shape \(2, 6, 5, 2\)"):
+        evaluate.faithfulness_table(model, x, methods=["random"])
+    with pytest.raises(InvalidInputError, match=r"^faithfulness_table needs a classifier"):  # not 'gradient needs'
+        evaluate.faithfulness_table(model, x, [0, 1], methods=["gradient"])
+    with pytest.raises(InvalidInputError, match=r"^srg needs a classifier"):
+        evaluate.srg(model, x, x)
 
 
 def test_attribution_gradient_explains_the_logit_of_a_softmax_model(K):

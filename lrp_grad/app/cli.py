@@ -1,4 +1,5 @@
-"""The ``lrp-grad`` command line: ``demo``, ``explain``, ``export`` and ``bench``."""
+"""The ``lrp-grad`` command line: ``demo``, ``explain``, ``concepts``, ``evaluate`` (in
+:mod:`~lrp_grad.app.cli_evaluate`), ``export`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import os
 import pathlib
 import sys
 
+from . import cli_evaluate
 from .cli_inputs import IMAGE_SUFFIXES, explain_inputs, load_images
 
 __all__ = ["main", "parse_rule"]
@@ -171,7 +173,7 @@ def _concepts(args) -> int:
     from ..api.explainer import Explainer
 
     model, shape = _image_model(args.model, "concepts")
-    x = load_images([args.image], shape, args.resize) * args.scale
+    x = load_images([args.image], shape, args.resize, "concepts") * args.scale
     ex = Explainer(model, rule=args.rule)
     if args.target is not None and args.target >= ex.n_classes:
         raise SystemExit(f"lrp-grad concepts: --target {args.target} is out of range: the model has {ex.n_classes} "
@@ -185,7 +187,7 @@ def _concepts(args) -> int:
         if not files:
             raise SystemExit(f"lrp-grad concepts: --references {args.references!r} is not a folder of images "
                              f"({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        data = (load_images([str(f)], shape, args.resize)[0] * args.scale for f in files)
+        data = (load_images([str(f)], shape, args.resize, "concepts")[0] * args.scale for f in files)
         refs = concepts.reference_samples(ex, data, layer, top=args.top_refs, target="predicted")
     out = _output_folder(args.out, "concepts", "--out")
     out.mkdir(parents=True, exist_ok=True)
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     con.add_argument("--scheme", choices=["lrp", "seed"], default="lrp", help="heatmap colours")
     con.add_argument("--out", required=True, help="output folder: atlas.png and concepts.json")
 
+    cli_evaluate.add_parser(sub)
+
     exp_model = sub.add_parser("export", help="write a SavedModel that explains without lrp_grad (TF Serving)")
     exp_model.add_argument("model", help="a model file saved by Keras 3 or tf-keras (.keras or .h5)")
     exp_model.add_argument("out", help="output SavedModel folder")
@@ -366,7 +370,8 @@ def main(argv=None) -> int:
         _check_files(args)
     except SystemExit as e:
         return _usage_error(e)
-    run = {"demo": _demo, "explain": _explain, "export": _export, "concepts": _concepts}[args.command]
+    run = {"demo": _demo, "explain": _explain, "export": _export, "concepts": _concepts,
+           "evaluate": cli_evaluate.run}[args.command]
     return _guarded(args.command, lambda: run(args))
 
 
@@ -384,6 +389,8 @@ def _check_files(args) -> None:
     model = getattr(args, "model", None)
     if model is not None and not os.path.exists(model):
         raise SystemExit(f"lrp-grad {cmd}: cannot load model {model!r}: no such file or folder.")
+    if cmd == "evaluate":
+        return cli_evaluate.check(args)  # folders of images, labels, methods, output files
     for path in list(getattr(args, "images", None) or []) + ([args.image] if cmd == "concepts" else []):
         if not os.path.isfile(path):
             what = "is a folder, not an image file" if os.path.isdir(path) else "no such file"

@@ -1,5 +1,5 @@
-"""What ``lrp-grad explain`` and ``concepts`` read: image files (Pillow) and numpy arrays, and the
-names their outputs are written under."""
+"""What ``lrp-grad explain``, ``concepts`` and ``evaluate`` read: image files (Pillow) and numpy
+arrays, and the names their outputs are written under. Messages name the command (``command``)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ __all__ = ["IMAGE_SUFFIXES", "ARRAY_SUFFIXES", "load_images", "load_array_file",
            "too_large"]
 
 
-def load_images(paths, shape, resize):
+def load_images(paths, shape, resize, command="explain"):
     """Read image files as a batch shaped like the model input ``shape`` (H, W, C)."""
     import numpy as np
     from PIL import Image
@@ -17,19 +17,19 @@ def load_images(paths, shape, resize):
     height, width, channels = shape
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise SystemExit(f"lrp-grad explain: the model takes {channels} channels; only 1 (gray) or 3 (RGB) images "
+        raise SystemExit(f"lrp-grad {command}: the model takes {channels} channels; only 1 (gray) or 3 (RGB) images "
                          "can be read from files.")
     batch = []
     for path in paths:
         try:
             img = Image.open(path).convert(mode)
         except Image.DecompressionBombError:
-            raise SystemExit(too_large(path)) from None
+            raise SystemExit(too_large(path, command)) from None
         except (OSError, ValueError) as e:
-            raise SystemExit(f"lrp-grad explain: cannot read image {path}: {e}") from None
+            raise SystemExit(f"lrp-grad {command}: cannot read image {path}: {e}") from None
         if img.size != (width, height):
             if not resize:
-                raise SystemExit(f"lrp-grad explain: image {path} is {img.size[0]}x{img.size[1]} but the model takes "
+                raise SystemExit(f"lrp-grad {command}: image {path} is {img.size[0]}x{img.size[1]} but the model takes "
                                  f"{width}x{height}; pass --resize to resize it.")
             img = img.resize((width, height), Image.BILINEAR)
         arr = np.asarray(img, dtype=np.float32)
@@ -37,7 +37,7 @@ def load_images(paths, shape, resize):
     return np.stack(batch)
 
 
-def too_large(path) -> str:
+def too_large(path, command="explain") -> str:
     """The message for an image above Pillow's decompression-bomb limit (its size read from the
     header only: nothing is decoded)."""
     from PIL import Image
@@ -52,7 +52,7 @@ def too_large(path) -> str:
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     size = f"{width}x{height} = {width * height:,} pixels" if width else "too large"
-    return (f"lrp-grad explain: image {path} is {size}, more than Pillow reads safely ({limit:,} pixels: "
+    return (f"lrp-grad {command}: image {path} is {size}, more than Pillow reads safely ({limit:,} pixels: "
             "a file this large can be a decompression bomb); it is not read. Shrink it to about the model's input "
             "size first (e.g. with Pillow: Image.open(path).reduce(8).save('small.png') after raising "
             "PIL.Image.MAX_IMAGE_PIXELS for a file you trust).")
@@ -111,37 +111,40 @@ def image_names(paths, out):
 ARRAY_SUFFIXES = {".npy", ".npz"}
 
 
-def load_array_file(path, shape):
+def load_array_file(path, shape, command="explain", skip=()):
     """The batches of a ``.npy``/``.npz`` file as ``[(name, (n, H, W, C) float32 array)]``: one
-    for a ``.npy``, one per array of a ``.npz`` (named by its key). ``(H, W, C)`` is one image."""
+    for a ``.npy``, one per array of a ``.npz`` (named by its key; the keys in ``skip`` are left
+    out). ``(H, W, C)`` is one image."""
     import numpy as np
 
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise SystemExit(f"lrp-grad explain: cannot read array file {path}: {e}") from None
+        raise SystemExit(f"lrp-grad {command}: cannot read array file {path}: {e}") from None
     if isinstance(loaded, np.ndarray):
         arrays = [("", loaded)]
     else:
         with loaded:
-            arrays = [(key, loaded[key]) for key in loaded.files]
+            keys = loaded.files
+            arrays = [(key, loaded[key]) for key in keys if key not in skip]
         if not arrays:
-            raise SystemExit(f"lrp-grad explain: {path} holds no arrays.")
+            only = f" of images, only {', '.join(repr(k) for k in keys)}" if keys else ""
+            raise SystemExit(f"lrp-grad {command}: {path} holds no arrays{only}.")
     out = []
     for key, a in arrays:
         where = f"{path}" + (f" (array {key!r})" if key else "")
         if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-            raise SystemExit(f"lrp-grad explain: {where} has dtype {a.dtype}; it must hold numbers (images).")
+            raise SystemExit(f"lrp-grad {command}: {where} has dtype {a.dtype}; it must hold numbers (images).")
         batch = a[None] if a.ndim == len(shape) else a
         if batch.ndim != len(shape) + 1 or tuple(batch.shape[1:]) != tuple(shape):
             from ..api.request import _channels_first_hint
 
             hint = _channels_first_hint(batch.shape, shape, "x") if batch.ndim == len(shape) + 1 else ""
-            raise SystemExit(f"lrp-grad explain: {where} has shape {a.shape} but the model takes images "
+            raise SystemExit(f"lrp-grad {command}: {where} has shape {a.shape} but the model takes images "
                              f"{tuple(shape)}: give a batch (N, {', '.join(map(str, shape))}) or one image "
                              f"{tuple(shape)} (arrays are not resized).{hint}")
         if len(batch) == 0:
-            raise SystemExit(f"lrp-grad explain: {where} is empty (shape {a.shape}).")
+            raise SystemExit(f"lrp-grad {command}: {where} is empty (shape {a.shape}).")
         out.append((key, batch.astype(np.float32)))
     return out
 

@@ -135,7 +135,8 @@ class FaithfulnessTable:
         methods = sorted(self.methods, key=lambda m: -self.row(m, first).srg)
         width = max(len("method"), *(len(m) for m in methods))
         head = f"{'method':<{width}}" + "".join(f"  {'SRG ' + b:>22}" for b in self.baselines) + "  s/image"
-        lines = [f"symmetric relevance gain (area LeRF - area MoRF, {self.output}s), {self.n} images, "
+        units = {"probability": "probabilities"}.get(self.output, f"{self.output}s")
+        lines = [f"symmetric relevance gain (area LeRF - area MoRF, {units}), {self.n} images, "
                  f"{self.patch}x{self.patch} patches, {self.steps} steps; mean ± standard error, "
                  "* = best or within 2 paired standard errors of it", head]
         for m in methods:
@@ -363,11 +364,12 @@ def faithfulness_table(model, x, target=None, *, methods=None, baselines=("mean"
     total_steps = None
     for xb, tb in _batches(x, target, batch_size):
         if not built:
-            forward = _forward_fn(model, output)
+            forward = _forward_fn(model, output, where)
             box = bounds if bounds is not None else (float(xb.min()), float(xb.max()))
             built = {label: _Method(model, m, box, seed) for label, m in methods.items()}
+        out = forward(xb)  # also checks, before any method runs, that the model is a classifier
         if tb is None:
-            tb = forward(xb).argmax(1)  # logits and probabilities have the same argmax
+            tb = out.argmax(1)  # logits and probabilities have the same argmax
         for label, method in built.items():
             if progress is not None:
                 progress(f"{label} on images {n}..{n + len(xb) - 1}")

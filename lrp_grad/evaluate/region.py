@@ -196,8 +196,8 @@ def _baseline_values(baseline, x: np.ndarray, first: int, patch: int, seed: int,
 # Forward passes
 
 
-def _forward_fn(model, output: str):
-    """``f(x) -> (n, classes)`` float64 array of the explained output."""
+def _forward_fn(model, output: str, where: str = "region_perturbation"):
+    """``f(x) -> (n, classes)`` float64 array of the explained output; errors name ``where``."""
     probability_model = _has_probability_output(model)
     if output == "logit" and probability_model:
         # The model ends in softmax/sigmoid: the logits are the output before it, which the
@@ -215,7 +215,7 @@ def _forward_fn(model, output: str):
     def forward(x):
         out = np.asarray(model(x, training=False), np.float64)
         if out.ndim != 2:
-            raise InvalidInputError(f"region_perturbation needs a classifier with output shape (n, classes); "
+            raise InvalidInputError(f"{where} needs a classifier with output shape (n, classes); "
                                     f"this model returns shape {out.shape}.")
         if output == "probability" and not probability_model:
             out = np.exp(out - out.max(1, keepdims=True))
@@ -246,7 +246,7 @@ def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_s
         raise ValueError(f"{where}: steps={steps} but images of {h}x{w} pixels have only {total} patches of "
                          f"{patch}x{patch}; pass steps <= {total} or steps=None for all of them.")
     target = _check_target(target, n, where)
-    forward = _forward_fn(model, output) if forward is None else forward
+    forward = _forward_fn(model, output, where) if forward is None else forward
     ranks = {o: patch_ranks(r, patch, o) for o in orders}
     curves = {o: np.empty((n, steps + 1)) for o in orders}
     rows = np.arange(min(batch_size, n))
