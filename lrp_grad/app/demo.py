@@ -114,7 +114,8 @@ def run(out="lrp_grad_demo", quick: bool = False, progress: bool = True, lime: b
     out : path
         Output folder (created). Trained models are cached in ``out/models``.
     quick : bool
-        A small run for CI (fewer epochs and images, few LIME samples): well under a minute.
+        A small run for CI (fewer epochs and images, few LIME samples, 7x7 instead of 4x4 regions in
+        the faithfulness step): well under a minute.
     progress : bool
         Show a progress bar (tqdm if installed).
     lime : bool
