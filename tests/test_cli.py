@@ -133,7 +133,7 @@ def test_quick_demo(tmp_path):
     results = json.loads((out / "results.json").read_text())
     for name in ["fig05_input", "fig06_ab21_target3", "fig07_ab21_target9", "fig08_ab32_target3", "fig09_ab32_target9",
                  "fig10_ab32_all_targets", "fig11_2epochs_vs_more_target9", "fig12_flipped", "aopc_comparison",
-                 "fig16_atlas_digit3_target3", "fig16_atlas_digit3_target9"]:
+                 "fig16_atlas_digit3_target3", "fig16_atlas_digit3_target9", "faithfulness_mean", "faithfulness_blur"]:
         assert (out / f"{name}.png").stat().st_size > 1000, name
     atlas = results["concept_atlas"]
     if "cifar10" in results:  # cifar-10-model and foolbox installed
@@ -144,10 +144,59 @@ def test_quick_demo(tmp_path):
     assert "## Concept atlases" in report and "![](fig16_atlas_digit3_target9.png)" in report
     assert "sum to the ordinary heatmap" in report and "speaks against the target" in report
     assert "| mean change |" in report and "+0.016" in report and "-0.138" in report  # seed numbers beside ours
+    _check_faithfulness(results, report)
     flip = results["pixel_flipping"]
     assert flip["highest"]["worse"] >= 0.9 and flip["lowest"]["improved"] > 0.5
     aopc = results["aopc"]
     assert max(aopc["LRP a/b (2,1)"]["aopc"], aopc["LRP epsilon_plus_flat"]["aopc"]) > aopc["random"]["aopc"] + 0.3
+
+
+def _check_faithfulness(results, report):
+    """Issue 22: the SRG step's results entry (rows, no per-image arrays) and its report section."""
+    faith = results["faithfulness"]
+    assert (faith["n"], faith["patch"], faith["output"], faith["baselines"]) == (20, 7, "logit", ["mean", "blur"])
+    assert "curves" not in faith and "scores" not in faith
+    methods = ["LRP a/b (2,1)", "LRP epsilon_plus_flat", "LRP epsilon_gamma_box", "gradient", "gradient x input",
+               "integrated gradients", "SmoothGrad", "random"]
+    rows = {(r["method"], r["baseline"]): r for r in faith["rows"]}
+    assert sorted(rows) == sorted((m, b) for m in methods for b in ("mean", "blur"))
+    for b in ("mean", "blur"):
+        best = rows[(faith["best"][b], b)]
+        assert best["srg"] == max(r["srg"] for (_, bl), r in rows.items() if bl == b) and best["level_with_best"]
+        assert best["srg"] > rows[("random", b)]["srg"] + 2  # the trained CNN's maps beat a random order
+        assert f"Under the {b} baseline {faith['best'][b]} has the highest SRG" in report
+    assert "## Faithfulness: region perturbation in both orders (SRG)" in report
+    assert "| method | SRG mean | SRG blur | s / image |" in report
+    assert "![](faithfulness_mean.png)" in report and "![](faithfulness_blur.png)" in report
+    assert report.index("## Faithfulness") < report.index("### The seed's metric, kept for comparison: AOPC")
+    assert "zero baseline rewards a property of the data" in report
+
+
+def test_demo_report_reads_the_faithfulness_table():
+    """The report's reading of the SRG table comes from the numbers: a table where the gradient leads
+    under blur, ties with another method under mean, and random is off 0 says exactly that."""
+    from lrp_grad.app import demo_report
+
+    def row(method, baseline, srg, vs_best=0.0, vs_best_sem=0.0):
+        return {"method": method, "baseline": baseline, "srg": srg, "sem": 0.1, "morf": 1.0, "lerf": 1.0 + srg,
+                "n": 50, "seconds_per_image": 0.001, "vs_best": vs_best, "vs_best_sem": vs_best_sem}
+
+    faith = {"n": 50, "patch": 4, "output": "logit", "steps": 49, "baselines": ["mean", "blur"], "seconds": 1.0,
+             "rows": [row("gradient", "mean", 5.0, -0.1, 0.1), row("LRP a/b (2,1)", "mean", 5.1),
+                      row("random", "mean", 1.0, -4.1, 0.2), row("gradient", "blur", 4.0),
+                      row("LRP a/b (2,1)", "blur", 3.0, -1.0, 0.1), row("random", "blur", 0.1, -3.9, 0.2)]}
+    res = {"faithfulness": faith, "mnist": {"epochs": 8},
+           "aopc": {"gradient": {"aopc": 0.8}, "LRP a/b (2,1)": {"aopc": 0.7}}}
+    text = "\n".join(demo_report._faithfulness_lines(res))
+    assert "| method | SRG mean | SRG blur | s / image |" in text
+    assert "| LRP a/b (2,1) | **5.100 ± 0.100** | 3.000 ± 0.100 |" in text
+    assert ("Under the mean baseline LRP a/b (2,1) has the highest SRG (5.10 ± 0.10); level with it (within two "
+            "paired standard errors): gradient; the closest of the rest, random, is 4.10 lower") in text
+    assert "Under the blur baseline gradient has the highest SRG (4.00 ± 0.10), and no other method" in text
+    assert "The leader changes with the baseline; bold under every baseline: gradient." in text
+    assert "ranks 1 of 3 under mean and 2 of 3 under blur" in text
+    assert "Random relevance scores 1.00 ± 0.10 (mean) and 0.10 ± 0.10 (blur): not within two" in text
+    assert "AOPC (below) ranks gradient first; by SRG it ranks 2 of 3 under mean and 1 of 3 under blur" in text
 
 
 def test_explain_dataset_folder_and_export(tiny, tmp_path):

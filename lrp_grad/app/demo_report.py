@@ -90,11 +90,17 @@ def markdown(res, epochs_long) -> str:
         "",
         _flip_comment(flip),
         "",
-        "## AOPC: LRP against other attributions",
+        *_faithfulness_lines(res),
+        "### The seed's metric, kept for comparison: AOPC with a zero baseline",
         "",
         "The most relevant pixels (for the true class) are set to 0, 8 at a time for 20 steps; AOPC is "
         "the mean drop of p(true class) over the steps (higher = the ranking found the decisive pixels "
         "sooner). Seconds per image are measured in this run (LRP and gradients batched; LIME per image).",
+        "",
+        "This metric misleads on MNIST: setting a pixel to 0 changes nothing where it already is 0 (the black "
+        "background, most of every image), and gradient x input is exactly 0 there, so it never spends a step "
+        "on a pixel that cannot change the output: the zero baseline rewards a property of the data, not a "
+        "faithful ranking. Read the SRG table above, whose baselines differ from the background.",
         "",
         "| method | AOPC | ± s.e.m. | images | seconds / image |", "|---|---|---|---|---|",
     ]
@@ -146,6 +152,116 @@ def markdown(res, epochs_long) -> str:
     lines += _atlas_lines(res)
     lines += [f"Total time: {res['seconds_total']:.0f} s{' (--quick run)' if res['quick'] else ''}.", ""]
     return "\n".join(lines)
+
+
+def _faithfulness_table(faith):
+    """The :class:`~lrp_grad.evaluate.FaithfulnessTable` of the ``results.json`` entry (rows only)."""
+    from dataclasses import fields
+
+    from ..evaluate.compare import FaithfulnessRow, FaithfulnessTable
+
+    names = [f.name for f in fields(FaithfulnessRow)]
+    rows = [FaithfulnessRow(**{k: r[k] for k in names}) for r in faith["rows"]]
+    return FaithfulnessTable(rows, faith["patch"], faith["output"], faith["steps"], faith["n"])
+
+
+def _ranked(table, baseline):
+    return sorted(table.methods, key=lambda m: -table.row(m, baseline).srg)
+
+
+def _srg(row):
+    return f"{row.srg:.2f} ± {row.sem:.2f}"
+
+
+def _names(items):
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _faithfulness_reading(table, aopc):
+    """Sentences read off the measured table: the best method per baseline, who is level with it and
+    how far the next one is, the seed's rule, random, and the ranking next to the seed's AOPC."""
+    out = []
+    for b in table.baselines:
+        best = table.best(b)
+        ranked = _ranked(table, b)
+        level = [m for m in ranked if m != best and table.row(m, b).level_with_best]
+        text = f"Under the {b} baseline {best} has the highest SRG ({_srg(table.row(best, b))})"
+        text += (f"; level with it (within two paired standard errors): {_names(level)}" if level else
+                 ", and no other method is within two paired standard errors of it")
+        below = [m for m in ranked if m != best and not table.row(m, b).level_with_best]
+        if below:
+            r = table.row(below[0], b)
+            text += (f"; the closest of the rest, {below[0]}, is {-r.vs_best:.2f} lower (paired standard error "
+                     f"{r.vs_best_sem:.2f})")
+        out.append(text + ".")
+    if len(table.baselines) > 1:
+        bold_everywhere = [m for m in _ranked(table, table.baselines[0])
+                           if all(table.row(m, b).level_with_best for b in table.baselines)]
+        leaders = list(dict.fromkeys(table.best(b) for b in table.baselines))
+        if len(leaders) > 1:
+            out.append("The leader changes with the baseline" + (
+                f"; bold under every baseline: {_names(bold_everywhere)}." if bold_everywhere else
+                ", and no method is bold under every baseline: neither ranking alone is the answer."))
+        elif len(bold_everywhere) > 1:
+            out.append(f"Bold under every baseline: {_names(bold_everywhere)}.")
+    seed = "LRP a/b (2,1)"
+    if seed in table.methods:
+        ranks = {b: _ranked(table, b).index(seed) + 1 for b in table.baselines}
+        where = (f"{ranks[table.baselines[0]]} of {len(table.methods)} under every baseline"
+                 if len(set(ranks.values())) == 1 else
+                 _names([f"{k} of {len(table.methods)} under {b}" for b, k in ranks.items()]))
+        out.append(f"The seed's rule, {seed}, ranks {where}.")
+    if "random" in table.methods:
+        chance = [abs(table.row("random", b).srg) <= 2 * table.row("random", b).sem for b in table.baselines]
+        values = _names([f"{_srg(table.row('random', b))} ({b})" for b in table.baselines])
+        out.append(f"Random relevance scores {values}: "
+                   + ("within two standard errors of 0, as expected of a random order." if all(chance) else
+                      "not within two standard errors of 0 everywhere, although a random order should score 0 "
+                      "on average; read small differences with care."))
+    if aopc:
+        first = max(aopc, key=lambda k: aopc[k]["aopc"])
+        if first in table.methods:
+            ranks = [f"{_ranked(table, b).index(first) + 1} of {len(table.methods)} under {b}"
+                     for b in table.baselines]
+            out.append(f"The seed's zero-baseline AOPC (below) ranks {first} first; by SRG it ranks {_names(ranks)}.")
+    return " ".join(out)
+
+
+def _faithfulness_lines(res):
+    faith = res.get("faithfulness")
+    if not faith:
+        return []
+    table = _faithfulness_table(faith)
+    lines = [
+        "## Faithfulness: region perturbation in both orders (SRG)",
+        "",
+        f"{faith['n']} held-out digits (the first of the AOPC comparison below), each explained for its true "
+        f"class's {faith['output']} by every method, on the {res['mnist']['epochs']}-epoch seed CNN. The image is "
+        f"cut into {faith['patch']}x{faith['patch']} regions ({faith['steps']} of them), which are replaced one "
+        "at a time by a baseline image in the order of their summed relevance: most relevant first (MoRF: a "
+        "faithful map makes the logit fall fast, a small area under the curve) and least relevant first (LeRF: "
+        "the logit should hold, a large area). The symmetric relevance gain SRG = area(LeRF) - area(MoRF) "
+        "(Bluecher et al., TMLR 2024), on an axis of the fraction of regions replaced from 0 to 1, in logits; "
+        "higher is better and a random order scores about 0. Using both orders cancels what the perturbation "
+        "itself does to the model, and the baselines, each image's mean value (`mean`) and a box blur of width "
+        f"{2 * faith['patch'] + 1} (`blur`), differ from the black background, so a method cannot score by "
+        "ranking pixels that no perturbation changes. Entries are mean ± standard error over the digits; "
+        "**bold** marks the best method of a column and every method within two standard errors of the "
+        "*paired* difference to it (same digits, so most image-to-image variation cancels): those cannot be "
+        "told apart from the best here. `s / image` is the attribution time, not the scoring.",
+        "",
+        table.markdown(),
+        "",
+        _faithfulness_reading(table, res.get("aopc")),
+        "",
+        "| baseline | mean MoRF and LeRF curves of every method |", "|---|---|",
+        *[f"| {b} | ![](faithfulness_{b}.png) |" for b in table.baselines],
+        "",
+        f"The faithfulness step took {faith['seconds']:.0f} s.",
+        "",
+    ]
+    return lines
 
 
 def _atlas_lines(res):
