@@ -19,7 +19,7 @@ as ``results/faithfulness_<model>.png``. Trained models are cached outside the r
 
     python benchmarks/faithfulness.py                       # all four models, 500 digits each: ~20-40 min on 2 cores
     python benchmarks/faithfulness.py --models seed,vit --images 200
-    python benchmarks/faithfulness.py --quick               # smoke run: 1 epoch, 40 images
+    python benchmarks/faithfulness.py --quick               # smoke run: 1 epoch, 40 images, 7x7 patches, logits
 """
 from __future__ import annotations
 
@@ -313,6 +313,10 @@ def run(args) -> dict:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}.")
+    if args.probability is None:
+        args.probability = "" if args.quick else "seed"
+    if args.patch is None:
+        args.patch = 7 if args.quick else PATCH
     probability = {m.strip() for m in args.probability.split(",") if m.strip()}
     images = args.images if args.images is not None else (40 if args.quick else 500)
     cache = pathlib.Path(args.cache).expanduser()
@@ -343,12 +347,14 @@ def main(argv=None) -> int:
                    help="held-out images explained per digit model (default 500; 40 with --quick); CIFAR has 20")
     p.add_argument("--train-images", type=int, default=None,
                    help="train the digit models on only the first N of the 4000 training digits")
-    p.add_argument("--probability", default="seed",
-                   help="models also measured with output='probability' (comma-separated, 'all' or '')")
-    p.add_argument("--patch", type=int, default=PATCH, help="region size in pixels (default 4: 49 regions of "
-                   "28x28, 64 of 32x32)")
+    p.add_argument("--probability", default=None,
+                   help="models also measured with output='probability' (comma-separated, 'all' or ''; default "
+                        "seed, none with --quick)")
+    p.add_argument("--patch", type=int, default=None, help="region size in pixels (default 4: 49 regions of "
+                   "28x28, 64 of 32x32; 7 with --quick: 16 and 25 regions, a third of the forward passes)")
     p.add_argument("--lime", action="store_true", help="add LIME (slow; needs the package lime)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 training epoch, 40 images")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 training epoch, 40 images, 7x7 patches, "
+                   "logits only (explicit options still win)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="trained-model cache (outside the repository)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)

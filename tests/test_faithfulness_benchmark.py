@@ -1,5 +1,5 @@
 """Smoke run of benchmarks/faithfulness.py (issue 22): the seed CNN, 1 epoch on 500 digits, 8 images,
-7x7 patches (16 regions: a third of the forward passes of 4x4)."""
+7x7 patches (--quick's default: 16 regions, a third of the forward passes of 4x4), logits only."""
 import importlib.util
 import json
 import pathlib
@@ -21,8 +21,8 @@ def _script():
 def test_quick_run_writes_a_row_for_every_method_and_baseline(tmp_path):
     bench = _script()
     out = tmp_path / "out"
-    assert bench.main(["--models", "seed", "--quick", "--images", "8", "--train-images", "500", "--patch", "7",
-                       "--probability", "", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    assert bench.main(["--models", "seed", "--quick", "--images", "8", "--train-images", "500",
+                       "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     results = json.loads((out / "faithfulness_quick.json").read_text())
     markdown = (out / "faithfulness_quick.md").read_text()
     assert (out / "faithfulness_quick_seed.png").exists()
