@@ -89,6 +89,14 @@ def test_lrp_presets_and_printing(K):
     assert str(probability).startswith("symmetric relevance gain (area LeRF - area MoRF, probabilities), 2 images")
 
 
+def test_text_names_the_output_units(linear):
+    model, weights, x = linear
+    f = lambda xb, tb: exact(weights, xb, tb)  # noqa: E731
+    for output, units in (("logit", "logits"), ("probability", "probabilities")):
+        table = evaluate.faithfulness_table(model, x, methods={"exact": f}, baselines="mean", output=output)
+        assert f"area MoRF, {units})" in str(table)
+
+
 def test_plot_draws_both_curves(linear, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib

@@ -135,7 +135,7 @@ class FaithfulnessTable:
         methods = sorted(self.methods, key=lambda m: -self.row(m, first).srg)
         width = max(len("method"), *(len(m) for m in methods))
         head = f"{'method':<{width}}" + "".join(f"  {'SRG ' + b:>22}" for b in self.baselines) + "  s/image"
-        units = {"probability": "probabilities"}.get(self.output, f"{self.output}s")
+        units = {"logit": "logits", "probability": "probabilities"}.get(self.output, self.output)
         lines = [f"symmetric relevance gain (area LeRF - area MoRF, {units}), {self.n} images, "
                  f"{self.patch}x{self.patch} patches, {self.steps} steps; mean ± standard error, "
                  "* = best or within 2 paired standard errors of it", head]
