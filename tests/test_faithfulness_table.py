@@ -80,7 +80,9 @@ def test_lrp_presets_and_printing(K):
     assert md.startswith("| method | SRG mean | SRG blur | s / image |") and md.count("\n") == 4
     assert table.notes == [f"epsilon_gamma_box used the input range [{x.min():.4g}, {x.max():.4g}] of the images as "
                            "its z^B box."]
-    assert set(table.to_dict()) >= {"rows", "curves", "patch", "output"}
+    d = table.to_dict()
+    assert set(d) >= {"rows", "curves", "patch", "output"}
+    assert [r["level_with_best"] for r in d["rows"]] == [r.level_with_best for r in table.rows]
     ex = evaluate.faithfulness_table(model, x, methods={"box": "epsilon_gamma_box"}, baselines="mean", patch=2,
                                      bounds=(0.0, 2.0))
     assert not ex.notes

@@ -305,8 +305,6 @@ def _faithfulness(out, model, x, y, patch, bar):
     for baseline in FAITHFULNESS_BASELINES:
         plt.close(table.plot(out / f"faithfulness_{baseline}.png", baseline=baseline))
     res = {k: v for k, v in table.to_dict().items() if k != "curves"}  # the mean curves are in the figures
-    for row in res["rows"]:
-        row["level_with_best"] = table.row(row["method"], row["baseline"]).level_with_best
     res["baselines"] = list(FAITHFULNESS_BASELINES)
     res["best"] = {b: table.best(b) for b in FAITHFULNESS_BASELINES}
     res["seconds"] = time.perf_counter() - t0

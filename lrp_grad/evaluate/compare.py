@@ -108,7 +108,7 @@ class FaithfulnessTable:
 
     def to_dict(self) -> dict:
         return {"patch": self.patch, "output": self.output, "steps": self.steps, "n": self.n, "notes": self.notes,
-                "rows": [dict(r.__dict__) for r in self.rows],
+                "rows": [dict(r.__dict__, level_with_best=r.level_with_best) for r in self.rows],
                 "curves": {f"{m} | {b}": {"morf": c[0].tolist(), "lerf": c[1].tolist()}
                            for (m, b), c in self.curves.items()}}
 
