@@ -24,6 +24,13 @@ Conventions (the tests pin each of them):
   (the fraction of the perturbation budget used, from 0 to 1);
   ``srg = area(LeRF) - area(MoRF)``, in the units of the explained output (logits, or
   probabilities with ``output="probability"``), not normalised further.
+
+Cost: every step of every order is one forward pass per batch of ``batch_size`` images, all images
+perturbed in one vectorised step. A Keras model runs as a compiled ``tf.function`` with an unknown
+batch axis, traced once per image shape and cached while the model lives
+(:mod:`lrp_grad.evaluate.forward`), so an evaluation costs about its ``2 * steps + 1`` forward
+passes (SRG; ``benchmarks/evaluation_cost.py`` measures it); the outputs are those of the model's
+own compiled call.
 """
 from __future__ import annotations
 
@@ -197,23 +204,28 @@ def _baseline_values(baseline, x: np.ndarray, first: int, patch: int, seed: int,
 
 
 def _forward_fn(model, output: str):
-    """``f(x) -> (n, classes)`` float64 array of the explained output."""
+    """``f(x) -> (n, classes)`` float64 array of the explained output.
+
+    A Keras model runs compiled (:mod:`lrp_grad.evaluate.forward`: one trace per image shape,
+    cached per model); its float32 output is converted to float64 once, after the call."""
+    from .forward import compiled_call, compiled_logits
+
     probability_model = _has_probability_output(model)
     if output == "logit" and probability_model:
         # The model ends in softmax/sigmoid: the logits are the output before it, which the
         # Explainer's rewritten model computes (it skips a final softmax or sigmoid).
-        from ..api.explainer import Explainer
-
         try:
-            ex = Explainer(model)
+            logits = compiled_logits(model)
         except UnsupportedLayerError as e:
             raise UnsupportedLayerError(f"output='logit' on a model ending in softmax/sigmoid reads the logits "
                                         f"through lrp_grad's rewritten model, which cannot be built here ({e}); "
                                         "pass output='probability' to use the model's own output.", e.layers) from e
-        return lambda x: np.asarray(ex.forward(x), np.float64)
+        return lambda x: np.asarray(logits(x), np.float64)
+
+    call = compiled_call(model)
 
     def forward(x):
-        out = np.asarray(model(x, training=False), np.float64)
+        out = np.asarray(call(x), np.float64)
         if out.ndim != 2:
             raise InvalidInputError(f"region_perturbation needs a classifier with output shape (n, classes); "
                                     f"this model returns shape {out.shape}.")
