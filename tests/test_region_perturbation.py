@@ -437,8 +437,9 @@ def test_dead_softmax_models_release_the_gradients_their_logit_traces_registered
 
     one()
     gc.collect()
+    gc.collect()  # earlier tests' objects may need a second pass (finalizers freeing cycles)
     before = len(registry)
     assert one() > before, "the test no longer exercises custom gradients: it cannot see a leak"
     one()
     gc.collect()
-    assert len(registry) == before
+    assert len(registry) <= before

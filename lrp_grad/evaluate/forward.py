@@ -59,7 +59,11 @@ class CompiledForward:
         return out
 
     def function(self, shape, dtype):
-        """The ``tf.function`` for images of ``shape`` (without the batch axis) and ``dtype``."""
+        """The traced function for images of ``shape`` (without the batch axis) and ``dtype``.
+
+        The concrete function itself is kept and called: it skips the argument binding and trace
+        lookup a ``tf.function`` call does (~0.15 ms a call here), which the one signature makes
+        unnecessary."""
         import tensorflow as tf
 
         key = (tuple(shape), np.dtype(dtype).str)
@@ -67,7 +71,8 @@ class CompiledForward:
         if fn is None:
             spec = tf.TensorSpec((None,) + tuple(shape), tf.as_dtype(np.dtype(dtype)))
             # autograph=False: a model call has no tensor-dependent Python control flow to convert.
-            fn = self._functions[key] = tf.function(self._traced, input_signature=[spec], autograph=False)
+            traced = tf.function(self._traced, input_signature=[spec], autograph=False)
+            fn = self._functions[key] = traced.get_concrete_function()
         return fn
 
     def __call__(self, x):
