@@ -153,3 +153,4 @@ def test_streamed_batches_share_one_trace_of_the_forward_pass(K):
                                         baselines=["mean", "blur"], patch=4)
     assert table.n == 7
     assert forward._CACHE[model]["call"].traces == 1
+    assert forward._CACHE[model][("gradient", "float32")].traces == 1
