@@ -443,3 +443,38 @@ def test_dead_softmax_models_release_the_gradients_their_logit_traces_registered
     one()
     gc.collect()
     assert len(registry) <= before
+
+
+def test_srg_runs_both_orders_in_one_pass_when_twice_the_batch_fits(K):
+    """Step k of MoRF and LeRF share one forward pass of 2m images when 2m <= batch_size; the curves
+    are region_perturbation's (the model's float32 rounding at most)."""
+    model = Recorder()
+    x = np.random.default_rng(19).uniform(0, 1, (3, 6, 5, 2))
+    r = np.random.default_rng(20).normal(size=(3, 6, 5))
+    evaluate.srg(model, x, r, 0, patch=2, steps=2)
+    assert [len(c) for c in model.calls] == [3, 6, 6]  # unperturbed, then both orders per step
+    model.calls.clear()
+    evaluate.srg(model, x, r, 0, patch=2, steps=2, batch_size=5)
+    assert [len(c) for c in model.calls] == [3, 3, 3, 3, 3]  # 6 > 5: one order after the other
+    cnn = small_cnn(K)
+    x = np.random.default_rng(21).uniform(0, 1, (5, 8, 8, 2)).astype(np.float32)
+    r = np.random.default_rng(22).normal(size=x.shape)
+    _, morf, lerf = evaluate.srg(cnn, x, r, patch=3, baseline="blur", return_curves=True)
+    for order, curve in (("morf", morf), ("lerf", lerf)):
+        alone = evaluate.region_perturbation(cnn, x, r, patch=3, baseline="blur", order=order)
+        np.testing.assert_allclose(curve, alone, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(curve, eager_blur_curve(cnn, x, r, 3, order), rtol=1e-5, atol=1e-6)
+
+
+def eager_blur_curve(model, x, relevance, patch, order):
+    """Reference deletion curve with the blur baseline, every perturbed batch run eagerly."""
+    from lrp_grad.evaluate.region import _box_blur
+
+    ranks = evaluate.patch_ranks(relevance, patch, order)[..., None]
+    base = _box_blur(x, 2 * patch + 1).astype(x.dtype)
+    t = np.asarray(model(x, training=False)).argmax(1)
+    rows = []
+    for k in range(ranks.max() + 2):
+        out = np.asarray(model(np.where(ranks < k, base, x), training=False), np.float64)
+        rows.append(out[np.arange(len(x)), t])
+    return np.stack(rows, 1)
