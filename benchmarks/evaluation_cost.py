@@ -9,14 +9,18 @@ one per step and order. Methods, interleaved round-robin (the starting method ro
 lrp_grad.bench.time_interleaved), x = one batch of uniform [0, 1) images, r = normal noise (the
 ranking does not change the cost):
   srg         lrp_grad.evaluate.srg(model, x, r, baseline="mean"): the whole evaluation, including
-              its checks, ranks, baselines and perturbed batches (x is one batch: batch_size >= n);
+              its checks, ranks, baselines and perturbed batches (x is one batch: the default
+              batch_size 256 >= n; at n <= 128 srg runs both orders' step k in one pass of 2n images);
+  separate    (only where that applies) the same with batch_size=n: one order after the other,
+              99 passes of n images, what srg needs without the shared passes;
   function    99 calls of tf.function(lambda v: model(v, training=False)) on the numpy batch, each
               result read back with .numpy(): the fastest plain way to run the model (the floor);
   eager       99 calls of np.asarray(model(x, training=False)), for reference;
   predict     99 calls of model.predict_on_batch(x), for reference.
-Reports the median seconds of each, ratio = srg / function (medians) and the median of the per-round
+Reports the median seconds of each, ratio = srg / function (medians), the median of the per-round
 ratios (srg against function in the same round: robust to other processes changing the load between
-rounds); writes results/<stem>.{json,md} with the load average before and after.
+rounds) and srg's first call (which traces the compiled forward pass, once per model); writes
+results/<stem>.{json,md} with the load average before and after.
 
 Models (random weights; they do not change the timing):
   seed_cnn     the seed report's CNN (lrp_grad.app.demo.seed_cnn, tf-keras; 2.6 MMAC per image);
@@ -114,6 +118,9 @@ def _methods(model, x, r):
     def srg():
         return evaluate.srg(model, x, r, patch=PATCH, baseline="mean")
 
+    def separate():
+        return evaluate.srg(model, x, r, patch=PATCH, baseline="mean", batch_size=len(x))
+
     def fn():
         for _ in range(CALLS):
             out = function(x).numpy()
@@ -129,8 +136,9 @@ def _methods(model, x, r):
             out = model.predict_on_batch(x)
         return out
 
-    return [Method("srg", False, srg), Method("function", False, fn), Method("eager", False, eager),
-            Method("predict", False, predict)]
+    shared = 2 * len(x) <= 256  # srg's default batch_size
+    return ([Method("srg", False, srg)] + ([Method("separate", False, separate)] if shared else [])
+            + [Method("function", False, fn), Method("eager", False, eager), Method("predict", False, predict)])
 
 
 def bench_one(name, batch, repeats, warmup):
@@ -148,6 +156,7 @@ def bench_one(name, batch, repeats, warmup):
     per_round = [s / f for s, f in zip(times["srg"], times["function"])]
     return {"model": name, "batch": batch, "forward_calls": CALLS, "median_s": med, "first_call_s": first,
             "ratio": med["srg"] / med["function"], "median_per_round_ratio": statistics.median(per_round),
+            "separate_ratio": med["separate"] / med["function"] if "separate" in med else None,
             "eager_ratio": med["eager"] / med["function"], "predict_ratio": med["predict"] / med["function"],
             "forward_ms": 1e3 * med["function"] / CALLS, "raw_s": times,
             "loadavg_before": load_before, "loadavg_after": load_after}
@@ -155,13 +164,15 @@ def bench_one(name, batch, repeats, warmup):
 
 def to_markdown(rows, repeats):
     lines = ["| model | batch | srg s | function s (99 calls) | ratio srg / function | median per-round ratio "
-             "| eager / function | predict / function | ms per forward |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| orders separate / function | eager / function | predict / function | ms per forward "
+             "| srg first call s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r["median_s"]
+        sep = "" if r.get("separate_ratio") is None else f"{r['separate_ratio']:.2f}"
         lines.append(f"| {r['model']} | {r['batch']} | {m['srg']:.3f} | {m['function']:.3f} | {r['ratio']:.2f} "
-                     f"| {r['median_per_round_ratio']:.2f} | {r['eager_ratio']:.2f} | {r['predict_ratio']:.2f} "
-                     f"| {r['forward_ms']:.2f} |")
+                     f"| {r['median_per_round_ratio']:.2f} | {sep} | {r['eager_ratio']:.2f} "
+                     f"| {r['predict_ratio']:.2f} | {r['forward_ms']:.2f} | {r['first_call_s']['srg']:.2f} |")
     loads = [v for r in rows for v in (r["loadavg_before"][0], r["loadavg_after"][0])]
     lines += ["", f"srg with patch {PATCH} on {SIDE}x{SIDE} images: {STEPS} steps per order, {CALLS} forward passes; "
               f"medians of {repeats} interleaved rounds; 1-min load average {min(loads):.2f}-{max(loads):.2f} "
