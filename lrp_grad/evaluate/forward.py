@@ -2,7 +2,7 @@
 
 An evaluation of ``steps`` regions runs the model ``2 * steps + 1`` times per batch (SRG), so what
 a call costs beyond the model's own arithmetic is paid a hundred times over. An eager Keras call
-dispatches op by op and cost about twice a compiled call on the small models of
+dispatches op by op and cost two to four times a compiled call on the small models of
 ``benchmarks/evaluation_cost.py``; so the forward pass runs as a ``tf.function`` whose batch axis
 is unknown: one trace per image shape and dtype, shared by every batch size (the last, smaller
 batch of an array and every batch of a stream reuse it).
@@ -12,9 +12,11 @@ model only through a weak proxy), so repeated evaluations of one model trace onc
 model takes its functions along. They read the model's variables on every call, so changed
 weights are seen; a model whose layers were changed in place (a layer's ``activation``
 reassigned) needs a new model, as for :func:`lrp_grad.explain`. The user's model is only called,
-never changed.
+never changed. :mod:`lrp_grad.evaluate.baselines` keeps its compiled input-gradient pass in the
+same cache.
 
-Anything that is not a Keras model (a callable ``model(x, training=False)``) is called eagerly.
+Anything that is not a Keras model (a callable ``model(x, training=False)``), or a Keras 3 model on
+another backend than TensorFlow, is called eagerly.
 """
 from __future__ import annotations
 
@@ -91,12 +93,20 @@ def _cached(model, kind, build):
         return per_model[kind]
 
 
+def _compilable(model) -> bool:
+    """A tf-keras model, or a Keras 3 model on the TensorFlow backend (on another backend its call
+    cannot be traced by TensorFlow, so it runs eagerly as before)."""
+    from ..frontends import is_model, keras3, package_of
+
+    if not is_model(model):
+        return False
+    return package_of(model) != "keras" or keras3._backend_problem() is None
+
+
 def compiled_call(model):
     """``f(x) -> numpy``: ``model(x, training=False)``, compiled for a Keras model (cached per model),
     eager for any other callable."""
-    from ..frontends import is_model
-
-    if not is_model(model):
+    if not _compilable(model):
         return lambda x: np.asarray(model(x, training=False))
 
     def build():

@@ -30,8 +30,9 @@ perturbed in one vectorised step (:func:`srg` runs step ``k`` of both orders in 
 the batch fits in ``batch_size``). A Keras model runs as a compiled ``tf.function`` with an unknown
 batch axis, traced once per image shape and cached while the model lives
 (:mod:`lrp_grad.evaluate.forward`), so an evaluation costs about its ``2 * steps + 1`` forward
-passes (SRG; ``benchmarks/evaluation_cost.py`` measures it); the outputs are those of the model's
-own compiled call.
+passes (SRG; ``benchmarks/evaluation_cost.py`` measures it). A compiled call gives the eager call's
+outputs up to float32 rounding (graph optimisations may fuse ops; on the benchmark models they
+were bit-identical).
 """
 from __future__ import annotations
 
