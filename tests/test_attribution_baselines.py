@@ -69,6 +69,30 @@ def test_softmax_model_explains_the_logits(K):
     np.testing.assert_allclose(ig.sum((1, 2, 3)), z[:, 0] - z0[:, 0], atol=2e-3)
 
 
+def test_gradient_pass_is_traced_once_per_model_and_reads_the_current_weights(K):
+    """The compiled gradient is cached per model (batches of a stream do not trace again), the
+    linear copy of a softmax layer follows the layer's weights, and the model is held weakly."""
+    import gc
+    import weakref
+
+    from lrp_grad.evaluate import forward
+
+    model, weights, _ = linear_model(K, softmax=True)
+    x = images()
+    evaluate.gradient(model, x, 1, batch_size=2)  # batches 2, 2, 1
+    evaluate.smoothgrad(model, x[:3], 0, samples=3, batch_size=4)
+    evaluate.integrated_gradients(model, x, 2, steps=3)
+    assert forward._CACHE[model][("gradient", "float64")].traces == 1
+    new = np.random.default_rng(7).normal(size=weights.shape)
+    model.layers[-1].set_weights([new, np.zeros(CLASSES)])  # as training would
+    np.testing.assert_allclose(evaluate.gradient(model, x, 1), np.broadcast_to(new[:, 1].reshape(H, W, C), x.shape),
+                               rtol=1e-12)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 def test_integrated_gradients_is_exact_on_a_linear_model(K):
     model, weights, bias = linear_model(K)
     x = images()

@@ -166,3 +166,19 @@ def test_attribution_gradient_explains_the_logit_of_a_softmax_model(K):
     np.testing.assert_allclose(g, np.broadcast_to(weights[:, y].T.reshape(3, H, W, C), g.shape), rtol=1e-6)
     gx, _ = evaluate.attribution(model, x, y, "gradient_x_input")
     np.testing.assert_allclose(gx, exact(weights, x, y), rtol=1e-6)
+
+
+def test_streamed_batches_share_one_trace_of_the_forward_pass(K):
+    """Every batch of a stream (and the smaller last one) is scored by the same compiled forward pass."""
+    from lrp_grad.evaluate import forward
+
+    from test_region_perturbation import small_cnn
+
+    model = small_cnn(K)
+    x = np.random.default_rng(20).uniform(0, 1, (7, 8, 8, 2)).astype(np.float32)
+    batches = ((x[i:i + 3], np.arange(i, i + len(x[i:i + 3])) % 3) for i in range(0, 7, 3))  # 3, 3, 1
+    table = evaluate.faithfulness_table(model, batches, methods={"random": "random", "saliency": "gradient"},
+                                        baselines=["mean", "blur"], patch=4)
+    assert table.n == 7
+    assert forward._CACHE[model]["call"].traces == 1
+    assert forward._CACHE[model][("gradient", "float32")].traces == 1

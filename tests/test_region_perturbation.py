@@ -313,3 +313,168 @@ def test_bad_images_and_relevance_shapes():
         evaluate.srg(model, x, np.full((N, H, W), np.nan))
     with pytest.raises(ValueError, match="return_curves must be True or False"):
         evaluate.srg(model, x, np.zeros((N, H, W)), return_curves="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled forward pass: the model's own outputs, traced once per image shape, model untouched
+
+
+def small_cnn(K, softmax=False):
+    """A float32 conv net on 8x8x2 images with 3 classes (random weights, fixed seed)."""
+    K.utils.set_random_seed(3)
+    L = K.layers
+    return K.Sequential([K.Input((8, 8, 2)), L.Conv2D(4, 3, activation="relu"), L.MaxPooling2D(2),
+                         L.Flatten(), L.Dense(3, activation="softmax" if softmax else None)])
+
+
+def eager_deletion_curve(model, x, relevance, target, patch, order):
+    """Reference: zero-baseline deletion with every perturbed batch run through the eager model."""
+    ranks = evaluate.patch_ranks(relevance, patch, order)[..., None]
+    curve = []
+    for k in range(ranks.max() + 2):
+        out = np.asarray(model(np.where(ranks < k, 0, x).astype(x.dtype), training=False), np.float64)
+        curve.append(out[np.arange(len(x)), target])
+    return np.stack(curve, 1)
+
+
+def traces(model, kind="call"):
+    from lrp_grad.evaluate import forward
+
+    return forward._CACHE[model][kind].traces
+
+
+def test_compiled_forward_gives_the_eager_models_outputs_and_traces_once(K):
+    model = small_cnn(K)
+    weights = [w.copy() for w in model.get_weights()]
+    x = np.random.default_rng(10).uniform(0, 1, (5, 8, 8, 2)).astype(np.float32)
+    r = np.random.default_rng(11).normal(size=x.shape)
+    t = np.array([0, 1, 2, 0, 1])
+    curve = evaluate.region_perturbation(model, x, r, t, patch=3, baseline="zero", batch_size=2)  # batches 2, 2, 1
+    # float32 rounding at most: the compiled graph may fuse ops that eager mode runs one by one
+    np.testing.assert_allclose(curve, eager_deletion_curve(model, x, r, t, 3, "morf"), rtol=1e-5, atol=1e-6)
+    assert traces(model) == 1  # the batch axis is unknown: the last, smaller batch reuses the trace
+    evaluate.srg(model, x, r, t, patch=2, batch_size=3)
+    evaluate.insertion(model, x[:4], r[:4], patch=4, output="probability")
+    assert traces(model) == 1  # cached per model, shared by every measure, batch size and output kind
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(after, before)
+
+
+def test_compiled_forward_sees_new_weights_and_lets_the_model_go(K):
+    import gc
+    import weakref
+
+    from lrp_grad.evaluate import forward
+
+    model = small_cnn(K)
+    x = np.random.default_rng(12).uniform(0, 1, (3, 8, 8, 2)).astype(np.float32)
+    r = np.random.default_rng(13).normal(size=x.shape)
+    evaluate.srg(model, x, r, 0, patch=4)
+    model.layers[-1].set_weights([w * 2 for w in model.layers[-1].get_weights()])  # as training would
+    curve = evaluate.region_perturbation(model, x, r, 0, patch=4, baseline="zero")
+    np.testing.assert_allclose(curve, eager_deletion_curve(model, x, r, np.zeros(3, int), 4, "morf"),
+                               rtol=1e-5, atol=1e-6)
+    assert model in forward._CACHE
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the cache (and its compiled functions) hold the model weakly
+
+
+def test_logits_of_a_softmax_model_are_compiled_once_and_equal_the_rewritten_model(K):
+    import lrp_grad
+
+    soft, plain = small_cnn(K, softmax=True), small_cnn(K)
+    plain.set_weights(soft.get_weights())
+    x = np.random.default_rng(14).uniform(0, 1, (5, 8, 8, 2)).astype(np.float32)
+    r = np.random.default_rng(15).normal(size=x.shape)
+    t = np.array([2, 1, 0, 1, 2])
+    curve = evaluate.region_perturbation(soft, x, r, t, patch=3, baseline="zero", order="lerf", batch_size=2)
+    np.testing.assert_allclose(curve, eager_deletion_curve(plain, x, r, t, 3, "lerf"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(curve[:, 0], lrp_grad.Explainer(soft).forward(x)[np.arange(5), t], rtol=1e-6)
+    evaluate.srg(soft, x, r, t, patch=2, batch_size=4)
+    assert traces(soft, "logits") == 1
+
+
+def test_softmax_logits_replan_when_a_folded_batchnorm_changes_sign():
+    """A BatchNorm folded through a max pooling needs the scale signs of plan time; after training
+    flipped them the cached logits are planned again (once), as lrp_grad.explain does."""
+    import keras as K
+
+    L = K.layers
+    model = K.Sequential([K.Input((6, 6, 1)), L.Conv2D(3, 3, activation="relu"), L.BatchNormalization(name="bn"),
+                          L.MaxPooling2D(2), L.Flatten(), L.Dense(2, activation="softmax")])
+    bn = model.get_layer("bn")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([np.abs(gamma) + 0.5, beta, mean, var])
+    x = np.random.default_rng(16).uniform(0, 1, (2, 6, 6, 1)).astype(np.float32)
+    r = np.random.default_rng(17).normal(size=x.shape)
+    evaluate.region_perturbation(model, x, r, 0, patch=3, steps=1)
+    bn.set_weights([-(np.abs(gamma) + 0.5), beta, mean, var])
+    plain = K.Sequential([K.Input((6, 6, 1))] + model.layers[:-1] + [L.Dense(2)])
+    plain.layers[-1].set_weights(model.layers[-1].get_weights())
+    curve = evaluate.region_perturbation(model, x, r, 0, patch=3, baseline="zero", steps=1)
+    np.testing.assert_allclose(curve, eager_deletion_curve(plain, x, r, np.zeros(2, int), 3, "morf")[:, :2],
+                               rtol=1e-5, atol=1e-6)
+    assert traces(model, "logits") == 2  # planned and traced again, once
+
+
+def test_dead_softmax_models_release_the_gradients_their_logit_traces_registered():
+    """The rewritten model's custom gradients register in TensorFlow's global gradient registry when
+    traced (issue 21); a deleted model's cached logits must release them."""
+    import gc
+
+    import tf_keras
+    from tensorflow.python.framework import ops as tf_ops
+
+    registry = tf_ops._gradient_registry._registry
+    x = np.random.default_rng(18).uniform(0, 1, (2, 8, 8, 2)).astype(np.float32)
+
+    def one():
+        model = small_cnn(tf_keras, softmax=True)
+        evaluate.region_perturbation(model, x, x, 0, patch=4, steps=1)
+        return len(registry)
+
+    one()
+    gc.collect()
+    gc.collect()  # earlier tests' objects may need a second pass (finalizers freeing cycles)
+    before = len(registry)
+    assert one() > before, "the test no longer exercises custom gradients: it cannot see a leak"
+    one()
+    gc.collect()
+    assert len(registry) <= before
+
+
+def test_srg_runs_both_orders_in_one_pass_when_twice_the_batch_fits(K):
+    """Step k of MoRF and LeRF share one forward pass of 2m images when 2m <= batch_size; the curves
+    are region_perturbation's (the model's float32 rounding at most)."""
+    model = Recorder()
+    x = np.random.default_rng(19).uniform(0, 1, (3, 6, 5, 2))
+    r = np.random.default_rng(20).normal(size=(3, 6, 5))
+    evaluate.srg(model, x, r, 0, patch=2, steps=2)
+    assert [len(c) for c in model.calls] == [3, 6, 6]  # unperturbed, then both orders per step
+    model.calls.clear()
+    evaluate.srg(model, x, r, 0, patch=2, steps=2, batch_size=5)
+    assert [len(c) for c in model.calls] == [3, 3, 3, 3, 3]  # 6 > 5: one order after the other
+    cnn = small_cnn(K)
+    x = np.random.default_rng(21).uniform(0, 1, (5, 8, 8, 2)).astype(np.float32)
+    r = np.random.default_rng(22).normal(size=x.shape)
+    _, morf, lerf = evaluate.srg(cnn, x, r, patch=3, baseline="blur", return_curves=True)
+    for order, curve in (("morf", morf), ("lerf", lerf)):
+        alone = evaluate.region_perturbation(cnn, x, r, patch=3, baseline="blur", order=order)
+        np.testing.assert_allclose(curve, alone, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(curve, eager_blur_curve(cnn, x, r, 3, order), rtol=1e-5, atol=1e-6)
+
+
+def eager_blur_curve(model, x, relevance, patch, order):
+    """Reference deletion curve with the blur baseline, every perturbed batch run eagerly."""
+    from lrp_grad.evaluate.region import _box_blur
+
+    ranks = evaluate.patch_ranks(relevance, patch, order)[..., None]
+    base = _box_blur(x, 2 * patch + 1).astype(x.dtype)
+    t = np.asarray(model(x, training=False)).argmax(1)
+    rows = []
+    for k in range(ranks.max() + 2):
+        out = np.asarray(model(np.where(ranks < k, base, x), training=False), np.float64)
+        rows.append(out[np.arange(len(x)), t])
+    return np.stack(rows, 1)

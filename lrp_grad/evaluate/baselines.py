@@ -38,8 +38,17 @@ def logit_function(model):
     """A TensorFlow-differentiable ``f(x) -> logits``: the model itself, or for a functional model
     ending in softmax/sigmoid (a ``Softmax`` layer, or a layer with that activation) the model up to
     the input of that activation. The model is never modified."""
+    return _logit_parts(model)[0]
+
+
+def _logit_parts(model, called=None):
+    """``(f, sync)``: :func:`logit_function`'s ``f`` and ``sync()``, which copies the model's last
+    layer's current weights into the linear copy of it that ``f`` ends in (a no-op when there is none).
+    ``called``: what ``f`` calls when it is the model itself (default ``model``; a weak proxy of it
+    for a cached ``f``). Otherwise ``f`` holds the model's layers, not the model."""
     if not _has_probability_output(model):
-        return lambda x: model(x, training=False)
+        called = model if called is None else called
+        return (lambda x: called(x, training=False)), _no_sync
     last = model.layers[-1]
     try:
         import importlib
@@ -57,55 +66,102 @@ def logit_function(model):
     from ..frontends import is_layer
 
     if is_layer(last, "Softmax") or is_layer(last, "Activation"):
-        return lambda x: body(x, training=False)
+        return (lambda x: body(x, training=False)), _no_sync
     config = dict(last.get_config(), activation="linear")
     head = type(last).from_config(config)
     head.build(last.input.shape)
     head.set_weights(last.get_weights())
-    return lambda x: head(body(x, training=False))
+    return (lambda x: head(body(x, training=False))), (lambda: head.set_weights(last.get_weights()))
+
+
+def _no_sync():
+    pass
 
 
 def _is_functional(model) -> bool:
     return hasattr(model, "inputs") and model.inputs is not None and len(model.inputs) == 1
 
 
-def _gradients(fn, dtype, x: np.ndarray, t: np.ndarray, batch_size: int) -> np.ndarray:
-    """``d fn(x)[r, t_r] / dx`` of every row ``r`` of ``x``, ``batch_size`` rows per tape pass."""
-    import tensorflow as tf
+class _GradientPass:
+    """``d logit[r, t_r] / dx`` of a model compiled once per image shape, cached per model (weakly,
+    see :mod:`lrp_grad.evaluate.forward`), so that the batches of a stream (and repeated calls) do
+    not trace again. ``traces`` counts the traces."""
 
-    def grad(v, tt):
+    def __init__(self, model, dtype):
+        import weakref
+
+        try:
+            proxy = weakref.proxy(model)
+        except TypeError:
+            proxy = model
+        self.fn, self.sync = _logit_parts(model, proxy)
+        self.dtype = dtype
+        self.xla = False
+        self.functions = {}
+        self.traces = 0
+
+    def _grad(self, v, tt):
+        import tensorflow as tf
+
         with tf.GradientTape() as tape:
             tape.watch(v)
-            logits = fn(v)
+            logits = self.fn(v)
+        self.traces += 1
         return tape.gradient(logits, v, output_gradients=tf.one_hot(tt, logits.shape[-1], dtype=logits.dtype))
 
-    compiled = tf.function(grad, reduce_retracing=True)
-    out = np.empty(x.shape, np.float64)
-    for first in range(0, len(x), batch_size):
-        v = tf.constant(x[first:first + batch_size], dtype)
-        tt = tf.constant(t[first:first + batch_size], tf.int64)
+    def function(self, shape):
+        import tensorflow as tf
+
+        key = (tuple(shape), self.xla)
+        if key not in self.functions:
+            spec = [tf.TensorSpec((None,) + tuple(shape), self.dtype), tf.TensorSpec((None,), tf.int64)]
+            fn = tf.function(self._grad, input_signature=spec, jit_compile=True if self.xla else None, autograph=False)
+            self.functions[key] = fn.get_concrete_function()
+        return self.functions[key]
+
+    def __call__(self, v, tt):
+        import tensorflow as tf
+
         try:
-            g = compiled(v, tt)
+            return self.function(v.shape[1:])(v, tt)
         except tf.errors.InvalidArgumentError as e:
             # No CPU kernel for the gradient of a grouped convolution (ConvNeXt, RegNet); XLA has one.
-            if "grouped convolutions are not supported" not in str(e):
+            if self.xla or "grouped convolutions are not supported" not in str(e):
                 raise
-            compiled = tf.function(grad, jit_compile=True, autograph=False)
-            g = compiled(v, tt)
-        out[first:first + len(v)] = g.numpy()
+            self.xla = True
+            return self.function(v.shape[1:])(v, tt)
+
+
+def _gradient_pass(model, dtype) -> _GradientPass:
+    from .forward import _cached
+
+    return _cached(model, ("gradient", dtype.name), lambda: _GradientPass(model, dtype))
+
+
+def _gradients(grads: _GradientPass, x: np.ndarray, t: np.ndarray, batch_size: int) -> np.ndarray:
+    """``d logit[r, t_r] / dx`` of every row ``r`` of ``x``, ``batch_size`` rows per tape pass."""
+    import tensorflow as tf
+
+    out = np.empty(x.shape, np.float64)
+    for first in range(0, len(x), batch_size):
+        v = tf.constant(x[first:first + batch_size], grads.dtype)
+        tt = tf.constant(t[first:first + batch_size], tf.int64)
+        out[first:first + len(v)] = grads(v, tt).numpy()
     return out
 
 
 def _prepare(model, x, target, batch_size, where):
-    """Checked images (float), the logit function, targets ``(n,)`` and the batch size."""
+    """Checked images (float), the compiled gradient pass, targets ``(n,)``, the batch size and the logits."""
     import tensorflow as tf
 
     x = _check_images(x, where)
     batch_size = _positive_int(batch_size, "batch_size", where, allow_none=True) or _DEFAULT_BATCH
     target = _check_target(target, len(x), where)
-    fn = logit_function(model)
     dtype = model.inputs[0].dtype if getattr(model, "inputs", None) else tf.float32
     dtype = tf.as_dtype(dtype) if tf.as_dtype(dtype).is_floating else tf.float32
+    grads = _gradient_pass(model, dtype)
+    grads.sync()  # the last layer's current weights, when the logits end in a copy of it
+    fn = grads.fn
     logits = np.concatenate([np.asarray(fn(tf.constant(x[i:i + batch_size], dtype)), np.float64)
                              for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 1))
     if logits.ndim != 2:
@@ -117,20 +173,20 @@ def _prepare(model, x, target, batch_size, where):
         bad = int(np.argmax(target >= logits.shape[1]))
         raise InvalidTargetError(f"{where}: target[{bad}] = {int(target[bad])} but the model has {logits.shape[1]} "
                                  f"outputs; pass class indices 0..{logits.shape[1] - 1}.")
-    return x, fn, dtype, target.astype(np.int64), batch_size, logits
+    return x, grads, target.astype(np.int64), batch_size, logits
 
 
 def gradient(model, x, target=None, *, batch_size: int | None = None) -> np.ndarray:
     """``d logit_target / dx`` per image, shaped like ``x`` (float64). ``batch_size`` images per pass
     (default 256)."""
-    x, fn, dtype, t, batch_size, _ = _prepare(model, x, target, batch_size, "gradient")
-    return _gradients(fn, dtype, x, t, batch_size)
+    x, compiled, t, batch_size, _ = _prepare(model, x, target, batch_size, "gradient")
+    return _gradients(compiled, x, t, batch_size)
 
 
 def gradient_x_input(model, x, target=None, *, batch_size: int | None = None) -> np.ndarray:
     """``x * d logit_target / dx`` per image, shaped like ``x`` (float64)."""
-    x, fn, dtype, t, batch_size, _ = _prepare(model, x, target, batch_size, "gradient_x_input")
-    return _gradients(fn, dtype, x, t, batch_size) * x
+    x, compiled, t, batch_size, _ = _prepare(model, x, target, batch_size, "gradient_x_input")
+    return _gradients(compiled, x, t, batch_size) * x
 
 
 def _baseline_array(baseline, x: np.ndarray, where: str) -> np.ndarray:
@@ -169,7 +225,7 @@ def integrated_gradients(model, x, target=None, *, steps: int = 32, baseline=0.0
     approximates ``logit_t(x) - logit_t(baseline)`` (exactly for a linear model).
     """
     where = "integrated_gradients"
-    x, fn, dtype, t, batch_size, _ = _prepare(model, x, target, batch_size, where)
+    x, compiled, t, batch_size, _ = _prepare(model, x, target, batch_size, where)
     steps = _positive_int(steps, "steps", where)
     b = _baseline_array(baseline, x, where)
     alphas = np.arange(steps + 1) / steps
@@ -178,7 +234,7 @@ def integrated_gradients(model, x, target=None, *, steps: int = 32, baseline=0.0
     n = len(x)
     # Rows ordered image-major: image i's path points are rows i*(steps+1) .. i*(steps+1)+steps.
     path = b[:, None] + alphas[None, :, None, None, None] * (x - b)[:, None]
-    grads = _gradients(fn, dtype, path.reshape((-1,) + x.shape[1:]).astype(x.dtype), np.repeat(t, steps + 1),
+    grads = _gradients(compiled, path.reshape((-1,) + x.shape[1:]).astype(x.dtype), np.repeat(t, steps + 1),
                        batch_size).reshape(path.shape)
     return (x - b) * np.einsum("k,nk...->n...", weights, grads) if n else np.zeros(x.shape)
 
@@ -202,7 +258,7 @@ def smoothgrad(model, x, target=None, *, samples: int = 16, noise: float = 0.15,
         Multiply the averaged gradient by ``x`` (SmoothGrad x input).
     """
     where = "smoothgrad"
-    x, fn, dtype, t, batch_size, _ = _prepare(model, x, target, batch_size, where)
+    x, compiled, t, batch_size, _ = _prepare(model, x, target, batch_size, where)
     samples = _positive_int(samples, "samples", where)
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not np.isfinite(noise) or noise < 0:
         raise ValueError(f"{where}: noise must be a number >= 0 (a fraction of the image's value range, e.g. 0.15), "
@@ -215,7 +271,7 @@ def smoothgrad(model, x, target=None, *, samples: int = 16, noise: float = 0.15,
     for i in range(len(x)):
         sigma = float(noise) * float(x[i].max() - x[i].min())
         noisy[i] = x[i] + np.random.default_rng([int(seed), i]).normal(0.0, 1.0, noisy.shape[1:]) * sigma
-    grads = _gradients(fn, dtype, noisy.reshape((-1,) + x.shape[1:]).astype(x.dtype), np.repeat(t, samples),
+    grads = _gradients(compiled, noisy.reshape((-1,) + x.shape[1:]).astype(x.dtype), np.repeat(t, samples),
                        batch_size).reshape(noisy.shape)
     mean = grads.mean(1)
     return mean * x if times_input else mean

@@ -326,7 +326,9 @@ def faithfulness_table(model, x, target=None, *, methods=None, baselines=("mean"
     patch, steps, output, seed
         As in :func:`~lrp_grad.evaluate.srg`.
     batch_size : int or None
-        Images per batch when ``x`` is an array (default 256).
+        Images per batch when ``x`` is an array (default 256), and per forward pass when scoring (a
+        streamed batch larger than that is scored in one pass; smaller ones score both orders in one
+        pass when twice the batch fits).
     bounds : (low, high) or None
         Input range for ``'epsilon_gamma_box'``; default the minimum and maximum of ``x`` (of the
         first batch for a dataset).
@@ -376,8 +378,8 @@ def faithfulness_table(model, x, target=None, *, methods=None, baselines=("mean"
             r, sec = method(xb, tb)
             seconds[label] += sec
             for b, bl in zip(baselines, labels_b):
-                curves = _curves(model, xb, r, tb, patch, b, ("morf", "lerf"), steps, len(xb), output, seed, where,
-                                 forward=forward)
+                curves = _curves(model, xb, r, tb, patch, b, ("morf", "lerf"), steps, max(len(xb), batch_size), output,
+                                 seed, where, forward=forward)
                 total_steps = curves["morf"].shape[1] - 1
                 key = (label, bl)
                 scores.setdefault(key, []).append(curve_area(curves["lerf"]) - curve_area(curves["morf"]))

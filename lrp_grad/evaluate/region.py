@@ -24,6 +24,15 @@ Conventions (the tests pin each of them):
   (the fraction of the perturbation budget used, from 0 to 1);
   ``srg = area(LeRF) - area(MoRF)``, in the units of the explained output (logits, or
   probabilities with ``output="probability"``), not normalised further.
+
+Cost: every step of every order is one forward pass per batch of ``batch_size`` images, all images
+perturbed in one vectorised step (:func:`srg` runs step ``k`` of both orders in one pass when twice
+the batch fits in ``batch_size``). A Keras model runs as a compiled ``tf.function`` with an unknown
+batch axis, traced once per image shape and cached while the model lives
+(:mod:`lrp_grad.evaluate.forward`), so an evaluation costs about its ``2 * steps + 1`` forward
+passes (SRG; ``benchmarks/evaluation_cost.py`` measures it). A compiled call gives the eager call's
+outputs up to float32 rounding (graph optimisations may fuse ops; on the benchmark models they
+were bit-identical).
 """
 from __future__ import annotations
 
@@ -197,23 +206,28 @@ def _baseline_values(baseline, x: np.ndarray, first: int, patch: int, seed: int,
 
 
 def _forward_fn(model, output: str, where: str = "region_perturbation"):
-    """``f(x) -> (n, classes)`` float64 array of the explained output; errors name ``where``."""
+    """``f(x) -> (n, classes)`` float64 array of the explained output; errors name ``where``.
+
+    A Keras model runs compiled (:mod:`lrp_grad.evaluate.forward`: one trace per image shape,
+    cached per model); its float32 output is converted to float64 once, after the call."""
+    from .forward import compiled_call, compiled_logits
+
     probability_model = _has_probability_output(model)
     if output == "logit" and probability_model:
         # The model ends in softmax/sigmoid: the logits are the output before it, which the
         # Explainer's rewritten model computes (it skips a final softmax or sigmoid).
-        from ..api.explainer import Explainer
-
         try:
-            ex = Explainer(model)
+            logits = compiled_logits(model)
         except UnsupportedLayerError as e:
             raise UnsupportedLayerError(f"output='logit' on a model ending in softmax/sigmoid reads the logits "
                                         f"through lrp_grad's rewritten model, which cannot be built here ({e}); "
                                         "pass output='probability' to use the model's own output.", e.layers) from e
-        return lambda x: np.asarray(ex.forward(x), np.float64)
+        return lambda x: np.asarray(logits(x), np.float64)
+
+    call = compiled_call(model)
 
     def forward(x):
-        out = np.asarray(model(x, training=False), np.float64)
+        out = np.asarray(call(x), np.float64)
         if out.ndim != 2:
             raise InvalidInputError(f"{where} needs a classifier with output shape (n, classes); "
                                     f"this model returns shape {out.shape}.")
@@ -264,12 +278,28 @@ def _curves(model, x, relevance, target, patch, baseline, orders, steps, batch_s
                                          f"{out.shape[1]} outputs; pass class indices 0..{out.shape[1] - 1}.")
         base = _baseline_values(baseline, chunk, first, patch, seed, where).astype(chunk.dtype, copy=False)
         start = forward(base)[rows[:m], t] if insert else out[rows[:m], t]
-        for o in orders:
-            curves[o][first:first + m, 0] = start
-            rank = ranks[o][first:first + m, :, :, None]
+        # Both orders' step k in one forward pass of 2m images when that stays within batch_size:
+        # half the calls, each on a larger batch (up to ~30% faster at m <= 64 on a 2-core CPU,
+        # the same at m >= 128: benchmarks/evaluation_cost.py). Otherwise one order after the other.
+        groups = [tuple(orders)] if len(orders) * m <= batch_size else [(o,) for o in orders]
+        for group in groups:
+            g = len(group)
+            rank = np.concatenate([ranks[o][first:first + m] for o in group])[..., None]
+            image = chunk if g == 1 else np.concatenate([chunk] * g)
+            fill = base if g == 1 else np.concatenate([base] * g)
+            for o in group:
+                curves[o][first:first + m, 0] = start
             for k in range(1, steps + 1):
-                perturbed = np.where(rank < k, chunk, base) if insert else np.where(rank < k, base, chunk)
-                curves[o][first:first + m, k] = forward(perturbed)[rows[:m], t]
+                perturbed = np.where(rank < k, image, fill) if insert else np.where(rank < k, fill, image)
+                out = forward(perturbed)
+                for i, o in enumerate(group):
+                    curves[o][first:first + m, k] = out[i * m:(i + 1) * m][rows[:m], t]
+    if len(orders) == 2:
+        # An image whose two rankings coincide (all region scores tied) has the same perturbed
+        # images in both orders, so the same curves by definition; copying keeps that exact when a
+        # shared pass put the two copies at different batch rows (which a kernel may round apart).
+        same = np.all(ranks[orders[0]] == ranks[orders[1]], axis=(1, 2))
+        curves[orders[1]][same] = curves[orders[0]][same]
     return curves
 
 
@@ -305,7 +335,9 @@ def region_perturbation(model, x, relevance, target=None, *, patch: int = 4, bas
     steps : int or None
         Regions to replace (``None``: all of them).
     batch_size : int or None
-        Images per forward pass (default 256). Each step is one forward pass per batch.
+        Images per forward pass (default 256). Each step is one forward pass per batch (for
+        :func:`srg`, whose two orders share a forward pass of both orders' images when twice the
+        batch fits in ``batch_size``).
     output : 'logit' or 'probability'
         The target's logit (of a model ending in softmax/sigmoid: the output before it), or its
         probability (the model's own softmax/sigmoid output, else softmax of the logits).
@@ -361,7 +393,9 @@ def srg(model, x, relevance, target=None, *, patch: int = 4, baseline="mean", st
     """Symmetric relevance gain per image (Bluecher et al., TMLR 2024): area under the LeRF curve
     minus area under the MoRF curve.
 
-    Both curves come from :func:`region_perturbation` with the same arguments (see there); each is
+    Both curves are those of :func:`region_perturbation` with the same arguments (see there; computed
+    together, step ``k`` of both orders in one forward pass when twice the batch fits in
+    ``batch_size``, which can change the model's float32 rounding, not more); each is
     integrated with the trapezoidal rule on the x-axis ``k / steps`` (fraction of the budget of
     ``steps`` regions, from 0 to 1), in units of the explained output, without further
     normalisation. Higher is better: the ranking separates the regions the model relies on from
