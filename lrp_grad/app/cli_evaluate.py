@@ -28,7 +28,7 @@ _RULE_NAMES = ("z", "zplus", "flat", "wsquare", "epsilon", "alphabeta", "gamma",
 def method_names() -> tuple:
     """:func:`lrp_grad.evaluate.method_names` without importing TensorFlow (a test keeps them equal)."""
     from ..evaluate.compare import _ATTENTION, _OTHER, GRADIENT_METHODS
-    from .cli import PRESET_NAMES
+    from .cli_common import PRESET_NAMES
 
     return tuple(PRESET_NAMES) + _ATTENTION + GRADIENT_METHODS + _OTHER
 
@@ -68,7 +68,7 @@ def parse_methods(values) -> dict:
     them), rule specs as the rules :func:`~lrp_grad.app.cli.parse_rule` makes; the label is the text given."""
     import argparse
 
-    from .cli import parse_rule
+    from .cli_common import parse_rule
 
     known = method_names()
     methods = {}
@@ -375,7 +375,7 @@ class _Progress:
 
 def run(args) -> int:
     from .. import evaluate
-    from .cli import _image_model
+    from .cli_common import _image_model
 
     model, shape = _image_model(args.model, "evaluate")
     x, keys, total, parts = _read_images(args, shape)
@@ -443,7 +443,7 @@ def _write(path, text) -> str:
 
 def add_parser(sub):
     """Register ``evaluate`` on the ``lrp-grad`` subparsers ``sub``."""
-    from .cli import _int_at_least, _positive_int, _scale
+    from .cli_common import _int_at_least, _positive_int, _scale
 
     ev = sub.add_parser("evaluate", help="the faithfulness table (symmetric relevance gain of several methods) for "
                                          "your own model and images")
