@@ -26,7 +26,7 @@ import numbers
 import numpy as np
 
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
-from .common import _has_probability_output
+from .common import _broadcast_finite, _has_probability_output
 from .region import _check_images, _check_target, _positive_int
 
 __all__ = ["gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "logit_function"]
@@ -198,14 +198,9 @@ def _baseline_array(baseline, x: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(f"{where}: baseline={baseline!r} is not understood; pass a number (e.g. 0.0) or an array "
                          f"broadcastable to x's shape {x.shape} (one image {x.shape[1:]} or one per image).")
     b = np.asarray(baseline, np.float64)
-    try:
-        b = np.broadcast_to(b, x.shape)
-    except ValueError:
-        raise ValueError(f"{where}: baseline has shape {b.shape}, which does not broadcast to x's shape {x.shape}; "
-                         f"pass one image {x.shape[1:]} or one per image {x.shape}.") from None
-    if not np.all(np.isfinite(b)):
-        raise ValueError(f"{where}: baseline has NaN or infinite values.")
-    return b
+    return _broadcast_finite(b, x.shape, f"{where}: baseline has shape {b.shape}, which does not broadcast to x's "
+                             f"shape {x.shape}; pass one image {x.shape[1:]} or one per image {x.shape}.",
+                             f"{where}: baseline has NaN or infinite values.")
 
 
 def integrated_gradients(model, x, target=None, *, steps: int = 32, baseline=0.0,

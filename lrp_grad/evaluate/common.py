@@ -51,3 +51,15 @@ def _labels(y, n: int, where: str) -> np.ndarray:
     if a.size and a.min() < 0:
         raise ValueError(f"{where}: y[{int(np.argmin(a))}] = {int(a.min())} is not a class index (>= 0).")
     return a
+
+
+def _broadcast_finite(b, shape, shape_error: str, nonfinite_error: str) -> np.ndarray:
+    """``b`` broadcast to ``shape`` and checked for NaN/inf; ``ValueError(shape_error)`` when it does
+    not broadcast, ``ValueError(nonfinite_error)`` when it is not finite (each caller words its own)."""
+    try:
+        b = np.broadcast_to(b, shape)
+    except ValueError:
+        raise ValueError(shape_error) from None
+    if not np.all(np.isfinite(b)):
+        raise ValueError(nonfinite_error)
+    return b

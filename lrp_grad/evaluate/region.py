@@ -41,7 +41,7 @@ import numbers
 import numpy as np
 
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedLayerError
-from .common import _has_probability_output, _labels, pixel_relevance
+from .common import _broadcast_finite, _has_probability_output, _labels, pixel_relevance
 
 __all__ = ["region_perturbation", "insertion", "srg", "curve_area", "patch_ranks", "BASELINES", "ORDERS", "OUTPUTS"]
 
@@ -177,15 +177,9 @@ def _baseline_values(baseline, x: np.ndarray, first: int, patch: int, seed: int,
         except Exception as e:
             raise ValueError(f"{where}: the callable baseline {baseline!r} failed on a batch of shape {x.shape}: "
                              f"{type(e).__name__}: {e}") from e
-        if b.shape != x.shape:
-            try:
-                b = np.broadcast_to(b, x.shape)
-            except ValueError:
-                raise ValueError(f"{where}: the callable baseline returned shape {b.shape} for images of shape "
-                                 f"{x.shape}; it must return an array shaped like its argument.") from None
-        if not np.all(np.isfinite(b)):
-            raise ValueError(f"{where}: the callable baseline returned NaN or infinite values.")
-        return b
+        return _broadcast_finite(b, x.shape, f"{where}: the callable baseline returned shape {b.shape} for images "
+                                 f"of shape {x.shape}; it must return an array shaped like its argument.",
+                                 f"{where}: the callable baseline returned NaN or infinite values.")
     if baseline == "zero":
         return np.zeros_like(x)
     if baseline == "mean":
