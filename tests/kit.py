@@ -424,3 +424,25 @@ def lg_rules():
     import lrp_grad.rules
 
     return lrp_grad.rules
+
+
+#: Runs ``lrp_grad.app.cli.main`` on each named argv in one fresh interpreter and prints, as the last
+#: line, JSON ``{"tf": TensorFlow imported?, "out": {name: [status, stderr, stdout]}}``.
+_CLI_CASES = ("import json, sys, contextlib, io\nfrom lrp_grad.app import cli\nout = {}\n"
+              "for name, argv in json.loads(sys.argv[1]).items():\n"
+              "    err = io.StringIO()\n"
+              "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as o:\n"
+              "        try:\n            status = cli.main(argv)\n"
+              "        except SystemExit as e:\n            status = e.code\n"
+              "    out[name] = [status, err.getvalue(), o.getvalue()]\n"
+              "print(json.dumps({'tf': 'tensorflow' in sys.modules, 'out': out}))\n")
+
+
+def cli_in_fresh_interpreter(cases: dict, timeout: int = 120):
+    """The finished process of :data:`_CLI_CASES` run on ``cases`` ({name: argv})."""
+    import json
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _CLI_CASES, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=timeout)

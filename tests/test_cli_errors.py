@@ -133,16 +133,7 @@ def test_argument_errors_and_bench_help_come_before_tensorflow_loads(files, tmp_
     cases = {k: [a.format(m=files / "m.keras", img=files / "a.png", tmp=tmp_path) for a in argv]
              for k, (argv, _) in FAST_FAILURES.items()}
     cases["bench --help"] = ["bench", "--help"]
-    code = ("import json, sys, contextlib, io\nfrom lrp_grad.app import cli\nout = {}\n"
-            "for name, argv in json.loads(sys.argv[1]).items():\n"
-            "    err = io.StringIO()\n"
-            "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as o:\n"
-            "        try:\n            status = cli.main(argv)\n"
-            "        except SystemExit as e:\n            status = e.code\n"
-            "    out[name] = [status, err.getvalue(), o.getvalue()]\n"
-            "print(json.dumps({'tf': 'tensorflow' in sys.modules, 'out': out}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True,
-                          timeout=120)
+    proc = kit.cli_in_fresh_interpreter(cases)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tf"] is False, "TensorFlow was imported before the arguments were checked"
     for name, (_, pattern) in FAST_FAILURES.items():

@@ -4,8 +4,6 @@ predicted class; JSON, Markdown and plots; every bad input one message with exit
 before TensorFlow loads where it can be (tiny models saved by both Keras packages)."""
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pytest
 import lrp_grad
 from lrp_grad import cli, evaluate
 from lrp_grad.app import cli_evaluate
-from kit import package, randomize
+from kit import cli_in_fresh_interpreter, package, randomize
 from test_cli import SAVED, save
 
 RULES = "epsilon_plus_flat,alphabeta:2,1,gradient_x_input,random"
@@ -236,15 +234,7 @@ def test_bad_arguments_are_refused_before_tensorflow_loads(files, tmp_path):
     no traceback, nothing written, and TensorFlow never imported."""
     _bad_label_files(tmp_path)
     cases = {case: _early_argv(case, files, tmp_path) for case in EARLY}
-    code = ("import json, sys, contextlib, io\nfrom lrp_grad.app import cli\nout = {}\n"
-            "for name, argv in json.loads(sys.argv[1]).items():\n"
-            "    err = io.StringIO()\n"
-            "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as o:\n"
-            "        try:\n            status = cli.main(argv)\n"
-            "        except SystemExit as e:\n            status = e.code\n"
-            "    out[name] = [status, err.getvalue(), o.getvalue()]\n"
-            "print(json.dumps({'tf': 'tensorflow' in sys.modules, 'out': out}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True, timeout=120)
+    proc = cli_in_fresh_interpreter(cases)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tf"] is False, "TensorFlow was imported before the arguments were checked"
